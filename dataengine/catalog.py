@@ -1,0 +1,181 @@
+"""The DuckDB catalog: views over the Parquet lake plus small mutable tables.
+
+DuckDB lets one process hold a database file at a time (measured with 2.0.1: while one
+process has it open read-write, every other open fails, read-only too). So the catalog
+is opened per operation, for as short as possible, and an open that meets a lock is
+retried with jittered exponential back-off until `lock_timeout_s`. Bulk rows never go
+through the catalog file: they are Parquet parts in the lake, seen through views.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+
+from dataengine import lake
+from dataengine.schema import CATALOG_TABLES, LAKE_TABLES, conform
+from dataengine.workspace import Workspace
+
+SCHEMA_VERSION = 1
+
+_DUCK_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int64(): "BIGINT",
+    pa.int32(): "INTEGER",
+    pa.float64(): "DOUBLE",
+    pa.float32(): "FLOAT",
+    pa.bool_(): "BOOLEAN",
+}
+
+
+class CatalogBusy(TimeoutError):
+    """Another process held the catalog for longer than the lock timeout."""
+
+
+class CatalogMissing(FileNotFoundError):
+    """The workspace has no catalog yet (run `dataengine init`)."""
+
+
+@dataclass(frozen=True)
+class LockRetry:
+    timeout_s: float = 120.0
+    first_wait_s: float = 0.005
+    max_wait_s: float = 0.5
+
+
+def _is_lock_conflict(err: Exception) -> bool:
+    msg = str(err)
+    return "lock" in msg.lower() and ("Could not set lock" in msg or "Conflicting lock" in msg)
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    try:
+        return _DUCK_TYPES[t]
+    except KeyError:
+        raise TypeError(f"no DuckDB type for {t}") from None
+
+
+class Catalog:
+    """Opens catalog.duckdb for one short operation at a time, retrying lock conflicts."""
+
+    def __init__(self, workspace: Workspace, retry: LockRetry | None = None):
+        self.ws = workspace
+        self.retry = retry or LockRetry()
+        self.lock_waits = 0  # how many opens met a lock; for stats and tests
+
+    # -- connections -----------------------------------------------------------------
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection held only for the `with` block."""
+        if read_only and not self.ws.catalog_path.exists():
+            raise CatalogMissing(f"no catalog at {self.ws.catalog_path}; run `dataengine init`")
+        con = self._open(read_only)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Read-write connection in one transaction: committed on success, rolled back on error."""
+        with self.connect(read_only=False) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.retry.timeout_s
+        wait = self.retry.first_wait_s
+        while True:
+            try:
+                return duckdb.connect(str(self.ws.catalog_path), read_only=read_only)
+            except duckdb.IOException as e:
+                if not _is_lock_conflict(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise CatalogBusy(
+                        f"{self.ws.catalog_path} stayed locked for {self.retry.timeout_s:.0f}s: {e}"
+                    ) from e
+                self.lock_waits += 1
+                time.sleep(wait * random.uniform(0.5, 1.5))
+                wait = min(wait * 2, self.retry.max_wait_s)
+
+    # -- schema ----------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        """Create or bring up to date every table and view; idempotent. Returns the version."""
+        self.ws.create_dirs()
+        lake.ensure_tables(self.ws.lake)
+        with self.transaction() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"catalog schema v{version} is newer than this dataengine (v{SCHEMA_VERSION})"
+                )
+            for name, (schema, pkey) in CATALOG_TABLES.items():
+                self._sync_table(con, name, schema, pkey)
+            for name in LAKE_TABLES:
+                # Absolute paths so the views also work from a DuckDB shell opened anywhere.
+                glob = lake.table_glob(self.ws.lake, name).replace("'", "''")
+                con.execute(
+                    f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
+                    f"read_parquet('{glob}', union_by_name = true)"
+                )
+            for key, value in (("schema_version", str(SCHEMA_VERSION)), ("root", str(self.ws.root))):
+                con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+        return SCHEMA_VERSION
+
+    @staticmethod
+    def _sync_table(con, name: str, schema: pa.Schema, pkey: tuple[str, ...]) -> None:
+        cols = ", ".join(f"{f.name} {_duck_type(f.type)}" for f in schema)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols}, PRIMARY KEY ({', '.join(pkey)}))")
+        have = {r[0] for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [name]
+        ).fetchall()}
+        for f in schema:  # additive migrations: new columns arrive as NULL in old rows
+            if f.name not in have:
+                con.execute(f"ALTER TABLE {name} ADD COLUMN {f.name} {_duck_type(f.type)}")
+
+    # -- reads and writes ------------------------------------------------------------
+
+    def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
+        """Run a read-only query and return an Arrow table."""
+        with self.connect(read_only=True) as con:
+            return con.sql(sql, params=params).to_arrow_table()
+
+    def upsert(self, name: str, rows: pa.Table, con: duckdb.DuckDBPyConnection | None = None) -> int:
+        """Insert or replace rows (by primary key) of a catalog table; returns the row count."""
+        schema, _ = CATALOG_TABLES[name]
+        rows = conform(rows, schema, name)
+        if con is None:
+            with self.transaction() as own:
+                return self.upsert(name, rows, own)
+        con.register("_rows", rows)
+        try:
+            con.execute(f"INSERT OR REPLACE INTO {name} SELECT * FROM _rows")
+        finally:
+            con.unregister("_rows")
+        return rows.num_rows
+
+    def counts(self) -> dict[str, int]:
+        """Row count of every table and view."""
+        with self.connect(read_only=True) as con:
+            return {
+                name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+                for name in (*LAKE_TABLES, *CATALOG_TABLES)
+            }

@@ -1,0 +1,221 @@
+"""The `dataengine` command line: a thin edge that builds config and calls the library."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dataengine.runtime import apply_offline_defaults
+
+apply_offline_defaults()  # before Ray, Prefect or a hub client is imported below
+
+from dataengine.catalog import Catalog, CatalogMissing, LockRetry  # noqa: E402
+from dataengine.config import ConfigError, EngineConfig, load_config  # noqa: E402
+from dataengine.workspace import Workspace  # noqa: E402
+
+app = typer.Typer(
+    help=(
+        "dataengine: a data engine for text-to-image model development.\n\n"
+        "Start with `dataengine demo` (makes ./workspace, writes the scene world's shards, "
+        "ingests them and prints what is there). Then `dataengine ingest` your own "
+        "WebDataset shards and `dataengine status` to see samples and quarantine."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+WorkspaceOpt = typer.Option(
+    Path("workspace"), "--workspace", "-w", envvar="DATAENGINE_WORKSPACE",
+    help="Workspace folder (shards/, lake/, indexes/, models/, catalog.duckdb).",
+)
+ConfigOpt = typer.Option(
+    None, "--config", "-c", help="TOML config; default: WORKSPACE/dataengine.toml if present."
+)
+
+
+def _setup(workspace: Path, config: Optional[Path], **overrides) -> tuple[Workspace, EngineConfig, Catalog]:
+    ws = Workspace.at(workspace)
+    try:
+        cfg = load_config(config or ws.config_path, **overrides)
+    except ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2)
+    return ws, cfg, Catalog(ws, LockRetry(timeout_s=cfg.engine.lock_timeout_s))
+
+
+@app.command()
+def init(workspace: Path = WorkspaceOpt, config: Optional[Path] = ConfigOpt) -> None:
+    """Create a workspace (or bring an existing one's catalog up to date)."""
+    ws, _, catalog = _setup(workspace, config)
+    version = catalog.migrate()
+    console.print(f"workspace ready at [bold]{ws.root}[/bold] (catalog schema v{version})")
+
+
+@app.command()
+def ingest(
+    shards: List[str] = typer.Argument(..., help="Shards: paths, globs, folders or fsspec URLs."),
+    workspace: Path = WorkspaceOpt,
+    config: Optional[Path] = ConfigOpt,
+    split: Optional[str] = typer.Option(None, help="Split to file them under; default: from shards/<split>/, else train."),
+    key_prefix: Optional[str] = typer.Option(None, help="Prefix for keys (for tools that reuse keys across runs)."),
+    ray: Optional[bool] = typer.Option(None, "--ray/--no-ray", help="Scan shards as Ray tasks (default) or in this process."),
+    ray_address: Optional[str] = typer.Option(None, help="Join a Ray cluster ('auto', 'ray://host:10001')."),
+    force: bool = typer.Option(False, help="Re-scan shards that were already ingested unchanged."),
+) -> None:
+    """Validate WebDataset shards into the catalog; bad samples go to quarantine with a reason."""
+    from dataengine.cluster import ensure_ray
+    from dataengine.ingest import expand_shards, ingest as run_ingest
+
+    ws, cfg, catalog = _setup(
+        workspace, config,
+        ingest=dict(split=split, key_prefix=key_prefix, use_ray=ray, force=force or None),
+        engine=dict(ray_address=ray_address),
+    )
+    catalog.migrate()
+    try:
+        urls = expand_shards(shards)
+    except FileNotFoundError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    if cfg.ingest.use_ray and len(urls) > 1:
+        ensure_ray(cfg.engine.ray_address, cfg.engine.num_cpus)
+    report = ingest_with_progress(ws, urls, cfg, catalog)
+    console.print(
+        f"ingested {report.shards} shard(s) ({report.skipped_unchanged} unchanged, skipped): "
+        f"read {report.read} = accepted {report.accepted} + quarantined {report.quarantined} "
+        f"in {report.seconds:.1f}s"
+    )
+    for url, err in report.damaged_shards:
+        console.print(f"[yellow]damaged:[/yellow] {url}: {err}")
+
+
+def ingest_with_progress(ws: Workspace, urls: list[str], cfg: EngineConfig, catalog: Catalog):
+    from dataengine.ingest import ingest as run_ingest
+
+    with _progress() as progress:
+        task = progress.add_task("ingest", total=len(urls))
+        return run_ingest(ws, urls, cfg.ingest, catalog,
+                          on_result=lambda r: progress.advance(task))
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+@app.command()
+def status(workspace: Path = WorkspaceOpt) -> None:
+    """Show what the workspace holds: tables, row counts, accounting and quarantine reasons."""
+    from dataengine.status import summarize
+
+    ws = Workspace.at(workspace)
+    try:
+        summary = summarize(Catalog(ws))
+    except CatalogMissing as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    print_summary(summary)
+    if not summary.exact:
+        raise typer.Exit(1)
+
+
+def print_summary(summary) -> None:
+    console.print(f"[bold]workspace[/bold] {summary.root}")
+    t = Table(title="tables", show_edge=False)
+    t.add_column("table")
+    t.add_column("rows", justify="right")
+    for name, n in summary.counts.items():
+        t.add_row(name, str(n))
+    console.print(t)
+    s = Table(title="samples by split (read = accepted + quarantined)", show_edge=False)
+    for col in ("split", "shards", "read", "accepted", "quarantined"):
+        s.add_column(col, justify="left" if col == "split" else "right")
+    for sp in summary.splits:
+        s.add_row(sp.split, str(sp.shards), str(sp.read), str(sp.accepted), str(sp.quarantined))
+    console.print(s)
+    if summary.reasons:
+        q = Table(title="quarantine reasons", show_edge=False)
+        q.add_column("reason")
+        q.add_column("samples", justify="right")
+        for reason, n in summary.reasons:
+            q.add_row(reason, str(n))
+        console.print(q)
+    for url, err in summary.damaged_shards:
+        console.print(f"[yellow]damaged shard[/yellow] {url}: {err}")
+    if summary.exact:
+        console.print("accounting: [green]exact[/green] (every sample read is accepted or quarantined)")
+    else:
+        for p in summary.problems:
+            console.print(f"[red]accounting problem:[/red] {p}")
+
+
+@app.command()
+def sceneworld(
+    workspace: Path = WorkspaceOpt,
+    config: Optional[Path] = ConfigOpt,
+    seed: Optional[int] = typer.Option(None, help="Seed (same seed, same bytes)."),
+    n_train: Optional[int] = typer.Option(None, help="Samples in train/."),
+    n_pool: Optional[int] = typer.Option(None, help="Samples in pool/ (holds the held-out concepts)."),
+    n_eval: Optional[int] = typer.Option(None, help="Samples in eval/."),
+    resolution: Optional[int] = typer.Option(None, help="Render every image at this size (default: a mix, 64-1024 px)."),
+) -> None:
+    """Write the scene world's shards (synthetic scenes with ground truth) into WORKSPACE/shards."""
+    from dataengine.sceneworld import SceneWorldConfig, write_scene_world
+
+    ws, cfg, catalog = _setup(workspace, config, sceneworld=dict(
+        seed=seed, n_train=n_train, n_pool=n_pool, n_eval=n_eval, resolution=resolution))
+    catalog.migrate()
+    written = write_scene_world(ws.shards, SceneWorldConfig(**cfg.sceneworld))
+    for split, paths in written.items():
+        console.print(f"{split}: {len(paths)} shard(s) in {ws.shards / split}")
+
+
+@app.command("import-real")
+def import_real(
+    workspace: Path = WorkspaceOpt,
+    split: str = typer.Option("train", help="Split folder to write the shards into."),
+    stamps: Optional[Path] = typer.Option(None, help="Tux Paint stamps folder (default: searched)."),
+) -> None:
+    """Write real captioned photographs that install offline (Tux Paint stamps, scikit-image) as shards."""
+    from connectors import skimage_samples, tuxpaint
+
+    ws = Workspace.at(workspace)
+    ws.create_dirs()
+    out = ws.shards / split
+    root = tuxpaint.find_stamps_root(stamps)
+    if root is None:
+        console.print("[yellow]no Tux Paint stamps found[/yellow] (run scripts/fetch_tuxpaint.sh)")
+    else:
+        console.print(f"tuxpaint: {tuxpaint.write_shards(root, out).summary()}")
+    console.print(f"scikit-image: {skimage_samples.write_shards(out).summary()}")
+
+
+@app.command()
+def demo(
+    workspace: Path = WorkspaceOpt,
+    config: Optional[Path] = ConfigOpt,
+    fresh: bool = typer.Option(False, help="Delete the workspace first."),
+    ray: bool = typer.Option(True, "--ray/--no-ray", help="Scan shards on Ray (default) or in-process."),
+) -> None:
+    """The main job: make a workspace, write the scene world, ingest it, print a summary."""
+    ws, cfg, _ = _setup(workspace, config, ingest=dict(use_ray=ray))
+    if fresh and ws.root.exists():
+        shutil.rmtree(ws.root)
+    from flows.demo import demo_flow
+
+    summary = demo_flow(str(ws.root), cfg)
+    print_summary(summary)
+    if not summary.exact:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

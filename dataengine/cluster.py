@@ -1,0 +1,22 @@
+"""Connecting to Ray: a local instance on loopback by default, or a cluster by address."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
+    """Start or join Ray once per process; returns the cluster's resources.
+
+    `address=None` starts a local Ray bound to 127.0.0.1 with no dashboard; an address
+    ("auto", "ray://host:10001", "host:6379") joins an existing cluster unchanged.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+    return ray.cluster_resources()

@@ -1,0 +1,203 @@
+"""Arrow schemas of every table in the catalog, and which of them live where.
+
+Lake tables are bulk and append-only: Parquet files under `lake/<table>/`, seen in the
+catalog as views. Catalog tables are small and mutable (a shard's stats, a review's
+verdict, a job's status) and live inside catalog.duckdb itself.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+# ---------------------------------------------------------------------------------------
+# Lake tables (Parquet, append-only)
+# ---------------------------------------------------------------------------------------
+
+SAMPLES = pa.schema(
+    [
+        ("key", pa.string()),  # the WebDataset __key__; unique across the catalog
+        ("split", pa.string()),  # train | pool | eval | patches | ...
+        ("shard", pa.string()),  # URL of the shard it came from
+        ("shard_uid", pa.string()),  # stable id of that URL
+        ("image_field", pa.string()),  # jpg | png | webp
+        ("image_offset", pa.int64()),  # byte offset of the image inside the tar
+        ("image_size", pa.int64()),
+        ("image_sha1", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("caption", pa.string()),
+        ("task", pa.string()),  # gen | edit
+        ("instruction", pa.string()),  # edits only
+        ("source_image_field", pa.string()),  # edits only: src.png | src.jpg ...
+        ("source", pa.string()),  # where the sample came from (sceneworld, tuxpaint, ...)
+        ("meta", pa.string()),  # the sample's json member, verbatim
+        ("ingest_id", pa.string()),
+        ("ingested_at", TS),
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("shard_uid", pa.string()),
+        ("key", pa.string()),
+        ("reason", pa.string()),
+        ("fields", pa.list_(pa.string())),  # the members the sample had
+        ("ingest_id", pa.string()),
+        ("ingested_at", TS),
+    ]
+)
+
+EMBEDDINGS = pa.schema(
+    [
+        ("key", pa.string()),
+        ("model_id", pa.string()),
+        ("kind", pa.string()),  # image | text
+        ("vector", pa.list_(pa.float16())),  # L2-normalised
+        ("created_at", TS),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("source_id", pa.string()),  # caption's sample key or file record id
+        ("step", pa.int32()),
+        ("category", pa.string()),  # lighting | texture | layout | colour | ...
+        ("less", pa.string()),  # the less detailed prompt (model input)
+        ("more", pa.string()),  # the more detailed one (target)
+        ("removed", pa.string()),  # the text this step took out
+        ("policy", pa.string()),
+        ("created_at", TS),
+    ]
+)
+
+FEEDBACK = pa.schema(
+    [
+        ("feedback_id", pa.string()),
+        ("signal", pa.string()),  # eval | user
+        ("prompt", pa.string()),
+        ("image_ref", pa.string()),  # where the generated output is
+        ("model_version", pa.string()),
+        ("metric", pa.string()),
+        ("score", pa.float64()),
+        ("comment", pa.string()),
+        ("created_at", TS),
+    ]
+)
+
+TRIAGE = pa.schema(
+    [
+        ("feedback_id", pa.string()),
+        ("cause", pa.string()),  # rl | knowledge | prompt
+        ("confidence", pa.float64()),
+        ("evidence", pa.string()),  # JSON
+        ("triager", pa.string()),  # which policy/version decided
+        ("triaged_at", TS),
+    ]
+)
+
+PATCHES = pa.schema(
+    [
+        ("patch_id", pa.string()),
+        ("feedback_id", pa.string()),
+        ("gap_id", pa.string()),
+        ("concept", pa.string()),
+        ("pool_shard", pa.string()),
+        ("pool_key", pa.string()),
+        ("similarity", pa.float32()),
+        ("patch_shard", pa.string()),
+        ("created_at", TS),
+    ]
+)
+
+LAKE_TABLES: dict[str, pa.Schema] = {
+    "samples": SAMPLES,
+    "quarantine": QUARANTINE,
+    "embeddings": EMBEDDINGS,
+    "pairs": PAIRS,
+    "feedback": FEEDBACK,
+    "triage": TRIAGE,
+    "patches": PATCHES,
+}
+
+# ---------------------------------------------------------------------------------------
+# Catalog tables (inside catalog.duckdb; small, mutable, short transactions)
+# ---------------------------------------------------------------------------------------
+
+SHARDS = pa.schema(
+    [
+        ("shard_uid", pa.string()),
+        ("url", pa.string()),
+        ("split", pa.string()),
+        ("checksum", pa.string()),  # fsspec checksum of the file when ingested
+        ("bytes", pa.int64()),
+        ("read", pa.int64()),  # samples seen
+        ("accepted", pa.int64()),
+        ("quarantined", pa.int64()),
+        ("error", pa.string()),  # damage after which the shard could not be read further
+        ("ingest_id", pa.string()),
+        ("ingested_at", TS),
+    ]
+)
+
+REVIEWS = pa.schema(
+    [
+        ("review_id", pa.string()),
+        ("feedback_id", pa.string()),
+        ("verdict", pa.string()),  # accept | reject | reassign
+        ("cause", pa.string()),  # the curator's cause when reassigning
+        ("curator", pa.string()),
+        ("note", pa.string()),
+        ("reviewed_at", TS),
+    ]
+)
+
+JOBS = pa.schema(
+    [
+        ("job_id", pa.string()),
+        ("kind", pa.string()),  # retrain-reward | retrain-dit | retrain-enhancer | ...
+        ("status", pa.string()),  # queued | running | done | failed
+        ("trigger", pa.string()),  # what fired it
+        ("params", pa.string()),  # JSON
+        ("result", pa.string()),  # JSON
+        ("created_at", TS),
+        ("updated_at", TS),
+    ]
+)
+
+MODEL_VERSIONS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("version", pa.string()),
+        ("path", pa.string()),
+        ("status", pa.string()),  # candidate | promoted | retired
+        ("metrics", pa.string()),  # JSON
+        ("job_id", pa.string()),
+        ("created_at", TS),
+    ]
+)
+
+CATALOG_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
+    # name: (schema, primary key)
+    "shards": (SHARDS, ("shard_uid",)),
+    "reviews": (REVIEWS, ("review_id",)),
+    "jobs": (JOBS, ("job_id",)),
+    "model_versions": (MODEL_VERSIONS, ("model", "version")),
+}
+
+ALL_TABLES = tuple(LAKE_TABLES) + tuple(CATALOG_TABLES)
+
+
+def conform(table: pa.Table, schema: pa.Schema, name: str) -> pa.Table:
+    """Reorder and cast `table` to `schema`; a missing or uncastable column is an error."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    extra = [c for c in table.column_names if c not in schema.names]
+    if missing or extra:
+        raise ValueError(f"table {name!r}: missing columns {missing}, unknown columns {extra}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValueError(f"table {name!r}: {e}") from e

@@ -1,0 +1,61 @@
+"""What a workspace holds: row counts, per-split accounting, why samples were rejected."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dataengine.catalog import Catalog
+
+
+@dataclass
+class SplitStats:
+    split: str
+    shards: int
+    read: int
+    accepted: int
+    quarantined: int
+
+
+@dataclass
+class Summary:
+    root: str
+    counts: dict[str, int]
+    splits: list[SplitStats]
+    reasons: list[tuple[str, int]]  # quarantine reason (its kind, before the details) -> count
+    damaged_shards: list[tuple[str, str]]
+    problems: list[str] = field(default_factory=list)  # accounting that does not add up
+
+    @property
+    def exact(self) -> bool:
+        return not self.problems
+
+
+def summarize(catalog: Catalog) -> Summary:
+    """Read the catalog once and check that read == accepted + quarantined everywhere."""
+    with catalog.connect(read_only=True) as con:
+        counts = {}
+        for name in ("samples", "quarantine", "shards", "embeddings", "pairs", "feedback",
+                     "triage", "reviews", "patches", "jobs", "model_versions"):
+            counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+        splits = [SplitStats(*row) for row in con.execute(
+            "SELECT split, count(*), sum(read), sum(accepted), sum(quarantined) "
+            "FROM shards GROUP BY split ORDER BY split").fetchall()]
+        # Reasons carry details after a colon (the member, the byte offset...): group by kind.
+        reasons = con.execute(
+            "SELECT split_part(reason, ':', 1) AS kind, count(*) AS n FROM quarantine "
+            "GROUP BY kind ORDER BY n DESC, kind").fetchall()
+        damaged = con.execute(
+            "SELECT url, error FROM shards WHERE error IS NOT NULL ORDER BY url").fetchall()
+        per_shard_lake = con.execute(
+            "SELECT sh.url, sh.accepted, sh.quarantined, "
+            "  (SELECT count(*) FROM samples s WHERE s.shard_uid = sh.shard_uid), "
+            "  (SELECT count(*) FROM quarantine q WHERE q.shard_uid = sh.shard_uid) "
+            "FROM shards sh").fetchall()
+    problems = []
+    for s in splits:
+        if s.read != s.accepted + s.quarantined:
+            problems.append(f"split {s.split}: read {s.read} != accepted {s.accepted} + quarantined {s.quarantined}")
+    for url, acc, qua, lake_acc, lake_qua in per_shard_lake:
+        if (acc, qua) != (lake_acc, lake_qua):
+            problems.append(f"{url}: catalog says {acc}+{qua}, lake holds {lake_acc}+{lake_qua}")
+    return Summary(str(catalog.ws.root), counts, splits, reasons, damaged, problems)

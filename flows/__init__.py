@@ -1,0 +1,1 @@
+"""Prefect flows: thin, they read like the process and call dataengine/ for the work."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: an offline environment, a fresh workspace, small hand-made samples."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+
+# Before anything imports Ray, Prefect or a hub client.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="dataengine-prefect-"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from dataengine.runtime import apply_offline_defaults  # noqa: E402
+
+apply_offline_defaults()
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dataengine.catalog import Catalog  # noqa: E402
+from dataengine.workspace import Workspace  # noqa: E402
+
+
+def image_bytes(size=(32, 24), colour=(200, 30, 30), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, fmt)
+    return buf.getvalue()
+
+
+def good_sample(key: str, caption: str | None = None, **meta) -> dict:
+    w, h = 32, 24
+    return {
+        "__key__": key,
+        "png": image_bytes((w, h)),
+        "txt": caption or f"a red rectangle, sample {key}",
+        "json": {"width": w, "height": h, "source": "test", **meta},
+    }
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    w = Workspace.at(tmp_path / "ws")
+    Catalog(w).migrate()
+    return w
+
+
+@pytest.fixture
+def catalog(ws) -> Catalog:
+    return Catalog(ws)
