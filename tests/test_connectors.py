@@ -246,3 +246,22 @@ def test_skimage_samples_offline(tmp_path, no_network):
         "not installed", "package not installed", "duplicate", "generated", "not an image",
         "not a single image", "unreadable image", "no caption", "unknown loader",
     } for r in skipped.values()), report.skipped
+
+
+def test_real_photographs_go_through_ingest(tmp_path):
+    """The pipeline runs on images no one here drew: every stamp written is accepted."""
+    from dataengine.catalog import Catalog
+    from dataengine.ingest import IngestConfig, ingest
+    from dataengine.workspace import Workspace
+
+    root = tuxpaint.find_stamps_root()
+    if root is None:
+        pytest.skip("no Tux Paint stamps (run scripts/fetch_tuxpaint.sh)")
+    ws = Workspace.at(tmp_path / "ws")
+    Catalog(ws).migrate()
+    rep = tuxpaint.write_shards(root, ws.shards / "train", maxcount=50, limit=120)
+    result = ingest(ws, [str(ws.shards / "train")], IngestConfig(use_ray=False))
+    assert result.read == rep.written > 0
+    assert result.accepted == rep.written and result.quarantined == 0
+    sources = Catalog(ws).query("SELECT DISTINCT source FROM samples")["source"].to_pylist()
+    assert sources == ["tuxpaint"]
