@@ -71,8 +71,7 @@ def ingest(
     force: bool = typer.Option(False, help="Re-scan shards that were already ingested unchanged."),
 ) -> None:
     """Validate WebDataset shards into the catalog; bad samples go to quarantine with a reason."""
-    from dataengine.cluster import ensure_ray
-    from dataengine.ingest import expand_shards, ingest as run_ingest
+    from dataengine.ingest import expand_shards
 
     ws, cfg, catalog = _setup(
         workspace, config,
@@ -85,8 +84,6 @@ def ingest(
     except FileNotFoundError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
-    if cfg.ingest.use_ray and len(urls) > 1:
-        ensure_ray(cfg.engine.ray_address, cfg.engine.num_cpus)
     report = ingest_with_progress(ws, urls, cfg, catalog)
     console.print(
         f"ingested {report.shards} shard(s) ({report.skipped_unchanged} unchanged, skipped): "
@@ -102,8 +99,8 @@ def ingest_with_progress(ws: Workspace, urls: list[str], cfg: EngineConfig, cata
 
     with _progress() as progress:
         task = progress.add_task("ingest", total=len(urls))
-        return run_ingest(ws, urls, cfg.ingest, catalog,
-                          on_result=lambda r: progress.advance(task))
+        return run_ingest(ws, urls, cfg.ingest, catalog, on_result=lambda r: progress.advance(task),
+                          ray_address=cfg.engine.ray_address, num_cpus=cfg.engine.num_cpus)
 
 
 def _progress() -> Progress:
@@ -141,6 +138,13 @@ def print_summary(summary) -> None:
     for sp in summary.splits:
         s.add_row(sp.split, str(sp.shards), str(sp.read), str(sp.accepted), str(sp.quarantined))
     console.print(s)
+    if summary.sources:
+        src = Table(title="accepted samples by source and task", show_edge=False)
+        for col in ("source", "task", "samples"):
+            src.add_column(col, justify="right" if col == "samples" else "left")
+        for source, task, n in summary.sources:
+            src.add_row(source, task, str(n))
+        console.print(src)
     if summary.reasons:
         q = Table(title="quarantine reasons", show_edge=False)
         q.add_column("reason")

@@ -233,8 +233,14 @@ def ingest(
     cfg: IngestConfig = IngestConfig(),
     catalog: Catalog | None = None,
     on_result: Callable[[ShardResult], None] | None = None,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
 ) -> IngestReport:
-    """Ingest shards into the workspace's catalog; skips shards ingested unchanged."""
+    """Ingest shards into the workspace's catalog; skips shards ingested unchanged.
+
+    Ray is started (or joined at `ray_address`) only when there is more than one shard
+    to scan and `cfg.use_ray` is set.
+    """
     t0 = time.perf_counter()
     catalog = catalog or Catalog(ws)
     urls = expand_shards(patterns)
@@ -256,7 +262,7 @@ def ingest(
                 on_result(r)
 
     if cfg.use_ray and len(jobs) > 1:
-        _run_on_ray(jobs, ingest_id, cfg.key_prefix, accept)
+        _run_on_ray(jobs, ingest_id, cfg.key_prefix, accept, ray_address, num_cpus)
     else:
         for url, split in jobs:
             accept([scan_shard(url, split, ingest_id, cfg.key_prefix)])
@@ -265,13 +271,14 @@ def ingest(
 
 
 def _run_on_ray(jobs: Iterable[tuple[str, str]], ingest_id: str, key_prefix: str,
-                accept: Callable[[list[ShardResult]], None]) -> None:
+                accept: Callable[[list[ShardResult]], None],
+                ray_address: str | None, num_cpus: int | None) -> None:
     """Scan shards as Ray tasks and commit them in batches as they finish."""
     import ray
 
     from dataengine.cluster import ensure_ray
 
-    ensure_ray()
+    ensure_ray(ray_address, num_cpus)
     remote_scan = ray.remote(num_cpus=1)(scan_shard)
     pending = [remote_scan.remote(u, s, ingest_id, key_prefix) for u, s in jobs]
     while pending:

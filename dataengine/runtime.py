@@ -21,6 +21,9 @@ OFFLINE_DEFAULTS: dict[str, str] = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
+    # Prefect without a server starts a temporary one; its first start migrates a fresh
+    # SQLite database, which took longer than the default 20 s on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     # Keep Ray's many worker processes from each spawning a full thread pool.
     "OMP_NUM_THREADS": "1",
 }

@@ -21,6 +21,7 @@ class Summary:
     root: str
     counts: dict[str, int]
     splits: list[SplitStats]
+    sources: list[tuple[str, str, int]]  # (source, task, accepted samples)
     reasons: list[tuple[str, int]]  # quarantine reason (its kind, before the details) -> count
     damaged_shards: list[tuple[str, str]]
     problems: list[str] = field(default_factory=list)  # accounting that does not add up
@@ -40,6 +41,8 @@ def summarize(catalog: Catalog) -> Summary:
         splits = [SplitStats(*row) for row in con.execute(
             "SELECT split, count(*), sum(read), sum(accepted), sum(quarantined) "
             "FROM shards GROUP BY split ORDER BY split").fetchall()]
+        sources = con.execute(
+            "SELECT coalesce(source, '?'), task, count(*) FROM samples GROUP BY ALL ORDER BY ALL").fetchall()
         # Reasons carry details after a colon (the member, the byte offset...): group by kind.
         reasons = con.execute(
             "SELECT split_part(reason, ':', 1) AS kind, count(*) AS n FROM quarantine "
@@ -58,4 +61,4 @@ def summarize(catalog: Catalog) -> Summary:
     for url, acc, qua, lake_acc, lake_qua in per_shard_lake:
         if (acc, qua) != (lake_acc, lake_qua):
             problems.append(f"{url}: catalog says {acc}+{qua}, lake holds {lake_acc}+{lake_qua}")
-    return Summary(str(catalog.ws.root), counts, splits, reasons, damaged, problems)
+    return Summary(str(catalog.ws.root), counts, splits, sources, reasons, damaged, problems)

@@ -53,12 +53,28 @@ def write_scene_world(root: str, sceneworld: dict) -> dict[str, list[str]]:
 def ingest_shards(root: str, cfg: EngineConfig) -> IngestReport:
     """Validate every shard of the workspace into the catalog (Ray tasks, one per shard)."""
     ws = Workspace.at(root)
-    if cfg.ingest.use_ray:
-        from dataengine.cluster import ensure_ray
-
-        ensure_ray(cfg.engine.ray_address, cfg.engine.num_cpus)
     catalog = Catalog(ws, LockRetry(timeout_s=cfg.engine.lock_timeout_s))
-    return ingest(ws, [str(ws.shards)], cfg.ingest, catalog)
+    return ingest(ws, [str(ws.shards)], cfg.ingest, catalog,
+                  ray_address=cfg.engine.ray_address, num_cpus=cfg.engine.num_cpus)
+
+
+@stage
+def holdout_coverage(root: str, sceneworld: dict) -> dict[str, dict[str, int]]:
+    """Per held-out concept and split, how many ingested samples show it (train must be 0)."""
+    from dataengine.sceneworld import SceneWorldConfig, concept_present
+
+    cfg = SceneWorldConfig(**sceneworld)
+    rows = Catalog(Workspace.at(root)).query(
+        "SELECT split, meta FROM samples WHERE source = 'sceneworld'").to_pylist()
+    out: dict[str, dict[str, int]] = {}
+    for colour, shape in cfg.holdout:
+        counts = out.setdefault(f"{colour} {shape}", {})
+        for row in rows:
+            meta = json.loads(row["meta"])
+            scenes = [meta["scene"]] + ([meta["source_scene"]] if "source_scene" in meta else [])
+            hit = any(concept_present(sc, colour, shape) for sc in scenes)
+            counts[row["split"]] = counts.get(row["split"], 0) + hit
+    return out
 
 
 @stage
@@ -78,4 +94,6 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig()) -> Summary:
         f"read {report.read} = accepted {report.accepted} + quarantined {report.quarantined} "
         f"in {report.seconds:.1f}s"
     )
+    for concept, per_split in holdout_coverage(workspace, cfg.sceneworld).items():
+        print(f"held-out concept '{concept}': " + ", ".join(f"{k} {v}" for k, v in sorted(per_split.items())))
     return summarize_workspace(workspace)
