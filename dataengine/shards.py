@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import fsspec
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -52,6 +51,8 @@ def write_shards(
 ) -> list[str]:
     """Write webdataset sample dicts (`__key__`, `png`/`jpg`: bytes, `txt`: str, `json`: dict)
     to `out_dir/prefix-000000.tar`, ... ; returns the shard paths written."""
+    import webdataset as wds  # imports torch (~3 s): only writers pay for it, not readers
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pattern = str(out / f"{prefix}-%06d.tar")
