@@ -45,6 +45,7 @@ class ShardResult:
     url: str
     shard_uid: str
     split: str
+    ingest_id: str
     checksum: str
     bytes: int
     samples: pa.Table
@@ -158,7 +159,7 @@ def scan_shard(url: str, split: str, ingest_id: str, key_prefix: str = "") -> Sh
         scan.error = str(e)
         checksum = ""
     return ShardResult(
-        url=url, shard_uid=uid, split=split, checksum=checksum, bytes=scan.size,
+        url=url, shard_uid=uid, split=split, ingest_id=ingest_id, checksum=checksum, bytes=scan.size,
         samples=pa.Table.from_pylist(rows, schema=SAMPLES),
         quarantine=pa.Table.from_pylist(bad, schema=QUARANTINE),
         error=scan.error, seconds=time.perf_counter() - t0,
@@ -203,8 +204,7 @@ def commit(catalog: Catalog, results: Sequence[ShardResult]) -> int:
         catalog.upsert("shards", pa.Table.from_pylist([dict(
             shard_uid=r.shard_uid, url=r.url, split=r.split, checksum=r.checksum, bytes=r.bytes,
             read=r.read, accepted=r.samples.num_rows, quarantined=r.quarantine.num_rows,
-            error=r.error, ingest_id=r.samples["ingest_id"][0].as_py() if r.samples.num_rows else None,
-            ingested_at=now,
+            error=r.error, ingest_id=r.ingest_id, ingested_at=now,
         ) for r in results], schema=SHARDS), con)
     return moved
 
@@ -247,7 +247,8 @@ def ingest(
     report = IngestReport()
     done = set() if cfg.force else {
         (row["url"], row["checksum"])
-        for row in catalog.query("SELECT url, checksum FROM shards WHERE error IS NULL").to_pylist()
+        # A damaged shard is not re-scanned either: mending it changes its checksum.
+        for row in catalog.query("SELECT url, checksum FROM shards").to_pylist()
     }
     todo = [u for u in urls if (u, _checksum(u)) not in done]
     report.skipped_unchanged = len(urls) - len(todo)
