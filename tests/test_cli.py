@@ -23,6 +23,9 @@ def test_help_lists_the_commands():
 def test_init_ingest_status(tmp_path):
     ws = tmp_path / "ws"
     assert runner.invoke(app, ["init", "-w", str(ws)]).exit_code == 0
+    for sub in ("shards/train", "shards/pool", "shards/patches", "lake/samples", "indexes", "models"):
+        assert (ws / sub).is_dir(), sub
+    assert (ws / "catalog.duckdb").is_file()
     [good] = write_shards([good_sample(f"k{i}") for i in range(5)], tmp_path / "in", "g", 10)
     bad = tmp_path / "in" / "bad.tar"
     with tarfile.open(bad, "w") as tf:
