@@ -1,0 +1,1 @@
+"""The embedded model stack: enhancer (issue 4); VAE, DiT and reward heads arrive with issue 5."""

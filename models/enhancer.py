@@ -1,0 +1,293 @@
+"""The prompt enhancer: a small causal LM that turns a terse prompt into a rich description.
+
+Trained on (less detailed -> more detailed) pairs made by caption degradation. A training
+sequence is
+
+    <|bos|> terse prompt <|sep|> rich prompt <|eos|>
+
+and the loss falls only on the part after <|sep|>. A bigger causal LM that a user brings
+(any local folder or cached hub name, loaded with `load`) has none of our special tokens,
+so it gets a plain-text template instead: "Prompt: terse\\nDetailed: rich<eos>".
+
+    tok = train_tokenizer(texts)                  # byte-level BPE with our special tokens
+    model = build("nano", tok)                    # architecture from a named size
+    model, tok = load("workspace/models/enhancer/v0001")   # a saved version, or any causal LM
+    enhance(model, tok, ["a red star"])           # -> ["A large red star with ... ."]
+
+Sections: tokenizer, sizes and model, sequence format, generation, saved versions.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+    PreTrainedTokenizerBase, PreTrainedTokenizerFast,
+)
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------
+
+BOS, SEP, EOS, PAD = "<|bos|>", "<|sep|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = (BOS, SEP, EOS, PAD)
+
+# The template for causal LMs without our special tokens (a user's pretrained model).
+PLAIN_PROMPT = "Prompt: {terse}\nDetailed:"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, with <|bos|> <|sep|> <|eos|> <|pad|> as ids 0-3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    # No prefix space: decode(encode(text)) == text exactly, and a prompt that starts a
+    # sequence tokenises the same as it does anywhere else.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, sep_token=SEP, eos_token=EOS, pad_token=PAD,
+        clean_up_tokenization_spaces=False, model_max_length=1024,
+    )
+
+
+def uses_special_format(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """True when `tokenizer` is ours (has <|bos|> <|sep|> <|eos|>), False for a foreign one."""
+    return (tokenizer.bos_token, tokenizer.sep_token, tokenizer.eos_token) == (BOS, SEP, EOS)
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for padding: <|pad|>, else the tokenizer's pad or eos token, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes and the model
+# ---------------------------------------------------------------------------------------
+
+# Llama blocks (RMSNorm, RoPE, SwiGLU feed-forward), tied input/output embeddings. The
+# parameter counts in the comments are for the default 4096-token vocabulary.
+ENHANCER_SIZES: dict[str, dict[str, int]] = {
+    # ~1.4M: learns the scene-world caption grammar in a minute or two on one CPU core.
+    "nano": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384),
+    # ~4.5M
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768),
+    # ~29.4M: for a GPU.
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1536),
+}
+MAX_POSITIONS = 512
+
+
+def build(size: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = MAX_POSITIONS) -> LlamaForCausalLM:
+    """A freshly initialised enhancer of a named size for `tokenizer`'s vocabulary."""
+    if size not in ENHANCER_SIZES:
+        raise ValueError(f"unknown enhancer size {size!r}; expected one of {sorted(ENHANCER_SIZES)}")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id(tokenizer), tie_word_embeddings=True, **ENHANCER_SIZES[size],
+    )
+    return LlamaForCausalLM(config)
+
+
+def load(name_or_path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) from a saved enhancer version, any local causal LM folder, or a
+    hub name already in the local cache (nothing is downloaded: the project runs offline)."""
+    p = Path(name_or_path)
+    if (p / "model").is_dir() and (p / "config.json").is_file():
+        return load_version(p)
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    return model, tokenizer
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Trainable parameters, tied weights counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Sequence format: prompt part (no loss) + target part (loss)
+# ---------------------------------------------------------------------------------------
+
+IGNORE = -100  # the label that cross-entropy skips
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, terse: str) -> list[int]:
+    """Token ids of the prompt part: `<|bos|> terse <|sep|>`, or the plain template."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    if uses_special_format(tokenizer):
+        return [tokenizer.bos_token_id] + enc(terse) + [tokenizer.sep_token_id]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + enc(PLAIN_PROMPT.format(terse=terse))
+
+
+def target_ids(tokenizer: PreTrainedTokenizerBase, rich: str) -> list[int]:
+    """Token ids of the target part: `rich <|eos|>` (a leading space in the plain template)."""
+    text = rich if uses_special_format(tokenizer) else " " + rich
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return tokenizer.encode(text, add_special_tokens=False) + eos
+
+
+def encode_pair(tokenizer: PreTrainedTokenizerBase, less: str, more: str, max_len: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): labels are -100 on the prompt part and equal the ids
+    on the target part. Long prompts keep their start (at most half of `max_len`); long
+    targets are cut (and lose their <|eos|>) so the whole fits in `max_len`."""
+    p, t = prompt_ids(tokenizer, less), target_ids(tokenizer, more)
+    truncated = False
+    if len(p) > max_len // 2:
+        p, truncated = p[: max_len // 2], True
+    if len(p) + len(t) > max_len:
+        t, truncated = t[: max_len - len(p)], True
+    return p + t, [IGNORE] * len(p) + t, truncated
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (-100 on padding)."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (ids, lab) in enumerate(examples):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy over target tokens, number of target tokens)."""
+    logits = logits[:, :-1].flatten(0, 1).float()  # (B*(T-1), V): position t predicts t+1
+    labels = labels[:, 1:].flatten()  # (B*(T-1),)
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()
+
+
+# ---------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def enhance(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+    max_new_tokens: int = 96, num_beams: int = 1, do_sample: bool = False, batch_size: int = 32,
+) -> list[str]:
+    """The rich prompt generated for each terse prompt (batched, left-padded; the prompt
+    part and special tokens stripped)."""
+    special = uses_special_format(tokenizer)
+    pad = pad_id(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids = [prompt_ids(tokenizer, p) for p in prompts[start: start + batch_size]]
+            width = max(len(x) for x in ids)
+            # Left padding: every row's last prompt token sits at the same column, so
+            # generation continues all rows in step.
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for r, x in enumerate(ids):
+                input_ids[r, width - len(x):] = torch.tensor(x)
+                mask[r, width - len(x):] = 1
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            )  # (B, width + new)
+            for row in generated[:, width:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                text = tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                if not special:  # a plain LM runs on into the next "Prompt:"; keep one line
+                    text = text.split("\n", 1)[0]
+                out.append(text.strip())
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Saved versions: models_root/enhancer/v0001/{model/, config.json, metrics.json}
+# ---------------------------------------------------------------------------------------
+
+MODEL_NAME = "enhancer"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+def versions(models_root: str | Path) -> list[str]:
+    """The saved versions under `models_root/enhancer/`, oldest first."""
+    root = Path(models_root) / MODEL_NAME
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in root.iterdir() if d.is_dir() and (m := _VERSION.match(d.name))]
+    return [name for _, name in sorted(found)]
+
+
+def _next_version(root: Path) -> str:
+    done = versions(root.parent)
+    return f"v{(int(done[-1][1:]) + 1 if done else 1):04d}"
+
+
+def save_version(
+    models_root: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    config: dict[str, Any], metrics: dict[str, Any],
+) -> tuple[str, Path]:
+    """Write a new version (the model and tokenizer in `model/`, `config.json`,
+    `metrics.json`) and return (version, path). It is written into a hidden temporary
+    folder and renamed into place, so a failure never leaves a partial version."""
+    root = Path(models_root) / MODEL_NAME
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        for _ in range(1000):
+            version = _next_version(root)
+            try:
+                # Renaming onto an existing non-empty folder fails; so does a concurrent
+                # trainer that took this number first: then take the next one.
+                if (root / version).exists():
+                    continue
+                os.rename(tmp, root / version)
+                return version, root / version
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        raise RuntimeError(f"no free version number under {root}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_version(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) of a saved version folder."""
+    p = Path(path)
+    if not (p / "model").is_dir():
+        raise FileNotFoundError(f"{p} is not an enhancer version: no model/ folder in it")
+    model = AutoModelForCausalLM.from_pretrained(p / "model")
+    tokenizer = AutoTokenizer.from_pretrained(p / "model")
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,323 @@
+"""The prompt enhancer (models/enhancer.py, models/train_enhancer.py) and its measures
+(dataengine/enhance_eval.py), on scene-world prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import types
+from collections import namedtuple
+
+import pyarrow as pa
+import pytest
+import torch
+
+from dataengine.enhance_eval import (
+    evaluate, extract_attributes, heldout_terse_prompts, reference_enhancements, true_of,
+)
+from dataengine.schema import MODEL_VERSIONS, conform
+from dataengine.sceneworld import Group, Scene, caption_for, sample_scene
+from models.enhancer import (
+    BOS, EOS, IGNORE, PAD, SEP, build, collate, encode_pair, enhance, load, load_version,
+    prompt_ids, save_version, train_tokenizer, uses_special_format, versions,
+)
+from models.train_enhancer import EnhancerTrainConfig, train
+
+
+def scene_texts(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(terse, short, rich) captions of `n` scene-world scenes."""
+    out = []
+    for i in range(n):
+        rng = random.Random(seed * 10_000 + i)
+        scene = sample_scene(rng, 256, 256)
+        out.append((caption_for(scene, rng, "terse"), caption_for(scene, rng, "short"), caption_for(scene, rng, "rich")))
+    return out
+
+
+def pairs_table(less: list[str], more: list[str]) -> pa.Table:
+    return pa.table({"source_id": [f"cap-{i}" for i in range(len(less))], "less": less, "more": more})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer and sequence format
+# ---------------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_and_has_special_tokens():
+    texts = [t for row in scene_texts(50) for t in row]
+    tok = train_tokenizer(texts, vocab_size=4096)
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == [BOS, SEP, EOS, PAD]
+    assert (tok.bos_token, tok.sep_token, tok.eos_token, tok.pad_token) == (BOS, SEP, EOS, PAD)
+    assert uses_special_format(tok)
+    for text in texts[:20] + ["Ünïcode ✓ and  two  spaces,\ttabs\nnewlines", "  leading and trailing  "]:
+        assert tok.decode(tok.encode(text)) == text
+    # Merges were learned: a caption takes far fewer tokens than bytes.
+    assert len(tok.encode(texts[2])) < len(texts[2].encode()) / 2
+    # The same texts give the same tokenizer.
+    assert train_tokenizer(texts).get_vocab() == tok.get_vocab()
+
+
+def test_loss_masks_exactly_the_prompt_part():
+    terse, _, rich = scene_texts(1)[0]
+    tok = train_tokenizer([terse, rich])
+    p = prompt_ids(tok, terse)
+    assert p[0] == tok.bos_token_id and p[-1] == tok.sep_token_id
+    ids, labels, truncated = encode_pair(tok, terse, rich, max_len=512)
+    assert not truncated
+    assert ids[: len(p)] == p
+    assert labels[: len(p)] == [IGNORE] * len(p)  # no loss on bos, terse prompt, sep
+    assert labels[len(p):] == ids[len(p):]  # loss on every target token ...
+    assert ids[-1] == tok.eos_token_id  # ... through eos
+    assert tok.decode(ids[len(p):-1]) == rich
+
+    # Padding never carries loss; a long target is cut to max_len.
+    short = encode_pair(tok, terse, "A star.", max_len=512)
+    batch = collate([(ids, labels), short[:2]], pad=tok.pad_token_id)
+    n = len(short[0])
+    assert batch["labels"][1, n:].eq(IGNORE).all() and batch["attention_mask"][1, n:].eq(0).all()
+    assert batch["input_ids"][1, n:].eq(tok.pad_token_id).all()
+    cut_ids, cut_labels, cut = encode_pair(tok, terse, rich, max_len=2 * len(p))
+    assert cut and len(cut_ids) == 2 * len(p) and cut_labels[: len(p)] == [IGNORE] * len(p)
+    assert tok.eos_token_id not in cut_ids  # a cut target does not teach the model to stop
+
+
+def foreign_tokenizer(texts):
+    """A tokenizer like a user's pretrained LM's: no <|bos|>/<|sep|>, one end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+
+
+def test_plain_template_for_a_user_model_without_our_tokens(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rows = scene_texts(3)
+    tok = foreign_tokenizer([t for r in rows for t in r] + ["Prompt: Detailed:"])
+    assert not uses_special_format(tok)
+    terse, short = rows[0][0], rows[0][1]
+    ids, labels, _ = encode_pair(tok, terse, short, max_len=512)
+    p = prompt_ids(tok, terse)
+    assert tok.decode(p) == f"Prompt: {terse}\nDetailed:"
+    assert labels[: len(p)] == [IGNORE] * len(p) and labels[len(p):] == ids[len(p):]
+
+    # A "pretrained" local causal LM folder: load() takes it, train(base=...) fine-tunes it.
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None, pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "user-lm")
+    tok.save_pretrained(tmp_path / "user-lm")
+    model, loaded = load(tmp_path / "user-lm")
+    assert not uses_special_format(loaded)
+    rec = train(pairs_table([r[0] for r in rows], [r[1] for r in rows]), tmp_path / "models",
+                EnhancerTrainConfig(steps=40, batch_size=3, lr=3e-3, warmup_steps=5, eval_fraction=0,
+                                    progress=False), base=str(tmp_path / "user-lm"))
+    m = json.loads(rec["metrics"])
+    assert m["format"] == "plain" and m["base"] == str(tmp_path / "user-lm")
+    assert m["train_loss_last"] < m["train_loss_first"] / 3
+    model, loaded = load_version(rec["path"])
+    out = enhance(model, loaded, [rows[0][0]], max_new_tokens=20)
+    assert len(out) == 1 and "Prompt:" not in out[0] and "\n" not in out[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Training, versions
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """A nano enhancer trained 100 steps on four (terse -> short caption) pairs, plus one
+    pair with an empty target that must be skipped and counted."""
+    before = torch.get_num_threads()
+    rows = scene_texts(4, seed=1)
+    less, more = [r[0] for r in rows] + ["a red star"], [r[1] for r in rows] + [""]
+    root = tmp_path_factory.mktemp("models")
+    cfg = EnhancerTrainConfig(size="nano", steps=100, batch_size=4, lr=3e-3, warmup_steps=10,
+                              eval_fraction=0, seed=0, num_threads=1, progress=False)
+    rec = train(pairs_table(less, more), root, cfg)
+    assert torch.get_num_threads() == before  # the run restores the thread count
+    return rec, rows, root
+
+
+def test_nano_overfits_a_handful_of_pairs_and_reproduces_them(overfit):
+    rec, rows, _ = overfit
+    m = json.loads(rec["metrics"])
+    assert m["train_loss_last"] < m["train_loss_first"] / 20, m["train_loss_curve"]
+    assert m["skipped_pairs"] == 1 and m["train_pairs"] == 4 and m["steps"] == 100
+    assert m["params"] > 100_000 and m["tokens_per_s"] > 0
+    model, tok = load_version(rec["path"])
+    assert enhance(model, tok, [r[0] for r in rows], max_new_tokens=80) == [r[1] for r in rows]
+
+
+def test_training_record_is_a_model_versions_row(overfit):
+    rec, _, root = overfit
+    assert rec["model"] == "enhancer" and rec["version"] == "v0001" and rec["status"] == "candidate"
+    table = conform(pa.Table.from_pylist([rec]), MODEL_VERSIONS, "model_versions")
+    assert table.num_rows == 1
+    saved = root / "enhancer" / "v0001"
+    assert {p.name for p in saved.iterdir()} == {"model", "config.json", "metrics.json"}
+    assert json.loads((saved / "config.json").read_text())["steps"] == 100
+    assert json.loads((saved / "metrics.json").read_text()) == json.loads(rec["metrics"])
+
+
+def test_saved_version_loads_back_with_identical_outputs(tmp_path):
+    rows = scene_texts(3)
+    tok = train_tokenizer([t for r in rows for t in r])
+    torch.manual_seed(0)
+    model = build("nano", tok).eval()
+    prompts = [r[0] for r in rows]
+    x = torch.tensor([prompt_ids(tok, prompts[0])])
+    before = enhance(model, tok, prompts, max_new_tokens=12)
+    _, path = save_version(tmp_path, model, tok, {"size": "nano"}, {})
+    for loaded, loaded_tok in (load_version(path), load(path)):
+        assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+        assert enhance(loaded, loaded_tok, prompts, max_new_tokens=12) == before
+        assert loaded_tok.get_vocab() == tok.get_vocab()
+
+
+def test_versions_number_up_and_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    tok = train_tokenizer([t for r in scene_texts(2) for t in r])
+    model = build("nano", tok)
+    assert [save_version(tmp_path, model, tok, {}, {})[0] for _ in range(2)] == ["v0001", "v0002"]
+
+    def half_written(folder, *args, **kwargs):
+        (folder / "partial.bin").parent.mkdir(parents=True, exist_ok=True)
+        (folder / "partial.bin").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tok, "save_pretrained", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        save_version(tmp_path, model, tok, {}, {})
+    assert sorted(p.name for p in (tmp_path / "enhancer").iterdir()) == ["v0001", "v0002"]
+    monkeypatch.undo()
+    assert save_version(tmp_path, model, tok, {}, {})[0] == "v0003"
+    assert versions(tmp_path) == ["v0001", "v0002", "v0003"]
+
+
+def test_training_is_deterministic_on_cpu_and_holds_out_eval_captions(tmp_path):
+    rows = scene_texts(12, seed=2)
+    pairs = pairs_table([r[0] for r in rows], [r[1] for r in rows])
+    cfg = EnhancerTrainConfig(steps=8, batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False)
+    a, b = (train(pairs, tmp_path, cfg) for _ in range(2))
+    ma, mb = json.loads(a["metrics"]), json.loads(b["metrics"])
+    assert (a["version"], b["version"]) == ("v0001", "v0002")
+    assert ma["eval_pairs"] == 3 and ma["train_pairs"] == 9
+    assert ma["eval_loss"] < ma["eval_loss_initial"]
+    for key in ("train_loss_curve", "eval_loss", "eval_loss_initial"):
+        assert ma[key] == mb[key]
+    wa, wb = load_version(a["path"])[0].state_dict(), load_version(b["path"])[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_train_rejects_a_table_without_pairs(tmp_path):
+    with pytest.raises(ValueError, match="lacks columns"):
+        train(pa.table({"less": ["a star"]}), tmp_path, EnhancerTrainConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match="no usable pairs"):
+        train(pairs_table(["a star"], [""]), tmp_path, EnhancerTrainConfig(steps=1, progress=False))
+    assert versions(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Measures
+# ---------------------------------------------------------------------------------------
+
+Span = namedtuple("Span", "start end category text")
+_STANDIN = {  # a tiny stand-in for dataengine.degrade.detect until that module lands
+    "lighting": r"light|sunset|spotlight|moonlight",
+    "texture": r"striped|stripes|dotted|dots|metallic|wooden|wood-grain|glossy|shiny|solid|checkered|checkerboard",
+    "layout": r"left|right|top|bottom|center|middle|row|column|grid|scattered|pyramid",
+    "background": r"sky|wall|beach|meadow|field|backdrop|floor|room|interior",
+    "style": r"watercolor|sketch|cartoon|pixel-art|pixel art|vector",
+}
+
+
+@pytest.fixture
+def detect(monkeypatch):
+    try:
+        from dataengine.degrade import detect as real
+    except ImportError:
+        real = None
+    if not callable(real):
+        def standin(caption: str) -> list:
+            return [Span(m.start(), m.end(), cat, m.group()) for cat, pat in _STANDIN.items()
+                    for m in re.finditer(rf"\b(?:{pat})\b", caption.lower())]
+
+        monkeypatch.setitem(sys.modules, "dataengine.degrade", types.SimpleNamespace(detect=standin))
+
+
+def hand_scene() -> Scene:
+    box = (10, 10, 20, 20)
+    return Scene(256, 256, (Group("star", "red", 2, "large", "striped", "left", "row", (box, box)),
+                            Group("ring", "blue", 1, "small", "solid", "top", "single", (box,))),
+                 background="grass", lighting="sunset", style="watercolor", noise_seed=0)
+
+
+def test_extract_attributes_reads_the_scene_world_vocabulary():
+    facts = extract_attributes("Two large striped red stars in a row on the left and a blue ring at the top, "
+                               "in a grassy field, in warm sunset light, as a watercolor painting")
+    assert facts == {
+        ("object", "red star"), ("count", "red star=2"), ("size", "red star=large"),
+        ("texture", "red star=striped"), ("arrangement", "red star=row"), ("position", "red star=left"),
+        ("object", "blue ring"), ("count", "blue ring=1"), ("position", "blue ring=top"),
+        ("background", "grass"), ("lighting", "sunset"), ("style", "watercolor"),
+    }
+    assert all(true_of(f, hand_scene()) for f in facts)
+    # Colour words inside backgrounds are not objects; "a few" is no count.
+    assert extract_attributes("a few red stars against a red brick wall") == {
+        ("object", "red star"), ("background", "brick")}
+    # A rich caption reads back as exactly its scene's ground truth.
+    for i in range(100):
+        rng = random.Random(i)
+        scene = sample_scene(rng, 256, 256)
+        facts = extract_attributes(caption_for(scene, rng, "rich"))
+        assert all(true_of(f, scene) for f in facts)
+        assert {f for f in facts if f[0] == "object"} == {("object", f"{g.colour} {g.shape}") for g in scene.groups}
+
+
+def test_intent_preservation_scores_identity_drops_and_contradictions(detect):
+    scene = hand_scene().to_json()
+    terse = "two red stars and a blue ring"
+    score = lambda enhanced: evaluate([terse], [enhanced], [scene])  # noqa: E731
+    identity = score(terse)
+    assert identity["intent_preservation"] == 1.0 and identity["fully_preserved"] == 1.0
+    assert identity["intended_per_prompt"] == 4  # two objects, two counts
+    dropped = score("two red stars in a row on the left, in a grassy field")
+    assert dropped["intent_preservation"] == 0.5 and dropped["fully_preserved"] == 0.0
+    recoloured = score("two green stars and a blue ring at the top")  # no green star in the scene
+    assert recoloured["intent_preservation"] == 0.5 and recoloured["intent_contradicted"] == 0.25
+    recounted = score("three red stars and a blue ring")
+    assert recounted["intent_preservation"] == 0.75 and recounted["intent_contradicted"] == 0.25
+    # Attributes the scene does not have are not intent.
+    assert evaluate(["a red star and a pink heart"], ["a red star"], [scene])["intent_preservation"] == 1.0
+
+
+def test_richness_gain_is_zero_for_identity_and_positive_for_the_rich_caption(detect):
+    items = heldout_terse_prompts(40)
+    assert items == heldout_terse_prompts(40)  # seeded
+    terse, scenes = [p for p, _ in items], [s for _, s in items]
+    identity = evaluate(terse, terse, scenes)
+    assert identity["richness_gain"] == 0 and identity["added_facts"] == 0
+    assert identity["intent_preservation"] == 1.0
+    rich = evaluate(terse, reference_enhancements(items), scenes)
+    assert rich["richness_gain"] > 2 and rich["added_facts"] > 5
+    assert rich["faithful_share"] == 1.0  # the reference adds only true details
+    assert rich["intent_preservation"] == 1.0
+    hallucinated = evaluate(terse, [t + ", at night, as a pencil sketch" for t in terse], scenes)
+    assert 0 < hallucinated["faithful_share"] < 1
