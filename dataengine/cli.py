@@ -203,6 +203,111 @@ def import_real(
 
 
 @app.command()
+def degrade(
+    files: List[Path] = typer.Argument(None, help="Caption files: text (one a line) or JSONL (a `caption` field). Default: the workspace's samples."),
+    workspace: Path = WorkspaceOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write pairs to this JSONL file instead of the workspace's lake."),
+    split: Optional[str] = typer.Option("train", help="With no files: the samples split to read ('' for all)."),
+    policy: str = typer.Option("random", help="Order of removal: random (seeded) or fixed."),
+    seed: int = typer.Option(0, help="Seed of the random policy."),
+    granularity: str = typer.Option("category", help="Remove one category (category) or one span (span) per step."),
+    ray: bool = typer.Option(False, "--ray/--no-ray", help="Run the batches as Ray Data tasks."),
+    batch_size: int = typer.Option(2048, help="Captions per batch."),
+) -> None:
+    """Degrade rich captions step by step into terse prompts; every step is an enhancer pair."""
+    from dataengine.degrade import DegradeConfig
+    from dataengine.degrade.run import captions_from_samples, degrade_to_jsonl, degrade_to_lake, read_caption_files
+
+    try:
+        cfg = DegradeConfig(policy=policy, seed=seed, granularity=granularity)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    ws = Workspace.at(workspace)
+    catalog = Catalog(ws)
+    if files:
+        try:
+            captions, bad = read_caption_files(files)
+        except (FileNotFoundError, ValueError) as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(2)
+        for where, reason in bad[:10]:
+            console.print(f"[yellow]skipped[/yellow] {where}: {reason}")
+        if bad:
+            console.print(f"[yellow]{len(bad)} line(s) skipped[/yellow]")
+    else:
+        if not ws.exists():
+            console.print(f"[red]no catalog at {ws.catalog_path}[/red]; pass caption files or run `dataengine demo`")
+            raise typer.Exit(2)
+        captions = captions_from_samples(catalog, split or None)
+    with _progress() as progress:
+        task = progress.add_task("degrade", total=captions.num_rows)
+        run = dict(use_ray=ray, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n))
+        if out:
+            report = degrade_to_jsonl(out, captions, cfg, **run)
+        else:
+            catalog.migrate()
+            report = degrade_to_lake(catalog, captions, cfg, **run)
+    console.print(
+        f"{report.captions} caption(s) -> {report.pairs_made} pair(s) "
+        f"({report.pairs_per_caption:.2f} per caption; {report.no_detail} with no detail to remove), "
+        f"{report.duplicates} duplicate(s) dropped, {report.pairs_written} written to "
+        f"{out or 'the lake (pairs)'} in {report.seconds:.1f}s"
+    )
+
+
+@app.command("train-enhancer")
+def train_enhancer(
+    workspace: Path = WorkspaceOpt,
+    size: str = typer.Option("nano", help="Model size: nano, tiny or small (see models/enhancer.py)."),
+    steps: int = typer.Option(600, help="Optimiser steps."),
+    batch_size: int = typer.Option(32, help="Pairs per step."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate."),
+    base: Optional[str] = typer.Option(None, help="Fine-tune this model instead (a saved version or a local causal LM folder)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the prompt enhancer on the workspace's pairs; saves a new version under models/."""
+    import pyarrow as pa
+
+    from dataengine.schema import MODEL_VERSIONS
+    from models.train_enhancer import EnhancerTrainConfig, train
+
+    ws = Workspace.at(workspace)
+    catalog = Catalog(ws)
+    if not ws.exists() or catalog.counts()["pairs"] == 0:
+        console.print("[red]no pairs in the workspace[/red]; run `dataengine degrade` first")
+        raise typer.Exit(2)
+    pairs = catalog.query("SELECT * FROM pairs ORDER BY pair_id")
+    record = train(pairs, ws.models, EnhancerTrainConfig(size=size, steps=steps, batch_size=batch_size,
+                                                         lr=lr, seed=seed), base=base)
+    catalog.upsert("model_versions", pa.Table.from_pylist([record], schema=MODEL_VERSIONS))
+    console.print(f"enhancer {record['version']} saved at {record['path']}")
+    console.print(record["metrics"])
+
+
+@app.command()
+def enhance(
+    prompts: List[str] = typer.Argument(..., help="Terse prompts to enrich."),
+    workspace: Path = WorkspaceOpt,
+    model: Optional[str] = typer.Option(None, help="A saved version folder or local causal LM; default: the workspace's newest enhancer."),
+    max_new_tokens: int = typer.Option(160),
+) -> None:
+    """Print the enhanced (rich) prompt for each terse prompt."""
+    from models.enhancer import enhance as run_enhance, load, versions
+
+    path = model
+    if path is None:
+        found = versions(Workspace.at(workspace).models)
+        if not found:
+            console.print("[red]no enhancer in the workspace[/red]; run `dataengine train-enhancer` or pass --model")
+            raise typer.Exit(2)
+        path = str(Workspace.at(workspace).models / "enhancer" / found[-1])
+    lm, tok = load(path)
+    for prompt, rich in zip(prompts, run_enhance(lm, tok, list(prompts), max_new_tokens=max_new_tokens)):
+        console.print(f"[bold]{prompt}[/bold]\n  -> {rich}")
+
+
+@app.command()
 def demo(
     workspace: Path = WorkspaceOpt,
     config: Optional[Path] = ConfigOpt,

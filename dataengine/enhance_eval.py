@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 from .sceneworld import (
     ARRANGEMENTS, BACKGROUNDS, COLOURS, COUNT_FORMS, LIGHTINGS, PLURALS, POSITIONS, SHAPES, STYLES,
-    TEXTURES, Scene, caption_for, sample_scene, sample_seed,
+    TEXTURES, Scene, caption_for, sample_scene, scene_rngs,
 )
 from .sceneworld import captions as _cap
 
@@ -336,9 +336,9 @@ def heldout_terse_prompts(n: int = 500, seed: int = 0, split: str = EVAL_SPLIT, 
     world's train/pool/eval splits never saw (seeded like the world's samples, by split)."""
     out = []
     for i in range(n):
-        s = sample_seed(seed, split, i)
-        scene = sample_scene(random.Random(4 * s + 1), size, size)
-        out.append((caption_for(scene, random.Random(4 * s + 2), detail="terse"), scene.to_json()))
+        scene_rng, words = scene_rngs(seed, split, i)
+        scene = sample_scene(scene_rng, size, size)
+        out.append((caption_for(scene, words, detail="terse"), scene.to_json()))
     return out
 
 

@@ -1,6 +1,7 @@
-"""The main job on the embedded default: workspace -> scene world shards -> ingest -> summary.
+"""The main job on the embedded default: workspace -> scene world shards -> ingest ->
+caption degradation into enhancer pairs -> a brief enhancer training -> summary.
 
-Later stages (embed, index, gaps, degrade, triage, retrain) join this flow as they land.
+Later stages (embed, index, gaps, triage, retrain) join this flow as they land.
 """
 
 from __future__ import annotations
@@ -78,13 +79,65 @@ def holdout_coverage(root: str, sceneworld: dict) -> dict[str, dict[str, int]]:
 
 
 @stage
+def degrade_captions(root: str, cfg: EngineConfig):
+    """Degrade the train split's captions into enhancer pairs (new pairs only)."""
+    from dataengine.degrade import DegradeConfig
+    from dataengine.degrade.run import captions_from_samples, degrade_to_lake
+
+    catalog = Catalog(Workspace.at(root))
+    return degrade_to_lake(catalog, captions_from_samples(catalog, "train"), DegradeConfig(seed=0),
+                           use_ray=cfg.ingest.use_ray, batch_size=256,
+                           ray_address=cfg.engine.ray_address, num_cpus=cfg.engine.num_cpus)
+
+
+@stage
+def train_enhancer(root: str, steps: int, retrain: bool) -> dict:
+    """Train the nano enhancer on the workspace's pairs; reuse the newest if nothing changed."""
+    import pyarrow as pa
+
+    from dataengine.schema import MODEL_VERSIONS
+    from models.enhancer import versions
+    from models.train_enhancer import EnhancerTrainConfig, train
+
+    ws = Workspace.at(root)
+    catalog = Catalog(ws)
+    done = versions(ws.models)
+    if done and not retrain:
+        return {"version": done[-1], "path": str(ws.models / "enhancer" / done[-1]), "reused": True}
+    pairs = catalog.query("SELECT * FROM pairs ORDER BY pair_id")
+    record = train(pairs, ws.models, EnhancerTrainConfig(size="nano", steps=steps, batch_size=16, progress=False))
+    catalog.upsert("model_versions", pa.Table.from_pylist([record], schema=MODEL_VERSIONS))
+    return record
+
+
+@stage
+def show_examples(root: str, enhancer_path: str, n: int = 2) -> None:
+    """Print a few degradation chains and what the enhancer makes of terse prompts."""
+    from dataengine.enhance_eval import heldout_terse_prompts
+    from models.enhancer import enhance, load_version
+
+    catalog = Catalog(Workspace.at(root))
+    chains = catalog.query(
+        "SELECT source_id, step, category, less, removed FROM pairs WHERE source_id IN "
+        "(SELECT source_id FROM pairs GROUP BY source_id HAVING count(*) >= 3 ORDER BY source_id LIMIT ?) "
+        "ORDER BY source_id, step", [n]).to_pylist()
+    for row in chains:
+        print(f"chain {row['source_id']} step {row['step']} (-{row['category']}: {row['removed']!r}): {row['less']}")
+    model, tok = load_version(enhancer_path)
+    prompts = [p for p, _ in heldout_terse_prompts(3)]
+    for prompt, rich in zip(prompts, enhance(model, tok, prompts, max_new_tokens=120)):
+        print(f"enhance {prompt!r} -> {rich!r}")
+
+
+@stage
 def summarize_workspace(root: str) -> Summary:
     return summarize(Catalog(Workspace.at(root)))
 
 
 @flow(name="dataengine-demo", log_prints=True)
-def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig()) -> Summary:
-    """Make a workspace from nothing, fill it with the scene world, and account for it."""
+def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 200) -> Summary:
+    """Make a workspace from nothing, fill it with the scene world, account for it, and
+    turn its captions into enhancer pairs and a first enhancer."""
     prepare_workspace(workspace)
     shards = write_scene_world(workspace, cfg.sceneworld)
     print(f"scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
@@ -96,4 +149,10 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig()) -> Summary:
     )
     for concept, per_split in holdout_coverage(workspace, cfg.sceneworld).items():
         print(f"held-out concept '{concept}': " + ", ".join(f"{k} {v}" for k, v in sorted(per_split.items())))
+    pairs = degrade_captions(workspace, cfg)
+    print(f"degrade: {pairs.captions} captions -> {pairs.pairs_made} pairs "
+          f"({pairs.pairs_per_caption:.1f} per caption), {pairs.pairs_written} new")
+    enhancer = train_enhancer(workspace, enhancer_steps, retrain=pairs.pairs_written > 0)
+    print(f"enhancer {enhancer['version']} ({'reused' if enhancer.get('reused') else 'trained'})")
+    show_examples(workspace, enhancer["path"])
     return summarize_workspace(workspace)

@@ -59,6 +59,9 @@ class EnhancerTrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:1 ...
     num_threads: int | None = None  # torch CPU threads during the run; None leaves it as is
     progress: bool = True
+    # Also train on each chain's ends (its tersest prompt -> its full caption): the pairs
+    # teach one detail at a time, users ask for all of it at once.
+    chain_ends: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in ENHANCER_SIZES:
@@ -77,6 +80,22 @@ class EnhancerTrainConfig:
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
+
+
+def _chain_end_rows(pairs: pa.Table) -> list[tuple[str, str, str]]:
+    """(source_id, tersest less, step-1 more) for every chain of two or more steps."""
+    if "step" not in pairs.column_names or "source_id" not in pairs.column_names:
+        return []
+    first: dict[str, tuple[int, str]] = {}
+    last: dict[str, tuple[int, str]] = {}
+    for s, step, less, more in zip(*(pairs.column(c).to_pylist() for c in ("source_id", "step", "less", "more"))):
+        if s is None or not less or not more:
+            continue
+        if s not in first or step < first[s][0]:
+            first[s] = (step, more)
+        if s not in last or step > last[s][0]:
+            last[s] = (step, less)
+    return [(s, last[s][1], first[s][1]) for s in first if last[s][0] > first[s][0]]
 
 
 def _rows(pairs: pa.Table) -> tuple[list[tuple[str, str, str]], int]:
@@ -181,6 +200,8 @@ def _train(pairs, models_root: Path, cfg: EnhancerTrainConfig, tokenizer_texts, 
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rows, skipped = _rows(pairs)
+    if cfg.chain_ends:
+        rows += _chain_end_rows(pairs)
     train_rows, eval_rows = _split(rows, cfg.eval_fraction, cfg.seed)
 
     # Tokenizer and model

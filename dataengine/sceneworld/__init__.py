@@ -20,12 +20,12 @@ from .scene import (
     STYLES, TEXTURES, Edit, Group, Scene, apply_edit, concept_present, position_of, sample_edit,
     sample_scene,
 )
-from .world import SOURCE, SceneWorldConfig, generate, make_sample, sample_seed, write_scene_world
+from .world import SOURCE, SceneWorldConfig, generate, make_sample, sample_seed, scene_rngs, write_scene_world
 
 __all__ = [
     "ARRANGEMENTS", "BACKGROUNDS", "COLOURS", "COUNT_FORMS", "DEFAULT_FILL_POINT", "EDIT_OPS",
     "FILL_POINT", "LIGHTINGS", "PLURALS", "POSITIONS", "SHAPES", "SIZES", "SOURCE", "STYLES",
     "TEXTURES", "Edit", "Group", "Scene", "SceneWorldConfig", "apply_edit", "caption_for",
     "concept_present", "encode_image", "generate", "instruction_for", "make_sample",
-    "position_of", "render", "sample_edit", "sample_scene", "sample_seed", "write_scene_world",
+    "position_of", "render", "sample_edit", "sample_scene", "sample_seed", "scene_rngs", "write_scene_world",
 ]

@@ -86,6 +86,13 @@ def sample_seed(seed: int, split: str, index: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])  # < 2**63: fits a JSON/int64 reader
 
 
+def scene_rngs(seed: int, split: str, index: int) -> tuple[random.Random, random.Random]:
+    """The (scene, words) generators that sample `index` of `split` draws from, for text-only
+    uses (captions, prompts) that need no rendering."""
+    s = sample_seed(seed, split, index)
+    return random.Random(4 * s + 1), random.Random(4 * s + 2)
+
+
 def _weyl(index: int, step: float, offset: float) -> float:
     return (offset + index * step) % 1.0
 
