@@ -213,6 +213,7 @@ def degrade(
     granularity: str = typer.Option("category", help="Remove one category (category) or one span (span) per step."),
     ray: bool = typer.Option(False, "--ray/--no-ray", help="Run the batches as Ray Data tasks."),
     batch_size: int = typer.Option(2048, help="Captions per batch."),
+    rewriter: Optional[str] = typer.Option(None, help="A local causal LM folder that paraphrases each chain's terse end (off by default)."),
 ) -> None:
     """Degrade rich captions step by step into terse prompts; every step is an enhancer pair."""
     from dataengine.degrade import DegradeConfig
@@ -242,7 +243,8 @@ def degrade(
         captions = captions_from_samples(catalog, split or None)
     with _progress() as progress:
         task = progress.add_task("degrade", total=captions.num_rows)
-        run = dict(use_ray=ray, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n))
+        run = dict(use_ray=ray, batch_size=batch_size, on_batch=lambda n: progress.advance(task, n),
+                   rewriter_path=rewriter)
         if out:
             report = degrade_to_jsonl(out, captions, cfg, **run)
         else:
@@ -254,6 +256,10 @@ def degrade(
         f"{report.duplicates} duplicate(s) dropped, {report.pairs_written} written to "
         f"{out or 'the lake (pairs)'} in {report.seconds:.1f}s"
     )
+    if rewriter:
+        chains = report.captions - report.no_detail
+        console.print(f"rewriter: {report.rewrites} of {chains} chain ends paraphrased, "
+                      f"{chains - report.rewrites} rewrites rejected (subject lost or longer)")
 
 
 @app.command("train-enhancer")

@@ -95,3 +95,35 @@ def test_cli_workspace_degrade_train_enhance(tmp_path):
     assert rows == [{"model": "enhancer", "version": "v0001", "status": "candidate"}]
     res = runner.invoke(app, ["enhance", "a cat on a sofa", "-w", str(ws), "--max-new-tokens", "8"])
     assert res.exit_code == 0 and "a cat on a sofa" in res.output and "->" in res.output
+
+
+def test_rewrite_check_keeps_the_subject_and_is_shorter():
+    from dataengine.degrade.rewrite import ChainEndRewriter, subject_words
+
+    assert subject_words("A little square on a table.") == {"square"}
+    check = ChainEndRewriter.accept
+    assert check("A little square on a table.", "little square on table")
+    assert not check("A little square on a table.", "a small shape")  # subject lost
+    assert not check("A little square.", "a little square sitting on a big wooden table")  # longer
+    assert not check("A little square.", "a little square.")  # no paraphrase at all
+
+
+@pytest.mark.slow
+def test_rewriter_from_a_local_lm_adds_only_checked_pairs(tmp_path):
+    """A local causal LM (here a freshly trained nano enhancer's HF folder) as the rewriter."""
+    from dataengine.catalog import Catalog
+    from dataengine.degrade.rewrite import ChainEndRewriter
+    from dataengine.workspace import Workspace
+    from models.train_enhancer import EnhancerTrainConfig, train
+
+    cat = Catalog(Workspace.at(tmp_path / "ws"))
+    cat.migrate()
+    degrade_to_lake(cat, _captions(), DegradeConfig(seed=1))
+    record = train(cat.query("SELECT * FROM pairs"), tmp_path / "models",
+                   EnhancerTrainConfig(steps=3, batch_size=4, progress=False))
+    lm = f"{record['path']}/model"
+    rep = degrade_to_lake(cat, _captions(), DegradeConfig(seed=9), rewriter_path=lm)
+    chains = rep.captions - rep.no_detail
+    rewrites = cat.query("SELECT less, more FROM pairs WHERE category = 'rewrite'").to_pylist()
+    assert len(rewrites) == rep.rewrites <= chains
+    assert all(ChainEndRewriter.accept(r["more"], r["less"]) for r in rewrites)

@@ -35,6 +35,7 @@ class DegradeReport:
     no_detail: int = 0  # captions with no detail to remove: counted, no pairs
     pairs_made: int = 0
     duplicates: int = 0  # pairs already in the lake or made twice
+    rewrites: int = 0  # chain ends paraphrased by the optional rewriter (the rest were rejected)
     pairs_written: int = 0
     parts: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -44,11 +45,16 @@ class DegradeReport:
         return self.pairs_made / self.captions if self.captions else 0.0
 
 
-def degrade_batch(batch: pa.Table, cfg: DegradeConfig) -> pa.Table:
-    """One batch of (source_id, caption) -> its pairs, with the batch's counters attached."""
+def degrade_batch(batch: pa.Table, cfg: DegradeConfig, rewriter=None) -> pa.Table:
+    """One batch of (source_id, caption) -> its pairs, with the batch's counters attached.
+
+    `rewriter` (a `rewrite.ChainEndRewriter`) adds a paraphrase pair to each chain's end.
+    """
     counters: dict[str, int] = {}
     records = zip(batch["source_id"].to_pylist(), batch["caption"].to_pylist())
     pairs = pairs_table(records, cfg, counters=counters)
+    if rewriter is not None and pairs.num_rows:
+        pairs = rewriter.add_pairs(pairs, cfg.name)
     n = pairs.num_rows
     batch_id = uuid.uuid4().hex
     pairs = pairs.append_column("_batch", pa.array([batch_id] * n, pa.string()))
@@ -60,13 +66,32 @@ def degrade_batch(batch: pa.Table, cfg: DegradeConfig) -> pa.Table:
     return pairs
 
 
-def _local_batches(captions: pa.Table, cfg: DegradeConfig, batch_size: int) -> Iterator[pa.Table]:
+class DegradeWithRewriter:
+    """Ray Data callable class: loads the rewriting LM once per actor."""
+
+    def __init__(self, cfg: DegradeConfig, rewriter_path: str):
+        from dataengine.degrade.rewrite import ChainEndRewriter
+
+        self.cfg = cfg
+        self.rewriter = ChainEndRewriter(rewriter_path)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return degrade_batch(batch, self.cfg, self.rewriter)
+
+
+def _local_batches(captions: pa.Table, cfg: DegradeConfig, batch_size: int,
+                   rewriter_path: str | None = None) -> Iterator[pa.Table]:
+    rewriter = None
+    if rewriter_path:
+        from dataengine.degrade.rewrite import ChainEndRewriter
+
+        rewriter = ChainEndRewriter(rewriter_path)
     for start in range(0, captions.num_rows, batch_size):
-        yield degrade_batch(captions.slice(start, batch_size), cfg)
+        yield degrade_batch(captions.slice(start, batch_size), cfg, rewriter)
 
 
-def _ray_batches(captions, cfg: DegradeConfig, batch_size: int,
-                 ray_address: str | None = None, num_cpus: int | None = None) -> Iterator[pa.Table]:
+def _ray_batches(captions, cfg: DegradeConfig, batch_size: int, ray_address: str | None = None,
+                 num_cpus: int | None = None, rewriter_path: str | None = None) -> Iterator[pa.Table]:
     import logging
 
     import ray.data
@@ -81,8 +106,14 @@ def _ray_batches(captions, cfg: DegradeConfig, batch_size: int,
     else:  # one block per batch, so the batches spread over the cluster's CPUs
         ds = ray.data.from_arrow([captions.slice(i, batch_size) for i in range(0, captions.num_rows, batch_size)]
                                  or [captions])
-    out = ds.map_batches(degrade_batch, fn_kwargs={"cfg": cfg}, batch_size=batch_size,
-                         batch_format="pyarrow", zero_copy_batch=True)
+    if rewriter_path:
+        # One actor fewer than the CPUs Ray reports, so read tasks still get a CPU.
+        actors = max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+        out = ds.map_batches(DegradeWithRewriter, fn_constructor_kwargs={"cfg": cfg, "rewriter_path": rewriter_path},
+                             batch_size=batch_size, batch_format="pyarrow", concurrency=actors)
+    else:
+        out = ds.map_batches(degrade_batch, fn_kwargs={"cfg": cfg}, batch_size=batch_size,
+                             batch_format="pyarrow", zero_copy_batch=True)
     yield from out.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
@@ -96,12 +127,13 @@ def iter_new_pairs(
     on_batch: Callable[[int], None] | None = None,
     ray_address: str | None = None,
     num_cpus: int | None = None,
+    rewriter_path: str | None = None,
 ) -> Iterator[pa.Table]:
     """Stream PAIRS tables of pairs whose id is not in `seen` (which grows); counts into `report`."""
     captions = captions.select(CAPTIONS.names).cast(CAPTIONS)
     counted: set[str] = set()
-    batches = (_ray_batches(captions, cfg, batch_size, ray_address, num_cpus) if use_ray
-               else _local_batches(captions, cfg, batch_size))
+    batches = (_ray_batches(captions, cfg, batch_size, ray_address, num_cpus, rewriter_path) if use_ray
+               else _local_batches(captions, cfg, batch_size, rewriter_path))
     for block in batches:
         for batch_id, n_capt, n_none in _batch_counts(block):
             if batch_id not in counted:
@@ -112,6 +144,7 @@ def iter_new_pairs(
                     on_batch(n_capt)
         block = block.filter(pc.is_valid(block["pair_id"])).drop_columns(list(_BATCH_COLS))
         report.pairs_made += block.num_rows
+        report.rewrites += pc.sum(pc.equal(block["category"], "rewrite")).as_py() or 0
         keep = []
         for pid in block["pair_id"].to_pylist():
             keep.append(pid not in seen)
@@ -126,7 +159,8 @@ def degrade_to_lake(catalog: Catalog, captions: pa.Table, cfg: DegradeConfig = D
                     part_rows: int = 200_000, **run) -> DegradeReport:
     """Degrade (source_id, caption) rows into new pairs in the lake's `pairs` table.
 
-    `run` takes iter_new_pairs' options (use_ray, batch_size, on_batch, ray_address, num_cpus).
+    `run` takes iter_new_pairs' options (use_ray, batch_size, on_batch, ray_address,
+    num_cpus, rewriter_path).
     """
     t0 = time.perf_counter()
     report = DegradeReport()
