@@ -78,12 +78,12 @@ def ingest(
         ingest=dict(split=split, key_prefix=key_prefix, use_ray=ray, force=force or None),
         engine=dict(ray_address=ray_address),
     )
-    catalog.migrate()
     try:
         urls = expand_shards(shards)
     except FileNotFoundError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
+    catalog.migrate()
     report = ingest_with_progress(ws, urls, cfg, catalog)
     console.print(
         f"ingested {report.shards} shard(s) ({report.skipped_unchanged} unchanged, skipped): "
