@@ -13,9 +13,10 @@ def test_demo_flow_from_nothing(tmp_path):
 
     cfg = load_config(None, sceneworld=dict(n_train=40, n_pool=20, n_eval=10, samples_per_shard=15,
                                             resolution=64), ingest=dict(use_ray=False))
-    summary = demo_flow(str(tmp_path / "ws"), cfg)
+    summary = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10)
     assert summary.exact
     assert {s.split: s.accepted for s in summary.splits} == {"train": 40, "pool": 20, "eval": 10}
-    # A second run finds the same shards unchanged and adds nothing.
-    again = demo_flow(str(tmp_path / "ws"), cfg)
-    assert again.counts["samples"] == 70 and again.counts["shards"] == summary.counts["shards"]
+    assert summary.counts["pairs"] > 40 and summary.counts["model_versions"] == 1
+    # A second run finds the same shards and pairs, adds nothing and reuses the enhancer.
+    again = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10)
+    assert again.counts == summary.counts
