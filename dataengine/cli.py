@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import List, Optional
@@ -284,8 +285,8 @@ def train_enhancer(
         console.print("[red]no pairs in the workspace[/red]; run `dataengine degrade` first")
         raise typer.Exit(2)
     pairs = catalog.query("SELECT * FROM pairs ORDER BY pair_id")
-    record = train(pairs, ws.models, EnhancerTrainConfig(size=size, steps=steps, batch_size=batch_size,
-                                                         lr=lr, seed=seed), base=base)
+    record = train(pairs, ws.models, EnhancerTrainConfig(size=size, steps=steps, batch_size=batch_size, lr=lr,
+                                                         seed=seed, num_threads=os.cpu_count()), base=base)
     catalog.upsert("model_versions", pa.Table.from_pylist([record], schema=MODEL_VERSIONS))
     console.print(f"enhancer {record['version']} saved at {record['path']}")
     console.print(record["metrics"])

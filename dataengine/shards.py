@@ -66,6 +66,21 @@ def write_shards(
     return written
 
 
+def write_shard(samples: Iterable[dict[str, Any]], path: str | Path) -> str:
+    """Write sample dicts to exactly one shard at `path`, atomically (temp file, then rename),
+    so a reader never sees it half written. Returns the path."""
+    import webdataset as wds
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with wds.TarWriter(str(tmp)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    tmp.replace(path)
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------
 # Reading raw samples
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from prefect import flow, task
@@ -30,12 +31,13 @@ def prepare_workspace(root: str) -> int:
 
 
 @stage
-def write_scene_world(root: str, sceneworld: dict) -> dict[str, list[str]]:
-    """Render the scene world's shards, unless the same config already wrote them."""
+def write_scene_world(root: str, engine_cfg: EngineConfig) -> dict[str, list[str]]:
+    """Render the scene world's shards (one Ray task per shard), unless the same config
+    already wrote them."""
     from dataengine.sceneworld import SceneWorldConfig, write_scene_world as write
 
     ws = Workspace.at(root)
-    cfg = SceneWorldConfig(**sceneworld)
+    cfg = SceneWorldConfig(**engine_cfg.sceneworld)
     manifest = ws.shards / "sceneworld.json"
     wanted = json.loads(json.dumps(dataclasses.asdict(cfg)))
     if manifest.exists():
@@ -44,7 +46,12 @@ def write_scene_world(root: str, sceneworld: dict) -> dict[str, list[str]]:
             (ws.shards / p).exists() for paths in old["shards"].values() for p in paths
         ):
             return old["shards"]
-    written = write(ws.shards, cfg)
+    use_ray = engine_cfg.ingest.use_ray
+    if use_ray:
+        from dataengine.cluster import ensure_ray
+
+        ensure_ray(engine_cfg.engine.ray_address, engine_cfg.engine.num_cpus)
+    written = write(ws.shards, cfg, use_ray=use_ray)
     rel = {split: [str(Path(p).relative_to(ws.shards)) for p in paths] for split, paths in written.items()}
     manifest.write_text(json.dumps({"config": wanted, "shards": rel}, indent=1))
     return rel
@@ -105,7 +112,9 @@ def train_enhancer(root: str, steps: int, retrain: bool) -> dict:
     if done and not retrain:
         return {"version": done[-1], "path": str(ws.models / "enhancer" / done[-1]), "reused": True}
     pairs = catalog.query("SELECT * FROM pairs ORDER BY pair_id")
-    record = train(pairs, ws.models, EnhancerTrainConfig(size="nano", steps=steps, batch_size=16, progress=False))
+    # OMP_NUM_THREADS=1 is the default for Ray's workers; training here uses every core.
+    record = train(pairs, ws.models, EnhancerTrainConfig(size="nano", steps=steps, batch_size=16,
+                                                         num_threads=os.cpu_count(), progress=False))
     catalog.upsert("model_versions", pa.Table.from_pylist([record], schema=MODEL_VERSIONS))
     return record
 
@@ -139,7 +148,7 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     """Make a workspace from nothing, fill it with the scene world, account for it, and
     turn its captions into enhancer pairs and a first enhancer."""
     prepare_workspace(workspace)
-    shards = write_scene_world(workspace, cfg.sceneworld)
+    shards = write_scene_world(workspace, cfg)
     print(f"scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
     report = ingest_shards(workspace, cfg)
     print(

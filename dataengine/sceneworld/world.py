@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..shards import write_shards
+from ..shards import write_shard, write_shards
 from .captions import caption_for, instruction_for
 from .render import encode_image, render
 from .scene import COLOURS, SHAPES, Concept, concept_present, sample_edit, sample_scene
@@ -158,14 +158,43 @@ def generate(split: str, cfg: SceneWorldConfig, start: int = 0, stop: int | None
 # ---------------------------------------------------------------------------------------
 
 
+def write_scene_shard(shards_root: str | Path, split: str, shard: int, cfg: SceneWorldConfig) -> str:
+    """Write shard number `shard` of `split` on its own (samples are seeded by index, so any
+    shard can be made anywhere, in any order); returns its path."""
+    start = shard * cfg.samples_per_shard
+    path = Path(shards_root) / split / f"{SOURCE}-{split}-{shard:06d}.tar"
+    return write_shard(generate(split, cfg, start, start + cfg.samples_per_shard), path)
+
+
+def _write_on_ray(root: Path, splits: list[str], cfg: SceneWorldConfig, advance) -> dict[str, list[str]]:
+    """One Ray task per shard; the same files as the sequential path, written in parallel."""
+    import ray
+
+    remote = ray.remote(num_cpus=1)(write_scene_shard)
+    pending = {}
+    for sp in splits:
+        for k in range(-(-cfg.size(sp) // cfg.samples_per_shard)):
+            pending[remote.remote(root, sp, k, cfg)] = (sp, k)
+    out: dict[str, list[str]] = {sp: [] for sp in splits}
+    waiting = list(pending)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        sp, k = pending[done[0]]
+        out[sp].append(ray.get(done[0]))
+        advance(sp, min(cfg.samples_per_shard, cfg.size(sp) - k * cfg.samples_per_shard))
+    return {sp: sorted(paths) for sp, paths in out.items()}
+
+
 def write_scene_world(
     shards_root: str | Path, cfg: SceneWorldConfig,
     splits: Iterable[str] = ("train", "pool", "eval"), progress: bool = True,
+    use_ray: bool = False,
 ) -> dict[str, list[str]]:
     """Write `shards_root/<split>/sceneworld-<split>-000000.tar`, ...; returns the paths per split.
 
     Earlier scene-world shards of those splits are removed first, so a smaller rerun does
-    not leave stale shards behind; other files in the folders are left alone.
+    not leave stale shards behind; other files in the folders are left alone. With
+    `use_ray`, each shard is a Ray task (on the Ray this process already joined).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -176,9 +205,12 @@ def write_scene_world(
     with Progress(*columns, disable=not progress) as bar:
         tasks = {sp: bar.add_task(sp, total=cfg.size(sp)) for sp in splits}
         for sp in splits:
-            prefix = f"{SOURCE}-{sp}"
-            for old in (root / sp).glob(f"{prefix}-*.tar"):
+            for old in (root / sp).glob(f"{SOURCE}-{sp}-*.tar"):
                 old.unlink()
+        if use_ray:
+            return _write_on_ray(root, splits, cfg, lambda sp, n: bar.advance(tasks[sp], n))
+        for sp in splits:
+            prefix = f"{SOURCE}-{sp}"
 
             def counted(samples: Iterator[dict[str, Any]], task=tasks[sp]) -> Iterator[dict[str, Any]]:
                 for smp in samples:
@@ -191,4 +223,4 @@ def write_scene_world(
 
 
 __all__ = ["SOURCE", "SceneWorldConfig", "concept_present", "generate", "make_sample",
-           "sample_seed", "write_scene_world"]
+           "sample_seed", "write_scene_shard", "write_scene_world"]
