@@ -22,6 +22,7 @@ import random
 import re
 from typing import Any, Iterable, Sequence
 
+from .degrade import detect  # the detail categories of caption degradation
 from .sceneworld import (
     ARRANGEMENTS, BACKGROUNDS, COLOURS, COUNT_FORMS, LIGHTINGS, PLURALS, POSITIONS, SHAPES, STYLES,
     TEXTURES, Scene, caption_for, sample_scene, scene_rngs,
@@ -269,7 +270,7 @@ def contradicted(fact: Fact, named: set[Fact], scene: Scene | dict[str, Any] | s
 # ---------------------------------------------------------------------------------------
 
 
-def _categories(text: str, detect) -> set[str]:
+def _categories(text: str) -> set[str]:
     return {span.category for span in detect(text)}
 
 
@@ -279,8 +280,6 @@ def evaluate(
 ) -> dict[str, Any]:
     """Intent preservation, richness gain and faithful richness of `enhanced_prompts`
     against their `terse_prompts` and ground-truth `scenes` (one of each per prompt)."""
-    from dataengine.degrade import detect  # the detail categories of caption degradation
-
     if not len(terse_prompts) == len(enhanced_prompts) == len(scenes):
         raise ValueError(f"lengths differ: {len(terse_prompts)} terse, {len(enhanced_prompts)} "
                          f"enhanced, {len(scenes)} scenes")
@@ -298,7 +297,7 @@ def evaluate(
             contra_share.append(sum(lost_by) / len(intended))
             full += all(kept)
             intents += len(intended)
-        ct, ce = _categories(terse, detect), _categories(enh, detect)
+        ct, ce = _categories(terse), _categories(enh)
         cats_t.append(len(ct))
         cats_e.append(len(ce))
         gains.append(len(ce) - len(ct))

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import sys
-import types
-from collections import namedtuple
 
 import pyarrow as pa
 import pytest
@@ -238,30 +234,6 @@ def test_train_rejects_a_table_without_pairs(tmp_path):
 # Measures
 # ---------------------------------------------------------------------------------------
 
-Span = namedtuple("Span", "start end category text")
-_STANDIN = {  # a tiny stand-in for dataengine.degrade.detect until that module lands
-    "lighting": r"light|sunset|spotlight|moonlight",
-    "texture": r"striped|stripes|dotted|dots|metallic|wooden|wood-grain|glossy|shiny|solid|checkered|checkerboard",
-    "layout": r"left|right|top|bottom|center|middle|row|column|grid|scattered|pyramid",
-    "background": r"sky|wall|beach|meadow|field|backdrop|floor|room|interior",
-    "style": r"watercolor|sketch|cartoon|pixel-art|pixel art|vector",
-}
-
-
-@pytest.fixture
-def detect(monkeypatch):
-    try:
-        from dataengine.degrade import detect as real
-    except ImportError:
-        real = None
-    if not callable(real):
-        def standin(caption: str) -> list:
-            return [Span(m.start(), m.end(), cat, m.group()) for cat, pat in _STANDIN.items()
-                    for m in re.finditer(rf"\b(?:{pat})\b", caption.lower())]
-
-        monkeypatch.setitem(sys.modules, "dataengine.degrade", types.SimpleNamespace(detect=standin))
-
-
 def hand_scene() -> Scene:
     box = (10, 10, 20, 20)
     return Scene(256, 256, (Group("star", "red", 2, "large", "striped", "left", "row", (box, box)),
@@ -291,7 +263,7 @@ def test_extract_attributes_reads_the_scene_world_vocabulary():
         assert {f for f in facts if f[0] == "object"} == {("object", f"{g.colour} {g.shape}") for g in scene.groups}
 
 
-def test_intent_preservation_scores_identity_drops_and_contradictions(detect):
+def test_intent_preservation_scores_identity_drops_and_contradictions():
     scene = hand_scene().to_json()
     terse = "two red stars and a blue ring"
     score = lambda enhanced: evaluate([terse], [enhanced], [scene])  # noqa: E731
@@ -308,7 +280,7 @@ def test_intent_preservation_scores_identity_drops_and_contradictions(detect):
     assert evaluate(["a red star and a pink heart"], ["a red star"], [scene])["intent_preservation"] == 1.0
 
 
-def test_richness_gain_is_zero_for_identity_and_positive_for_the_rich_caption(detect):
+def test_richness_gain_is_zero_for_identity_and_positive_for_the_rich_caption():
     items = heldout_terse_prompts(40)
     assert items == heldout_terse_prompts(40)  # seeded
     terse, scenes = [p for p, _ in items], [s for _, s in items]
