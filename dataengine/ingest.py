@@ -120,8 +120,12 @@ def _checksum(url: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def scan_shard(url: str, split: str, ingest_id: str, key_prefix: str = "") -> ShardResult:
-    """Read and validate every sample of one shard into accepted and quarantined rows."""
+def scan_shard(url: str, split: str, ingest_id: str, key_prefix: str = "",
+               checksum: str | None = None) -> ShardResult:
+    """Read and validate every sample of one shard into accepted and quarantined rows.
+
+    `checksum` is the one the caller already took (ingest does, to skip unchanged shards).
+    """
     t0 = time.perf_counter()
     now = dt.datetime.now(dt.timezone.utc)
     uid = shard_uid(url)
@@ -130,7 +134,7 @@ def scan_shard(url: str, split: str, ingest_id: str, key_prefix: str = "") -> Sh
     bad: list[dict] = []
     seen: set[str] = set()
     try:
-        checksum = _checksum(url)
+        checksum = checksum or _checksum(url)
         for raw in iter_raw_samples(url, scan):
             key = key_prefix + raw.key
             fields = sorted(raw.fields)
@@ -250,10 +254,11 @@ def ingest(
         # A damaged shard is not re-scanned either: mending it changes its checksum.
         for row in catalog.query("SELECT url, checksum FROM shards").to_pylist()
     }
-    todo = [u for u in urls if (u, _checksum(u)) not in done]
+    sums = {u: _checksum(u) for u in urls}
+    todo = [u for u in urls if (u, sums[u]) not in done]
     report.skipped_unchanged = len(urls) - len(todo)
     ingest_id = uuid.uuid4().hex[:12]
-    jobs = [(u, cfg.split or ws.split_of(u) or DEFAULT_SPLIT) for u in todo]
+    jobs = [(u, cfg.split or ws.split_of(u) or DEFAULT_SPLIT, sums[u]) for u in todo]
 
     def accept(batch: list[ShardResult]) -> None:
         report.duplicates += commit(catalog, batch)
@@ -265,13 +270,13 @@ def ingest(
     if cfg.use_ray and len(jobs) > 1:
         _run_on_ray(jobs, ingest_id, cfg.key_prefix, accept, ray_address, num_cpus)
     else:
-        for url, split in jobs:
-            accept([scan_shard(url, split, ingest_id, cfg.key_prefix)])
+        for url, split, checksum in jobs:
+            accept([scan_shard(url, split, ingest_id, cfg.key_prefix, checksum)])
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _run_on_ray(jobs: Iterable[tuple[str, str]], ingest_id: str, key_prefix: str,
+def _run_on_ray(jobs: Iterable[tuple[str, str, str]], ingest_id: str, key_prefix: str,
                 accept: Callable[[list[ShardResult]], None],
                 ray_address: str | None, num_cpus: int | None) -> None:
     """Scan shards as Ray tasks and commit them in batches as they finish."""
@@ -281,7 +286,7 @@ def _run_on_ray(jobs: Iterable[tuple[str, str]], ingest_id: str, key_prefix: str
 
     ensure_ray(ray_address, num_cpus)
     remote_scan = ray.remote(num_cpus=1)(scan_shard)
-    pending = [remote_scan.remote(u, s, ingest_id, key_prefix) for u, s in jobs]
+    pending = [remote_scan.remote(u, s, ingest_id, key_prefix, c) for u, s, c in jobs]
     while pending:
         ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
         if not ready:

@@ -49,11 +49,12 @@ def summarize(catalog: Catalog) -> Summary:
             "GROUP BY kind ORDER BY n DESC, kind").fetchall()
         damaged = con.execute(
             "SELECT url, error FROM shards WHERE error IS NOT NULL ORDER BY url").fetchall()
+        # One grouped pass over each lake table, not a count per shard.
         per_shard_lake = con.execute(
-            "SELECT sh.url, sh.accepted, sh.quarantined, "
-            "  (SELECT count(*) FROM samples s WHERE s.shard_uid = sh.shard_uid), "
-            "  (SELECT count(*) FROM quarantine q WHERE q.shard_uid = sh.shard_uid) "
-            "FROM shards sh").fetchall()
+            "SELECT sh.url, sh.accepted, sh.quarantined, coalesce(s.n, 0), coalesce(q.n, 0) FROM shards sh "
+            "LEFT JOIN (SELECT shard_uid, count(*) n FROM samples GROUP BY ALL) s USING (shard_uid) "
+            "LEFT JOIN (SELECT shard_uid, count(*) n FROM quarantine GROUP BY ALL) q USING (shard_uid)"
+        ).fetchall()
     problems = []
     for s in splits:
         if s.read != s.accepted + s.quarantined:
