@@ -281,7 +281,7 @@ def train_enhancer(
 
     ws = Workspace.at(workspace)
     catalog = Catalog(ws)
-    if not ws.exists() or catalog.counts()["pairs"] == 0:
+    if not ws.exists() or catalog.query("SELECT count(*) n FROM pairs")["n"][0].as_py() == 0:
         console.print("[red]no pairs in the workspace[/red]; run `dataengine degrade` first")
         raise typer.Exit(2)
     pairs = catalog.query("SELECT * FROM pairs ORDER BY pair_id")

@@ -177,7 +177,7 @@ def degrade_to_lake(catalog: Catalog, captions: pa.Table, cfg: DegradeConfig = D
 
     for new in iter_new_pairs(captions, cfg, report, seen, **run):
         pending.append(new)
-        if sum(t.num_rows for t in pending) >= part_rows:
+        if sum(t.num_rows for t in pending) >= part_rows:  # a handful of tables per part
             flush()
     flush()
     report.seconds = time.perf_counter() - t0
