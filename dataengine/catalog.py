@@ -22,7 +22,7 @@ from dataengine import lake
 from dataengine.schema import CATALOG_TABLES, LAKE_TABLES, conform
 from dataengine.workspace import Workspace
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: quarantine.stage
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",

@@ -314,6 +314,192 @@ def enhance(
         console.print(f"[bold]{prompt}[/bold]\n  -> {rich}")
 
 
+@app.command("train-clip")
+def train_clip(
+    workspace: Path = WorkspaceOpt,
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: models/train_clip.py's)."),
+    retrain: bool = typer.Option(False, help="Train a new version even if one exists."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the embedded default embedding model on the workspace's images and captions (once)."""
+    from models.train_clip import ClipTrainConfig, train_default_clip
+
+    ws = _existing(workspace)
+    cfg = ClipTrainConfig(seed=seed, **({"steps": steps} if steps else {}))
+    record = train_default_clip(ws.root, cfg, progress=True, reuse=not retrain)
+    console.print(f"clip {record['version']} at {record['path']}")
+    _print_recall(record.get("metrics", {}))
+
+
+def _print_recall(metrics: dict) -> None:
+    """The held-out text->image recall table that train_default_clip measured."""
+    recall = metrics.get("recall") if isinstance(metrics, dict) else None
+    if not recall:
+        return
+    t = Table(title="text -> image recall on held-out images", show_edge=False)
+    for col in ("set", "model", "candidates", "R@1", "R@5", "R@10"):
+        t.add_column(col, justify="left" if col in ("set", "model") else "right")
+    for set_name, by_model in recall.items():
+        for model_name, r in by_model.items():
+            t.add_row(set_name, model_name, str(r.get("n", "")),
+                      *(f"{r.get(f'r@{k}', float('nan')):.3f}" for k in (1, 5, 10)))
+    console.print(t)
+
+
+def _existing(workspace: Path) -> Workspace:
+    ws = Workspace.at(workspace)
+    if not ws.exists():
+        console.print(f"[red]no workspace at {ws.root}[/red]; run `dataengine init` and `dataengine ingest` first")
+        raise typer.Exit(2)
+    Catalog(ws).migrate()
+    return ws
+
+
+ModelOpt = typer.Option("default", "--model", "-m", help=(
+    "Embedding model: 'default' (the workspace's own, trained on first use), an open_clip "
+    "architecture, 'ARCH:pretrained_tag', 'hf-hub:org/name', a saved folder, or 'ARCH@/path/ckpt'."))
+
+
+@app.command()
+def embed(
+    workspace: Path = WorkspaceOpt,
+    model: str = ModelOpt,
+    kinds: List[str] = typer.Option(["image", "text"], "--kind", help="image and/or text (captions)."),
+    splits: List[str] = typer.Option([], "--split", help="Only these splits (default: all)."),
+    batch_size: int = typer.Option(64, help="Images or captions per model call."),
+    ray: bool = typer.Option(True, "--ray/--no-ray", help="Ray Data actor pool (default) or this process."),
+    ray_address: Optional[str] = typer.Option(None, help="Join a Ray cluster ('auto', 'ray://host:10001')."),
+    actors: Optional[int] = typer.Option(None, help="Model replicas (default: one per GPU, else CPUs - 1)."),
+) -> None:
+    """Embed images and captions that have no vector yet for this model into the lake."""
+    from dataengine.embed import EmbedConfig
+    from dataengine.embed import embed as run_embed
+
+    ws = _existing(workspace)
+    if model == "default":
+        _ensure_default_clip(ws)
+    try:
+        cfg = EmbedConfig(model=model, kinds=tuple(kinds), splits=tuple(splits) or None, batch_size=batch_size,
+                          use_ray=ray, ray_address=ray_address, actors=actors)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    report = run_embed(ws.root, cfg)
+    console.print(report.summary())
+
+
+def _ensure_default_clip(ws: Workspace) -> None:
+    from dataengine.embed import resolve_model
+
+    try:
+        resolve_model(ws, "default")
+    except FileNotFoundError:
+        console.print("no default embedding model in this workspace yet: training it once")
+        from models.train_clip import ClipTrainConfig, train_default_clip
+
+        record = train_default_clip(ws.root, ClipTrainConfig(), progress=True, reuse=True)
+        _print_recall(record.get("metrics", {}))
+
+
+@app.command()
+def index(
+    workspace: Path = WorkspaceOpt,
+    model: str = ModelOpt,
+    splits: List[str] = typer.Option(["train", "pool"], "--split", help="Splits to index (image vectors)."),
+    kind: str = typer.Option("auto", help="auto (Flat when small, IVF family when large) or a faiss factory string."),
+    target_recall: float = typer.Option(0.95, help="recall@10 against exact search that tuning must reach."),
+    ray: bool = typer.Option(False, "--ray/--no-ray", help="Add vectors in parallel Ray tasks (large sets)."),
+) -> None:
+    """Build each split's FAISS index, and the training split's coverage statistics for gap search."""
+    from dataengine.gaps import build_workspace_indexes
+    from dataengine.index import IndexConfig
+
+    ws = _existing(workspace)
+    try:
+        built = build_workspace_indexes(ws, model, tuple(splits), IndexConfig(kind=kind, target_recall=target_recall),
+                                        use_ray=ray)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    t = Table(title="indexes", show_edge=False)
+    for col in ("split", "vectors", "index", "params", "recall@10", "build s"):
+        t.add_column(col)
+    for split, b in built.items():
+        m = b.meta
+        t.add_row(split, str(m["count"]), m["factory"], str(m.get("params", {})),
+                  f"{m['recall_at_k']:.3f}", f"{m['build_seconds']:.1f}")
+    console.print(t)
+
+
+@app.command()
+def gaps(
+    prompts: List[str] = typer.Argument(None, help="Failing prompts or concepts, e.g. \"a purple triangle\"."),
+    workspace: Path = WorkspaceOpt,
+    model: str = ModelOpt,
+    image: List[Path] = typer.Option([], "--image", help="Images of failed outputs (instead of or besides prompts)."),
+    evidence: int = typer.Option(5, help="Nearest training samples to show per query."),
+) -> None:
+    """How well does the training set cover each prompt or image? Prints the gap score and evidence."""
+    from dataengine.gaps import GapSearcher
+
+    ws = _existing(workspace)
+    if not prompts and not image:
+        console.print("[red]give at least one prompt or --image[/red]")
+        raise typer.Exit(2)
+    try:
+        searcher = GapSearcher(ws, model, evidence=evidence)
+        reports = (searcher.prompts(prompts)[0] if prompts else []) + (searcher.images(image)[0] if image else [])
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    for r in reports:
+        _print_gap(r)
+
+
+def _print_gap(r) -> None:
+    verdict = "[red]GAP[/red]" if r.is_gap else "[green]covered[/green]"
+    console.print(f"\n[bold]{r.concept}[/bold] ({r.kind}): {verdict}  gap score {r.gap_score:.2f} "
+                  f"(coverage {r.coverage:.3f}, percentile {r.percentile:.3f} of the set's own; "
+                  f"gap below {r.threshold:.3f})")
+    c = r.cluster
+    console.print(f"  nearest cluster #{c['id']}: {c['size']} images ({c['relative_size']:.2f}x the median "
+                  f"{c['median_size']:.0f}), similarity {c['similarity']:.3f}")
+    for n in r.neighbours:
+        console.print(f"  {n.similarity:.3f}  {n.key}  {n.caption[:90]}")
+
+
+@app.command()
+def patch(
+    prompts: List[str] = typer.Argument(..., help="Failing prompts or concepts to patch when they are gaps."),
+    workspace: Path = WorkspaceOpt,
+    model: str = ModelOpt,
+    size: int = typer.Option(32, help="At most this many pool samples per gap."),
+    min_similarity: Optional[float] = typer.Option(None, help="Similarity cut-off (default: the calibrated gap threshold)."),
+    duplicate_similarity: float = typer.Option(0.97, help="Image cosine at or above which a candidate duplicates train."),
+    force: bool = typer.Option(False, help="Patch even prompts that are not gaps."),
+    feedback_id: Optional[str] = typer.Option(None, help="The failure this patch answers (provenance)."),
+) -> None:
+    """Gap search, then a patch shard of pool samples for each gap (shards/patches/), recorded in the lake."""
+    from dataengine.gaps import GapSearcher, load_split_index
+    from dataengine.patch import PatchConfig, patch_gap
+
+    ws = _existing(workspace)
+    try:
+        cfg = PatchConfig(size=size, min_similarity=min_similarity, duplicate_similarity=duplicate_similarity)
+        searcher = GapSearcher(ws, model)
+        pool = load_split_index(ws, searcher.encoder.model_id, cfg.pool_split)
+        reports, vecs = searcher.prompts(prompts, [feedback_id] * len(prompts) if feedback_id else None)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    for r, v in zip(reports, vecs):
+        _print_gap(r)
+        if not (r.is_gap or force):
+            console.print("  not a gap: nothing to patch (--force to patch anyway)")
+            continue
+        console.print("  patch: " + patch_gap(ws, r, v, searcher.coverage, searcher.index, pool, cfg).summary())
+
+
 @app.command()
 def demo(
     workspace: Path = WorkspaceOpt,

@@ -146,7 +146,7 @@ def scan_shard(url: str, split: str, ingest_id: str, key_prefix: str = "",
             except InvalidSample as e:
                 reason = f"{e} (shard damaged right after it: {raw.damage_after})" if raw.damage_after else str(e)
                 bad.append(dict(shard=url, shard_uid=uid, key=key, reason=reason, fields=fields,
-                                ingest_id=ingest_id, ingested_at=now))
+                                ingest_id=ingest_id, ingested_at=now, stage="ingest"))
                 continue
             offset, size = raw.offsets[ok.image_field]
             rows.append(dict(
@@ -222,6 +222,7 @@ def _move_to_quarantine(r: ShardResult, dup_mask: list[bool], taken: dict[str, s
         "reason": pa.array([f"duplicate key: already ingested from {taken[k]}" for k in dups["key"].to_pylist()]),
         "fields": pa.array([None] * n, pa.list_(pa.string())),
         "ingest_id": dups["ingest_id"], "ingested_at": dups["ingested_at"],
+        "stage": pa.array(["ingest"] * n, pa.string()),
     })
     r.quarantine = pa.concat_tables([r.quarantine, moved.cast(QUARANTINE)])
 

@@ -50,6 +50,7 @@ def write_part(lake: Path, name: str, table: pa.Table, part: str | None = None) 
         raise ValueError(f"bad part name {part!r}")
     table = conform(table, LAKE_TABLES[name], name)
     path = table_dir(lake, name) / f"{part}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)  # a table newer than this workspace's migration
     _atomic_write(table, path)
     return path
 

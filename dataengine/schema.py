@@ -45,8 +45,11 @@ QUARANTINE = pa.schema(
         ("key", pa.string()),
         ("reason", pa.string()),
         ("fields", pa.list_(pa.string())),  # the members the sample had
-        ("ingest_id", pa.string()),
+        ("ingest_id", pa.string()),  # the run that quarantined it (ingest, embed, ...)
         ("ingested_at", TS),
+        # Which stage rejected it: ingest (the shard's own accounting) or a later one, e.g.
+        # embed, when an image catalogued earlier can no longer be read. Null in old parts = ingest.
+        ("stage", pa.string()),
     ]
 )
 
@@ -55,7 +58,9 @@ EMBEDDINGS = pa.schema(
         ("key", pa.string()),
         ("model_id", pa.string()),
         ("kind", pa.string()),  # image | text
-        ("vector", pa.list_(pa.float16())),  # L2-normalised
+        # L2-normalised. A variable-size list, not fixed-size: one table holds the vectors of
+        # every model, and widths differ; readers reshape the flat values without a copy.
+        ("vector", pa.list_(pa.float16())),
         ("created_at", TS),
     ]
 )
@@ -113,6 +118,23 @@ PATCHES = pa.schema(
     ]
 )
 
+GAPS = pa.schema(
+    [
+        ("gap_id", pa.string()),  # stable per (model, split, kind, concept)
+        ("feedback_id", pa.string()),  # the failure that asked, if any
+        ("concept", pa.string()),  # the prompt, or the failed image's reference
+        ("kind", pa.string()),  # text | image
+        ("model_id", pa.string()),
+        ("coverage", pa.float64()),  # mean similarity of the k nearest training images
+        ("percentile", pa.float64()),  # among the training set's own reference queries
+        ("gap_score", pa.float64()),  # 1 - percentile
+        ("threshold", pa.float64()),  # coverage below which it is a gap
+        ("is_gap", pa.bool_()),
+        ("evidence", pa.string()),  # JSON: nearest samples, cluster and its size
+        ("searched_at", TS),
+    ]
+)
+
 LAKE_TABLES: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "quarantine": QUARANTINE,
@@ -121,6 +143,7 @@ LAKE_TABLES: dict[str, pa.Schema] = {
     "feedback": FEEDBACK,
     "triage": TRIAGE,
     "patches": PATCHES,
+    "gaps": GAPS,
 }
 
 # ---------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def summarize(catalog: Catalog) -> Summary:
         per_shard_lake = con.execute(
             "SELECT sh.url, sh.accepted, sh.quarantined, coalesce(s.n, 0), coalesce(q.n, 0) FROM shards sh "
             "LEFT JOIN (SELECT shard_uid, count(*) n FROM samples GROUP BY ALL) s USING (shard_uid) "
-            "LEFT JOIN (SELECT shard_uid, count(*) n FROM quarantine GROUP BY ALL) q USING (shard_uid)"
+            "LEFT JOIN (SELECT shard_uid, count(*) n FROM quarantine "
+            "WHERE coalesce(stage, 'ingest') = 'ingest' GROUP BY ALL) q USING (shard_uid)"
         ).fetchall()
     problems = []
     for s in splits:

@@ -1,0 +1,382 @@
+"""Embedding: catalogued samples -> open_clip image and caption vectors in the lake.
+
+Three small stages, each a plain callable over a batch, so the same code runs in a loop
+in this process or as Ray Data `map_batches` over a cluster:
+
+    todo rows (key, shard, offset, size, caption)
+      -> DecodeImages   (CPU tasks: read the bytes by offset, decode, resize, crop)
+      -> EmbedImages    (an actor pool: one model per actor, one actor per GPU)
+      -> lake `embeddings` (key, model_id, kind, float16 vector)
+
+Captions go through EmbedTexts the same way. Only what has no vector yet for this
+model id and kind is embedded, so a rerun after a crash or after a new ingest picks up
+where the lake stands. An image that can no longer be read (its shard changed or went
+away since ingest) is quarantined with stage "embed" and counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from dataengine import lake
+from dataengine.catalog import Catalog
+from dataengine.images import iter_images
+from dataengine.schema import EMBEDDINGS, QUARANTINE
+from dataengine.workspace import Workspace
+
+KINDS = ("image", "text")
+DEFAULT_MODEL = "default"  # the workspace's own trained model (models/train_clip.py)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What to embed with which model, and how to spread the work."""
+
+    model: str = DEFAULT_MODEL  # "default", or any spec models.clip.load_clip accepts
+    kinds: tuple[str, ...] = KINDS
+    splits: tuple[str, ...] | None = None  # None: every split in the catalog
+    batch_size: int = 64  # images or captions per model call
+    store_dtype: str = "float16"  # float16 | float32 in memory; the lake stores float16
+    use_ray: bool = True
+    ray_address: str | None = None
+    actors: int | None = None  # model replicas; None: one per GPU, else CPUs Ray reports - 1
+    threads_per_actor: int | None = None  # torch threads in each CPU actor; None: its CPU share
+    device: str = "auto"  # auto | cpu | cuda
+    part_rows: int = 8192  # rows per lake part written
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.store_dtype not in ("float16", "float32"):
+            raise ValueError(f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors must be >= 1, got {self.actors}")
+
+
+@dataclass
+class EmbedReport:
+    model_id: str
+    embedded: dict[str, int] = field(default_factory=dict)  # kind -> vectors written
+    skipped: dict[str, int] = field(default_factory=dict)  # kind -> already in the lake
+    failed: dict[str, int] = field(default_factory=dict)  # kind -> quarantined
+    seconds: float = 0.0
+    actors: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{k}: {self.embedded.get(k, 0)} new, {self.skipped.get(k, 0)} already done"
+                 + (f", {self.failed[k]} quarantined" if self.failed.get(k) else "")
+                 for k in sorted(set(self.embedded) | set(self.skipped))]
+        return f"{self.model_id} | " + "; ".join(parts) + f" | {self.seconds:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------
+# The stages (plain callables over dict-of-numpy batches)
+# ---------------------------------------------------------------------------------------
+
+
+class DecodeImages:
+    """Rows with key, shard, image_offset, image_size -> key, pixels (N, S, S, 3) uint8, error."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [dict(key=k, shard=s, image_offset=int(o), image_size=int(n)) for k, s, o, n in
+                zip(batch["key"], batch["shard"], batch["image_offset"], batch["image_size"])]
+        s = self.image_size
+        pixels = np.zeros((len(rows), s, s, 3), np.uint8)
+        keys, errors = [], []
+        by_key = {r["key"]: i for i, r in enumerate(rows)}
+        for key, arr, err in iter_images(rows, s):
+            i = by_key[key]
+            if arr is not None:
+                pixels[i] = arr
+            keys.append((i, key, err or ""))
+        keys.sort()
+        return {"key": np.array([k for _, k, _ in keys], dtype=object), "pixels": pixels,
+                "error": np.array([e for _, _, e in keys], dtype=object)}
+
+
+class _Encoder:
+    """Holds one model (loaded once per process or actor)."""
+
+    def __init__(self, spec: str, device: str = "auto", threads: int | None = None, store_dtype: str = "float16"):
+        import torch
+
+        from models.clip import load_clip  # registers the default architecture in this process too
+
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.bundle = load_clip(spec, device=device)
+        # Mixed precision on GPUs; on CPUs float32 is both faster and exact.
+        self.autocast = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" else None
+        self.dtype = np.float16 if store_dtype == "float16" else np.float32
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.image_size
+
+
+class EmbedImages(_Encoder):
+    """key, pixels, error -> key, vector (N, D), error; rows with an error get a zero vector."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.array([not e for e in batch["error"]], bool)
+        out = np.zeros((len(ok), self.bundle.embed_dim), self.dtype)
+        if ok.any():
+            out[ok] = self.bundle.encode_images(batch["pixels"][ok], autocast_dtype=self.autocast)
+        return {"key": batch["key"], "vector": out, "error": batch["error"]}
+
+
+class EmbedTexts(_Encoder):
+    """key, caption -> key, vector (N, D), error ('' everywhere: every caption validated at ingest)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vectors = self.bundle.encode_texts([str(c) for c in batch["caption"]], autocast_dtype=self.autocast)
+        return {"key": batch["key"], "vector": vectors.astype(self.dtype),
+                "error": np.array([""] * len(vectors), dtype=object)}
+
+
+# ---------------------------------------------------------------------------------------
+# What is left to do
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_model(ws: Workspace, spec: str) -> str:
+    """The load_clip spec for `spec`: "default" is the workspace's promoted clip version."""
+    if spec != DEFAULT_MODEL:
+        return spec
+    rows = Catalog(ws).query(
+        "SELECT path FROM model_versions WHERE model = 'clip' AND status = 'promoted' "
+        "ORDER BY created_at DESC LIMIT 1").to_pylist()
+    if not rows or not Path(rows[0]["path"]).exists():
+        raise FileNotFoundError(
+            f"{ws.root}: no trained default embedding model; run `dataengine train clip` "
+            "(or `dataengine embed`, which trains it first) or pass --model")
+    return rows[0]["path"]
+
+
+def todo(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None) -> tuple[pa.Table, int]:
+    """Samples with no `kind` vector for `model_id` yet, and how many already have one."""
+    where, params = "", [model_id, kind]
+    if splits:
+        where = f"WHERE s.split IN ({', '.join('?' for _ in splits)})"
+        params += list(splits)
+    missing = catalog.query(
+        "SELECT s.key, s.shard, s.image_offset, s.image_size, s.caption, s.shard_uid FROM samples s "
+        "ANTI JOIN (SELECT DISTINCT key FROM embeddings WHERE model_id = ? AND kind = ?) e USING (key) "
+        f"{where} ORDER BY s.shard, s.image_offset", params)
+    total = catalog.query(f"SELECT count(*) AS n FROM samples s {where}", params[2:]).column("n")[0].as_py()
+    return missing, total - missing.num_rows
+
+
+# ---------------------------------------------------------------------------------------
+# Running the stages
+# ---------------------------------------------------------------------------------------
+
+
+def _local_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str) -> Iterator[dict]:
+    cls = EmbedImages if kind == "image" else EmbedTexts
+    enc = cls(spec, cfg.device, cfg.threads_per_actor, cfg.store_dtype)
+    decode = DecodeImages(enc.image_size)
+    for start in range(0, rows.num_rows, cfg.batch_size):
+        batch = {c: rows[c].slice(start, cfg.batch_size).to_numpy(zero_copy_only=False) for c in rows.column_names}
+        yield enc(decode(batch) if kind == "image" else batch)
+
+
+def _pool_size(cfg: EmbedConfig) -> tuple[int, dict[str, float]]:
+    """Actors and the resources of each: one per GPU; without GPUs, one fewer than the CPUs
+    Ray reports, so the decode tasks still get a CPU (a pool that takes every CPU starves
+    the reads and the pipeline stalls)."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    if gpus and cfg.device != "cpu":
+        return cfg.actors or gpus, {"num_gpus": 1, "num_cpus": 1}
+    return cfg.actors or max(1, cpus - 1), {"num_cpus": 1}
+
+
+def _ray_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str, image_size: int) -> Iterator[dict]:
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar over the whole job
+    actors, resources = _pool_size(cfg)
+    threads = cfg.threads_per_actor or (1 if "num_gpus" in resources else max(1, int(resources["num_cpus"])))
+    cols = ["key", "shard", "image_offset", "image_size"] if kind == "image" else ["key", "caption"]
+    # Blocks of a few batches each, so decode tasks spread over the cluster.
+    block = cfg.batch_size * 4
+    ds = ray.data.from_arrow([rows.select(cols).slice(i, block) for i in range(0, rows.num_rows, block)])
+    if kind == "image":
+        # Half a CPU each: Ray Data fuses consecutive maps with equal resources, which would
+        # run decoding inside the model actor, one after the other, instead of beside it.
+        ds = ds.map_batches(_decode_fn, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size,
+                            batch_format="numpy", num_cpus=0.5)
+    cls = EmbedImages if kind == "image" else EmbedTexts
+    out = ds.map_batches(cls, fn_constructor_args=(spec, cfg.device, threads, cfg.store_dtype),
+                         batch_size=cfg.batch_size, batch_format="numpy",
+                         compute=ray.data.ActorPoolStrategy(size=actors), **resources)
+    yield from out.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _decode_fn(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    return DecodeImages(image_size)(batch)
+
+
+def _vectors_table(keys: Sequence[str], vectors: np.ndarray, model_id: str, kind: str, now) -> pa.Table:
+    n, d = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors, np.float16).ravel(), pa.float16())
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    return pa.table({
+        "key": pa.array(list(keys), pa.string()),
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "kind": pa.array([kind] * n, pa.string()),
+        "vector": pa.ListArray.from_arrays(offsets, flat),
+        "created_at": pa.array([now] * n, EMBEDDINGS.field("created_at").type),
+    }, schema=EMBEDDINGS)
+
+
+def embed(
+    workspace: str | Path, cfg: EmbedConfig = EmbedConfig(), progress: bool = True,
+    on_progress: Callable[[str, int], None] | None = None,
+) -> EmbedReport:
+    """Embed every catalogued sample that has no vector yet for this model; returns counts."""
+    from models.clip import load_clip
+
+    t0 = time.perf_counter()
+    ws = Workspace.at(workspace)
+    catalog = Catalog(ws)
+    catalog.migrate()
+    spec = resolve_model(ws, cfg.model)
+    probe = load_clip(spec, device="cpu")  # the id and input size; cheap next to the job
+    model_id, image_size = probe.model_id, probe.image_size
+    del probe
+    report = EmbedReport(model_id)
+    if cfg.use_ray:
+        from dataengine.cluster import ensure_ray
+
+        ensure_ray(cfg.ray_address)
+        report.actors = _pool_size(cfg)[0]
+    run_id = f"embed-{uuid.uuid4().hex[:12]}"
+    for kind in cfg.kinds:
+        rows, done = todo(catalog, model_id, kind, cfg.splits)
+        report.skipped[kind], report.embedded[kind], report.failed[kind] = done, 0, 0
+        if rows.num_rows == 0:
+            continue
+        shards = dict(zip(rows["key"].to_pylist(), zip(rows["shard"].to_pylist(), rows["shard_uid"].to_pylist())))
+        batches = (_ray_batches(rows, kind, cfg, spec, image_size) if cfg.use_ray
+                   else _local_batches(rows, kind, cfg, spec))
+        with _bar(progress, f"embed {kind}s", rows.num_rows) as advance:
+            pending_k: list[np.ndarray] = []
+            pending_v: list[np.ndarray] = []
+            for b in batches:
+                bad = np.array([bool(e) for e in b["error"]], bool)
+                if bad.any():
+                    _quarantine(ws, b["key"][bad], b["error"][bad], shards, kind, run_id)
+                    report.failed[kind] += int(bad.sum())
+                pending_k.append(b["key"][~bad])
+                pending_v.append(b["vector"][~bad])
+                if sum(len(k) for k in pending_k) >= cfg.part_rows:
+                    report.embedded[kind] += _flush(ws, pending_k, pending_v, model_id, kind)
+                advance(len(bad))
+                if on_progress:
+                    on_progress(kind, len(bad))
+            report.embedded[kind] += _flush(ws, pending_k, pending_v, model_id, kind)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _flush(ws: Workspace, keys: list, vectors: list, model_id: str, kind: str) -> int:
+    if not keys or not sum(len(k) for k in keys):
+        keys.clear(), vectors.clear()
+        return 0
+    k, v = np.concatenate(keys), np.concatenate(vectors)
+    keys.clear(), vectors.clear()
+    now = datetime.now(timezone.utc)
+    lake.write_part(ws.lake, "embeddings", _vectors_table(k.tolist(), v, model_id, kind, now),
+                    part=f"{kind}-{uuid.uuid4().hex}")
+    return len(k)
+
+
+def _quarantine(ws: Workspace, keys, errors, shards: dict, kind: str, run_id: str) -> None:
+    now = datetime.now(timezone.utc)
+    rows = [dict(shard=shards[k][0], shard_uid=shards[k][1], key=k, reason=f"embed {kind}: {e}",
+                 fields=None, ingest_id=run_id, ingested_at=now, stage="embed") for k, e in zip(keys, errors)]
+    for r in rows:
+        log.warning("quarantined %s: %s", r["key"], r["reason"])
+    lake.write_part(ws.lake, "quarantine", pa.Table.from_pylist(rows, schema=QUARANTINE),
+                    part=f"embed-{uuid.uuid4().hex}")
+
+
+class _bar:
+    """A rich progress bar, or nothing."""
+
+    def __init__(self, show: bool, label: str, total: int):
+        self.show, self.label, self.total = show, label, total
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.show:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        self.p.start()
+        task = self.p.add_task(self.label, total=self.total)
+        return lambda n: self.p.advance(task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.show:
+            self.p.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# Reading vectors back
+# ---------------------------------------------------------------------------------------
+
+
+def load_vectors(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None = None,
+                 sources: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(keys, float32 (N, D) matrix) of one model and kind, optionally of some splits/sources.
+
+    One vector per key (the newest, should a key have been embedded twice), in key order.
+    """
+    where, params = ["e.model_id = ?", "e.kind = ?"], [model_id, kind]
+    if splits:
+        where.append(f"s.split IN ({', '.join('?' for _ in splits)})")
+        params += list(splits)
+    if sources:
+        where.append(f"s.source IN ({', '.join('?' for _ in sources)})")
+        params += list(sources)
+    t = catalog.query(
+        "SELECT e.key, e.vector FROM embeddings e JOIN samples s USING (key) "
+        f"WHERE {' AND '.join(where)} "
+        "QUALIFY row_number() OVER (PARTITION BY e.key ORDER BY e.created_at DESC) = 1 ORDER BY e.key", params)
+    keys = t["key"].to_pylist()
+    if not keys:
+        return [], np.zeros((0, 0), np.float32)
+    vec = t["vector"].combine_chunks()
+    d = len(vec[0])
+    flat = vec.flatten().to_numpy(zero_copy_only=False)
+    if len(flat) != d * len(keys):
+        raise ValueError(f"embeddings of {model_id!r} ({kind}) have mixed widths; expected {d}")
+    return keys, flat.reshape(len(keys), d).astype(np.float32, copy=False)

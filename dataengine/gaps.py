@@ -1,0 +1,383 @@
+"""Knowledge-gap search: how well does the training set cover a failing prompt or image?
+
+The training set's coverage is measured against itself, so no similarity constant is
+ever hard-coded (raw cosine levels differ by model, by modality and by prompt style):
+
+- Reference queries: for text, the terse end of each sampled training caption's
+  degradation chain (the same casual register as a failing user prompt); for images,
+  the sampled training images themselves.
+- A query's coverage is the mean similarity of its k nearest training images. Each
+  reference query gets the same statistic with its own image left out, so a concept
+  seen once counts as uncovered, as it should.
+- The query's percentile among the references is how well it is covered relative to
+  what the set covers; `gap_score = 1 - percentile`. A gap is a query covered less than
+  all but `alpha` of the set's own concepts.
+- Density, as evidence: k-means over the training images; the query's nearest cluster,
+  its size against the median cluster.
+
+Built once per (model, split) under `indexes/<model>/<split>-image/` beside the FAISS
+index, and loaded for every search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from dataengine import lake
+from dataengine.catalog import Catalog
+from dataengine.embed import load_vectors
+from dataengine.index import BuiltIndex, IndexConfig, build_index
+from dataengine.schema import GAPS
+from dataengine.workspace import Workspace
+
+COVERAGE_FILE = "coverage.npz"
+COVERAGE_META = "coverage.json"
+
+
+@dataclass(frozen=True)
+class GapConfig:
+    """How coverage is measured and what counts as a gap."""
+
+    split: str = "train"  # the set whose coverage is measured
+    k: int = 10  # neighbours averaged into a coverage value
+    alpha: float = 0.05  # a gap is covered less than all but this share of the set's own concepts
+    n_reference: int = 2000  # reference queries sampled from the set
+    n_clusters: int | None = None  # k-means clusters; None: about sqrt(n), at least 2
+    evidence: int = 5  # nearest training samples shown per query
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
+        if self.n_reference < 20:
+            raise ValueError(f"n_reference must be >= 20 to estimate a percentile, got {self.n_reference}")
+        if self.n_clusters is not None and self.n_clusters < 2:
+            raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
+
+
+def model_slug(model_id: str) -> str:
+    """A folder-safe name for a model id, unique per id."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id).strip("_")[:60]
+    return f"{safe}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}"
+
+
+def index_dir(ws: Workspace, model_id: str, split: str, kind: str = "image") -> Path:
+    return ws.indexes / model_slug(model_id) / f"{split}-{kind}"
+
+
+# ---------------------------------------------------------------------------------------
+# Workspace indexes
+# ---------------------------------------------------------------------------------------
+
+
+def build_split_index(ws: Workspace, model_id: str, split: str, kind: str = "image",
+                      cfg: IndexConfig = IndexConfig(), use_ray: bool = False, progress: bool = True) -> BuiltIndex:
+    """Build and save the FAISS index of one split's vectors (the id map holds sample keys)."""
+    keys, vectors = load_vectors(Catalog(ws), model_id, kind, splits=[split])
+    if not keys:
+        raise ValueError(f"no {kind} embeddings of {model_id!r} in split {split!r}; run `dataengine embed` first")
+    built = build_index(vectors, keys, model_id, cfg, use_ray=use_ray, progress=progress)
+    built.meta["split"], built.meta["kind"] = split, kind
+    built.save(index_dir(ws, model_id, split, kind))
+    return built
+
+
+def load_split_index(ws: Workspace, model_id: str, split: str, kind: str = "image") -> BuiltIndex:
+    d = index_dir(ws, model_id, split, kind)
+    if not (d / "meta.json").exists():
+        raise FileNotFoundError(f"no {split} {kind} index for {model_id!r} at {d}; run `dataengine index` first")
+    return BuiltIndex.load(d)
+
+
+# ---------------------------------------------------------------------------------------
+# Coverage: the training set against itself
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Coverage:
+    model_id: str
+    split: str
+    k: int
+    alpha: float
+    ref_text: np.ndarray  # sorted coverage values of the reference prompts
+    ref_image: np.ndarray  # the same for reference images
+    centroids: np.ndarray  # (c, d) normalised
+    sizes: np.ndarray  # members per cluster
+    captions: dict[str, str] = field(default_factory=dict)  # key -> caption, for evidence
+    meta: dict = field(default_factory=dict)
+
+    def threshold(self, kind: str) -> float:
+        """The coverage value below which a query of `kind` is a gap (the alpha quantile)."""
+        ref = self.ref_text if kind == "text" else self.ref_image
+        return float(np.quantile(ref, self.alpha))
+
+    def percentile(self, value: float, kind: str) -> float:
+        ref = self.ref_text if kind == "text" else self.ref_image
+        return float(np.searchsorted(ref, value, side="right") / len(ref))
+
+    def save(self, directory: Path) -> None:
+        np.savez(directory / COVERAGE_FILE, ref_text=self.ref_text, ref_image=self.ref_image,
+                 centroids=self.centroids, sizes=self.sizes)
+        meta = dict(self.meta, model_id=self.model_id, split=self.split, k=self.k, alpha=self.alpha,
+                    captions=self.captions)
+        tmp = directory / f"{COVERAGE_META}.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(directory / COVERAGE_META)
+
+    @classmethod
+    def load(cls, directory: Path) -> "Coverage":
+        if not (directory / COVERAGE_META).exists():
+            raise FileNotFoundError(f"no coverage statistics in {directory}; run `dataengine index` first")
+        meta = json.loads((directory / COVERAGE_META).read_text())
+        arrays = np.load(directory / COVERAGE_FILE)
+        captions = meta.pop("captions")
+        return cls(meta.pop("model_id"), meta.pop("split"), meta.pop("k"), meta.pop("alpha"),
+                   arrays["ref_text"], arrays["ref_image"], arrays["centroids"], arrays["sizes"],
+                   captions, meta)
+
+
+def reference_prompts(captions: Sequence[str]) -> list[str]:
+    """The terse end of each caption's degradation chain (the caption itself when it has none)."""
+    from dataengine.degrade.chains import DegradeConfig, degrade_chain
+
+    cfg = DegradeConfig(policy="fixed")
+    out = []
+    for c in captions:
+        steps = degrade_chain(c, cfg)
+        out.append(steps[-1].less if steps else c)
+    return out
+
+
+def _leave_one_out(index: BuiltIndex, queries: np.ndarray, own_rows: np.ndarray, k: int) -> np.ndarray:
+    """Mean similarity of each query's k nearest rows other than its own."""
+    sims, rows = index.search(queries, min(k + 1, len(index)))
+    out = np.empty(len(queries), np.float32)
+    for i in range(len(queries)):
+        mine = (rows[i] >= 0) & (rows[i] != own_rows[i])
+        out[i] = sims[i][mine][:k].mean()
+    return out
+
+
+def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex,
+                   cfg: GapConfig = GapConfig(), progress: bool = True) -> Coverage:
+    """Measure the split's coverage of itself and save it beside its index.
+
+    `encoder` is a models.clip.ClipBundle of the same model (for the reference prompts).
+    """
+    import faiss
+
+    t0 = time.perf_counter()
+    catalog = Catalog(ws)
+    keys = list(index.keys)
+    rows = catalog.query(
+        "SELECT key, caption FROM samples WHERE split = ? ORDER BY key", [cfg.split]).to_pylist()
+    caption_of = {r["key"]: r["caption"] for r in rows}
+    rng = random.Random(cfg.seed)
+    sample = sorted(rng.sample(range(len(keys)), min(cfg.n_reference, len(keys))))
+    own = np.array(sample, np.int64)
+    k = min(cfg.k, max(1, len(keys) - 1))
+
+    prompts = reference_prompts([caption_of.get(keys[i], "") for i in sample])
+    text_vecs = encoder.encode_texts(prompts)
+    ref_text = np.sort(_leave_one_out(index, text_vecs, own, k))
+
+    img_vecs = _reconstruct(index, own)
+    ref_image = np.sort(_leave_one_out(index, img_vecs, own, k))
+
+    n = len(keys)
+    nc = cfg.n_clusters or max(2, min(1024, int(round(math.sqrt(n)))))
+    nc = min(nc, n)
+    all_vecs = _reconstruct(index, np.arange(n))
+    km = faiss.Kmeans(all_vecs.shape[1], nc, niter=20, seed=cfg.seed, spherical=True,
+                      min_points_per_centroid=1, max_points_per_centroid=100_000, verbose=False)
+    km.train(all_vecs)
+    _, assign = km.index.search(all_vecs, 1)
+    sizes = np.bincount(assign[:, 0], minlength=nc)
+    cov = Coverage(model_id, cfg.split, k, cfg.alpha, ref_text.astype(np.float32), ref_image.astype(np.float32),
+                   km.centroids.astype(np.float32), sizes.astype(np.int64),
+                   {key: caption_of.get(key, "") for key in keys},
+                   {"n": n, "n_reference": len(sample), "n_clusters": nc,
+                    "reference_prompt_examples": prompts[:5], "seconds": round(time.perf_counter() - t0, 2),
+                    "threshold_text": None, "threshold_image": None})
+    cov.meta["threshold_text"], cov.meta["threshold_image"] = cov.threshold("text"), cov.threshold("image")
+    cov.save(index_dir(ws, model_id, cfg.split))
+    return cov
+
+
+def _reconstruct(index: BuiltIndex, rows: np.ndarray) -> np.ndarray:
+    """Stored vectors of `rows`, read back from the index (codes decoded where lossy)."""
+    import faiss
+
+    base = index.index
+    while isinstance(base, faiss.IndexRefine):
+        base = faiss.downcast_index(base.refine_index)
+    try:
+        out = np.vstack([base.reconstruct(int(r)) for r in rows]) if len(rows) < 256 else \
+            base.reconstruct_batch(np.asarray(rows, np.int64))
+    except RuntimeError:
+        ivf = faiss.extract_index_ivf(base)
+        ivf.make_direct_map()
+        out = ivf.reconstruct_batch(np.asarray(rows, np.int64))
+    out = np.asarray(out, np.float32)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Searching
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Neighbour:
+    key: str
+    similarity: float
+    caption: str
+
+
+@dataclass
+class GapReport:
+    gap_id: str
+    concept: str  # the prompt, or the image's path for image queries
+    kind: str  # text | image
+    model_id: str
+    coverage: float  # mean similarity of the k nearest training images
+    percentile: float  # share of the set's own reference queries covered no better
+    gap_score: float  # 1 - percentile
+    threshold: float  # coverage below which a query is a gap (the alpha quantile)
+    is_gap: bool
+    neighbours: list[Neighbour]
+    cluster: dict  # id, size, median_size, relative_size, similarity
+    feedback_id: str | None = None
+
+    def evidence(self) -> dict:
+        return {"neighbours": [asdict(n) for n in self.neighbours], "cluster": self.cluster,
+                "coverage": self.coverage, "percentile": self.percentile, "threshold": self.threshold}
+
+
+def gap_id_for(model_id: str, split: str, kind: str, concept: str) -> str:
+    return hashlib.sha1(f"{model_id}\0{split}\0{kind}\0{concept}".encode()).hexdigest()[:16]
+
+
+def search_gaps(coverage: Coverage, index: BuiltIndex, concepts: Sequence[str], vectors: np.ndarray,
+                kind: str = "text", evidence: int = 5, feedback_ids: Sequence[str | None] | None = None) -> list[GapReport]:
+    """One report per query vector (text prompts or image embeddings of failed outputs)."""
+    if kind not in ("text", "image"):
+        raise ValueError(f"kind must be text or image, got {kind!r}")
+    vectors = np.asarray(vectors, np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(concepts):
+        raise ValueError(f"{len(concepts)} concepts but vectors of shape {vectors.shape}")
+    k = coverage.k
+    sims, rows = index.search(vectors, max(k, evidence))
+    cent_sims = vectors @ coverage.centroids.T
+    median = float(np.median(coverage.sizes))
+    thr = coverage.threshold(kind)
+    out = []
+    for i, concept in enumerate(concepts):
+        valid = rows[i] >= 0
+        cov = float(sims[i][valid][:k].mean()) if valid.any() else -1.0
+        pct = coverage.percentile(cov, kind)
+        c = int(np.argmax(cent_sims[i]))
+        keys = index.keys_for(rows[i : i + 1, :evidence])[0]
+        neighbours = [Neighbour(key, float(s), coverage.captions.get(key, ""))
+                      for key, s in zip(keys, sims[i, :evidence]) if key]
+        out.append(GapReport(
+            gap_id=gap_id_for(coverage.model_id, coverage.split, kind, concept), concept=concept, kind=kind,
+            model_id=coverage.model_id, coverage=cov, percentile=pct, gap_score=1.0 - pct, threshold=thr,
+            is_gap=cov < thr, neighbours=neighbours,
+            cluster={"id": c, "size": int(coverage.sizes[c]), "median_size": median,
+                     "relative_size": float(coverage.sizes[c] / median) if median else 0.0,
+                     "similarity": float(cent_sims[i, c])},
+            feedback_id=(feedback_ids[i] if feedback_ids else None)))
+    return out
+
+
+def record_gaps(ws: Workspace, reports: Sequence[GapReport]) -> None:
+    """Append the reports to the lake's `gaps` table (the catalog's record of every search)."""
+    if not reports:
+        return
+    now = datetime.now(timezone.utc)
+    table = pa.Table.from_pylist([
+        dict(gap_id=r.gap_id, feedback_id=r.feedback_id, concept=r.concept, kind=r.kind, model_id=r.model_id,
+             coverage=r.coverage, percentile=r.percentile, gap_score=r.gap_score, threshold=r.threshold,
+             is_gap=r.is_gap, evidence=json.dumps(r.evidence()), searched_at=now)
+        for r in reports], schema=GAPS)
+    lake.write_part(ws.lake, "gaps", table)
+
+
+# ---------------------------------------------------------------------------------------
+# The workspace view: what `dataengine index`, `gaps` and `patch` call
+# ---------------------------------------------------------------------------------------
+
+
+def build_workspace_indexes(ws: Workspace, model: str = "default", splits: Sequence[str] = ("train", "pool"),
+                            index_cfg: IndexConfig = IndexConfig(), gap_cfg: GapConfig = GapConfig(),
+                            use_ray: bool = False, progress: bool = True) -> dict[str, BuiltIndex]:
+    """Image index of each split, plus the coverage statistics of the gap split."""
+    from dataengine.embed import resolve_model
+    from models.clip import load_clip
+
+    encoder = load_clip(resolve_model(ws, model))
+    built = {}
+    for split in splits:
+        built[split] = build_split_index(ws, encoder.model_id, split, "image", index_cfg, use_ray, progress)
+        if split == gap_cfg.split:
+            build_coverage(ws, encoder.model_id, encoder, built[split], gap_cfg, progress)
+    return built
+
+
+class GapSearcher:
+    """The split's index, its coverage and the model that embeds queries, loaded once."""
+
+    def __init__(self, ws: Workspace, model: str = "default", split: str = "train", evidence: int = 5):
+        from dataengine.embed import resolve_model
+        from models.clip import load_clip
+
+        self.ws = ws
+        self.encoder = load_clip(resolve_model(ws, model))
+        self.index = load_split_index(ws, self.encoder.model_id, split)
+        self.coverage = Coverage.load(index_dir(ws, self.encoder.model_id, split))
+        self.evidence = evidence
+
+    def prompts(self, prompts: Sequence[str], feedback_ids: Sequence[str | None] | None = None,
+                record: bool = True) -> tuple[list[GapReport], np.ndarray]:
+        """Reports for text prompts, and the query vectors (for patching)."""
+        if not prompts or any(not str(p).strip() for p in prompts):
+            raise ValueError("every prompt must be non-empty text")
+        vecs = self.encoder.encode_texts(list(prompts))
+        reports = search_gaps(self.coverage, self.index, list(prompts), vecs, "text", self.evidence, feedback_ids)
+        if record:
+            record_gaps(self.ws, reports)
+        return reports, vecs
+
+    def images(self, paths: Sequence[str | Path], feedback_ids: Sequence[str | None] | None = None,
+               record: bool = True) -> tuple[list[GapReport], np.ndarray]:
+        """Reports for images of failed outputs (files), and their vectors."""
+        from dataengine.images import to_square
+
+        arrays = []
+        for p in paths:
+            try:
+                arrays.append(to_square(Path(p).read_bytes(), self.encoder.image_size))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{p}: not a readable image ({e})") from e
+        vecs = self.encoder.encode_images(np.stack(arrays))
+        reports = search_gaps(self.coverage, self.index, [str(p) for p in paths], vecs, "image",
+                              self.evidence, feedback_ids)
+        if record:
+            record_gaps(self.ws, reports)
+        return reports, vecs

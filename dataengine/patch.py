@@ -1,0 +1,169 @@
+"""Patching a confirmed gap: pool samples near the concept -> a patch shard with provenance.
+
+For each gap: search the pool's image index with the query vector, keep candidates at
+least as close as the training set's own concepts are to their images (the gap
+threshold; calibrated, see gaps.py), drop near-duplicates of training images and of
+each other, and write the survivors, whole, to `shards/patches/patch-<gap_id>.tar`.
+Each patch sample gets a new key (keys are global in the catalog) and its json gains a
+`patch` object saying which failure, which gap, which pool shard and key it came from.
+The same rows go to the lake's `patches` table. Patching the same gap again replaces
+its shard and rows, so reruns are idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from dataengine import lake
+from dataengine.catalog import Catalog
+from dataengine.gaps import Coverage, GapReport, _reconstruct
+from dataengine.index import BuiltIndex
+from dataengine.schema import PATCHES
+from dataengine.shards import iter_raw_samples, write_shard
+from dataengine.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """How many samples a patch may take and how close they must be."""
+
+    size: int = 32  # at most this many samples per gap
+    min_similarity: float | None = None  # None: the gap threshold of the query's kind
+    duplicate_similarity: float = 0.97  # image-image cosine at or above which two are near-duplicates
+    candidates: int | None = None  # pool neighbours considered; None: 8 x size
+    pool_split: str = "pool"
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if not 0.0 < self.duplicate_similarity <= 1.0:
+            raise ValueError(f"duplicate_similarity must be in (0, 1], got {self.duplicate_similarity}")
+        if self.candidates is not None and self.candidates < self.size:
+            raise ValueError(f"candidates ({self.candidates}) must be >= size ({self.size})")
+
+
+@dataclass
+class PatchReport:
+    gap_id: str
+    concept: str
+    cutoff: float
+    considered: int = 0
+    below_cutoff: int = 0
+    duplicates_of_train: int = 0
+    duplicates_in_patch: int = 0
+    patched_before: int = 0  # already in another gap's patch
+    written: int = 0
+    shard: str | None = None
+    samples: list[dict] = field(default_factory=list)  # pool_key, key, similarity
+
+    def summary(self) -> str:
+        return (f"{self.concept!r}: {self.written} samples -> {self.shard or '(no shard)'} "
+                f"(considered {self.considered}; below cut-off {self.cutoff:.3f}: {self.below_cutoff}; "
+                f"near-duplicates of train {self.duplicates_of_train}, within patch {self.duplicates_in_patch}; "
+                f"in other patches {self.patched_before})")
+
+
+def patch_key(gap_id: str, pool_key: str) -> str:
+    """The patch sample's key: new (keys are global), and free of dots (webdataset splits on them)."""
+    return f"patch-{gap_id[:10]}-{pool_key.replace('.', '_')}"
+
+
+def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, coverage: Coverage,
+              train_index: BuiltIndex, pool_index: BuiltIndex, cfg: PatchConfig = PatchConfig()) -> PatchReport:
+    """Write the patch shard for one gap and record it; returns what was kept and dropped."""
+    cutoff = cfg.min_similarity if cfg.min_similarity is not None else coverage.threshold(report.kind)
+    out = PatchReport(report.gap_id, report.concept, float(cutoff))
+    catalog = Catalog(ws)
+    others = _patched_elsewhere(catalog, report.gap_id)
+
+    n = min(cfg.candidates or 8 * cfg.size, len(pool_index))
+    sims, rows = pool_index.search(np.asarray(query, np.float32).reshape(1, -1), n)
+    sims, rows = sims[0], rows[0]
+    ok = rows >= 0
+    sims, rows = sims[ok], rows[ok]
+    out.considered = len(rows)
+    close = sims >= cutoff
+    out.below_cutoff = int((~close).sum())
+    sims, rows = sims[close], rows[close]
+
+    chosen: list[tuple[int, float]] = []
+    kept_vecs: list[np.ndarray] = []
+    if len(rows):
+        vecs = _reconstruct(pool_index, rows)
+        train_sims, _ = train_index.search(vecs, 1)
+        for r, s, v, ts in zip(rows, sims, vecs, train_sims[:, 0]):
+            if len(chosen) >= cfg.size:
+                break
+            key = pool_index.keys[r]
+            if key in others:
+                out.patched_before += 1
+            elif ts >= cfg.duplicate_similarity:
+                out.duplicates_of_train += 1
+            elif kept_vecs and float(np.max(np.stack(kept_vecs) @ v)) >= cfg.duplicate_similarity:
+                out.duplicates_in_patch += 1
+            else:
+                chosen.append((int(r), float(s)))
+                kept_vecs.append(v)
+    if not chosen:
+        return out
+    picks = {pool_index.keys[r]: s for r, s in chosen}
+    where = catalog.query(
+        f"SELECT key, shard FROM samples WHERE key IN ({', '.join('?' for _ in picks)})", list(picks)).to_pylist()
+    shard_of = {r["key"]: r["shard"] for r in where}
+    path = ws.shards / "patches" / f"patch-{report.gap_id}.tar"
+    now = datetime.now(timezone.utc)
+    samples, rows_out = _collect(picks, shard_of, report, path)
+    write_shard(samples, path)
+    for r in rows_out:
+        r["created_at"] = now
+    lake.write_part(ws.lake, "patches", pa.Table.from_pylist(rows_out, schema=PATCHES), part=f"gap-{report.gap_id}")
+    out.written, out.shard = len(samples), str(path)
+    out.samples = [{"pool_key": r["pool_key"], "key": patch_key(report.gap_id, r["pool_key"]),
+                    "similarity": r["similarity"]} for r in rows_out]
+    return out
+
+
+def _patched_elsewhere(catalog: Catalog, gap_id: str) -> set[str]:
+    rows = catalog.query("SELECT DISTINCT pool_key FROM patches WHERE gap_id <> ?", [gap_id])
+    return set(rows["pool_key"].to_pylist())
+
+
+def _collect(picks: dict[str, float], shard_of: dict[str, str], report: GapReport,
+             path: Path) -> tuple[list[dict], list[dict]]:
+    """Read the picked samples whole from their pool shards, most similar first."""
+    by_shard: dict[str, set[str]] = defaultdict(set)
+    for key in picks:
+        if key not in shard_of:
+            raise KeyError(f"pool sample {key!r} is in the index but not in the catalog; rebuild the pool index")
+        by_shard[shard_of[key]].add(key)
+    found: dict[str, dict] = {}
+    for shard, keys in by_shard.items():
+        for raw in iter_raw_samples(shard):
+            if raw.key in keys and raw.problem is None:
+                found[raw.key] = raw.fields
+    missing = sorted(set(picks) - set(found))
+    if missing:
+        raise FileNotFoundError(f"pool samples {missing[:3]} could not be read back from their shards")
+    samples, rows = [], []
+    for key in sorted(picks, key=lambda k: -picks[k]):
+        fields = dict(found[key])
+        meta = json.loads(fields.pop("json")) if "json" in fields else {}
+        provenance = {"feedback_id": report.feedback_id, "gap_id": report.gap_id, "concept": report.concept,
+                      "pool_shard": shard_of[key], "pool_key": key, "similarity": round(picks[key], 6),
+                      "model_id": report.model_id}
+        meta["patch"] = provenance
+        new_key = patch_key(report.gap_id, key)
+        samples.append({"__key__": new_key, **fields, "json": meta})
+        rows.append(dict(
+            patch_id=hashlib.sha1(f"{report.gap_id}\0{key}".encode()).hexdigest()[:16],
+            feedback_id=report.feedback_id, gap_id=report.gap_id, concept=report.concept,
+            pool_shard=shard_of[key], pool_key=key, similarity=picks[key], patch_shard=str(path)))
+    return samples, rows
