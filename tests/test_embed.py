@@ -1,0 +1,107 @@
+"""Embedding: only what is new is embedded, vectors land normalised, failures are quarantined."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataengine.catalog import Catalog
+from dataengine.embed import EmbedConfig, embed, load_vectors, todo
+from dataengine.ingest import IngestConfig, ingest
+from dataengine.sceneworld import SceneWorldConfig, write_scene_world
+from dataengine.status import summarize
+
+# The default architecture built from its packaged pretrained trunks, untrained
+# projections: real weights, no training needed to exercise the pipeline.
+SPEC = "dataengine-clip-lite0"
+
+
+@pytest.fixture
+def small_world(ws):
+    cfg = SceneWorldConfig(n_train=24, n_pool=8, n_eval=0, samples_per_shard=12, resolution=64)
+    write_scene_world(ws.shards, cfg, splits=("train", "pool"), progress=False)
+    ingest(ws, [str(ws.shards)], IngestConfig(use_ray=False), Catalog(ws))
+    return ws
+
+
+def _local(**kw) -> EmbedConfig:
+    return EmbedConfig(model=SPEC, use_ray=False, batch_size=8, **kw)
+
+
+def test_embedding_skips_what_is_done_and_picks_up_new_samples(small_world):
+    ws = small_world
+    first = embed(ws.root, _local(splits=("train",)), progress=False)
+    assert first.embedded == {"image": 24, "text": 24} and first.skipped == {"image": 0, "text": 0}
+
+    again = embed(ws.root, _local(splits=("train",)), progress=False)
+    assert again.embedded == {"image": 0, "text": 0} and again.skipped == {"image": 24, "text": 24}
+
+    rest = embed(ws.root, _local(), progress=False)  # every split: only the pool is new
+    assert rest.embedded == {"image": 8, "text": 8} and rest.skipped == {"image": 24, "text": 24}
+
+    keys, vecs = load_vectors(Catalog(ws), first.model_id, "image")
+    assert len(keys) == 32 == len(set(keys))
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=2e-3)  # float16 storage
+    # Another model id is another set of vectors: nothing is done for it yet.
+    missing, done = todo(Catalog(ws), "some-other-model", "image", None)
+    assert missing.num_rows == 32 and done == 0
+
+
+def test_images_and_captions_land_in_one_space(small_world):
+    ws = small_world
+    report = embed(ws.root, _local(splits=("train",)), progress=False)
+    ik, iv = load_vectors(Catalog(ws), report.model_id, "image")
+    tk, tv = load_vectors(Catalog(ws), report.model_id, "text")
+    assert ik == tk and iv.shape == tv.shape and iv.shape[1] > 0
+    # Same image, same vector: the stored vector is the model's output for the decoded image.
+    from dataengine.images import iter_images
+    from models.clip import load_clip
+
+    row = Catalog(ws).query("SELECT key, shard, image_offset, image_size FROM samples WHERE key = ?", [ik[0]]).to_pylist()
+    bundle = load_clip(SPEC)
+    (_, arr, err), = list(iter_images(row, bundle.image_size))
+    assert err is None
+    assert np.allclose(bundle.encode_images(arr[None])[0], iv[0], atol=3e-3)
+
+
+def test_an_unreadable_image_is_quarantined_with_its_reason(small_world):
+    ws = small_world
+    shard = Catalog(ws).query("SELECT DISTINCT shard FROM samples WHERE split = 'pool'")["shard"][0].as_py()
+    # The shard is cut short after ingest: its images can no longer be read back.
+    with open(shard, "r+b") as f:
+        f.truncate(2048)
+    report = embed(ws.root, _local(splits=("pool",), kinds=("image",)), progress=False)
+    assert report.failed["image"] + report.embedded["image"] == 8
+    assert report.failed["image"] >= 7
+    q = Catalog(ws).query("SELECT key, reason, stage FROM quarantine WHERE stage = 'embed'").to_pylist()
+    assert len(q) == report.failed["image"]
+    assert all(r["reason"].startswith("embed image:") for r in q)
+    # Ingest's own accounting is untouched by a later stage's quarantine.
+    assert summarize(Catalog(ws)).exact
+
+
+@pytest.mark.slow
+def test_ray_data_actor_pool_gives_the_same_vectors(small_world):
+    from dataengine.cluster import ensure_ray
+
+    ws = small_world
+    ensure_ray(num_cpus=2)
+    ray_report = embed(ws.root, EmbedConfig(model=SPEC, use_ray=True, batch_size=8, splits=("train",)), progress=False)
+    assert ray_report.embedded == {"image": 24, "text": 24} and ray_report.actors >= 1
+    keys, ray_vecs = load_vectors(Catalog(ws), ray_report.model_id, "image")
+    from dataengine.images import iter_images
+    from models.clip import load_clip
+
+    bundle = load_clip(SPEC)
+    rows = Catalog(ws).query(
+        "SELECT key, shard, image_offset, image_size FROM samples WHERE split = 'train' ORDER BY key").to_pylist()
+    local = {k: a for k, a, _ in iter_images(rows, bundle.image_size)}
+    expect = bundle.encode_images(np.stack([local[k] for k in keys]))
+    assert np.allclose(expect, ray_vecs, atol=3e-3)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="kinds"):
+        EmbedConfig(kinds=("audio",))
+    with pytest.raises(ValueError, match="batch_size"):
+        EmbedConfig(batch_size=0)
