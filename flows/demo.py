@@ -1,7 +1,10 @@
-"""The main job on the embedded default: workspace -> scene world shards -> ingest ->
-caption degradation into enhancer pairs -> a brief enhancer training -> summary.
+"""The main job on the embedded default: workspace -> scene world shards (+ the real
+captioned images that install offline) -> ingest -> caption degradation into enhancer
+pairs -> a brief enhancer training -> the default embedding model (trained once) ->
+embeddings -> FAISS indexes -> gap search and patching for the scene world's held-out
+concepts -> summary.
 
-Later stages (embed, index, gaps, triage, retrain) join this flow as they land.
+Later stages (triage, retrain) join this flow as they land.
 """
 
 from __future__ import annotations
@@ -55,6 +58,22 @@ def write_scene_world(root: str, engine_cfg: EngineConfig) -> dict[str, list[str
     rel = {split: [str(Path(p).relative_to(ws.shards)) for p in paths] for split, paths in written.items()}
     manifest.write_text(json.dumps({"config": wanted, "shards": rel}, indent=1))
     return rel
+
+
+@stage
+def import_real_images(root: str) -> dict[str, int]:
+    """Tux Paint's captioned photographs (when unpacked, see scripts/fetch_tuxpaint.sh) and
+    scikit-image's samples into shards/train, once."""
+    from connectors import skimage_samples, tuxpaint
+
+    out = Workspace.at(root).shards / "train"
+    written = {}
+    stamps = tuxpaint.find_stamps_root(None)
+    if stamps is not None and not list(out.glob("tuxpaint-*.tar")):
+        written["tuxpaint"] = tuxpaint.write_shards(stamps, out).written
+    if not list(out.glob("skimage-*.tar")):
+        written["skimage"] = skimage_samples.write_shards(out).written
+    return written
 
 
 @stage
@@ -139,6 +158,71 @@ def show_examples(root: str, enhancer_path: str, n: int = 2) -> None:
 
 
 @stage
+def train_embedding_model(root: str) -> dict:
+    """The workspace's default open_clip model: trained once, reused after."""
+    from models.train_clip import ClipTrainConfig, train_default_clip
+
+    return train_default_clip(root, ClipTrainConfig(num_threads=os.cpu_count()), progress=False, reuse=True)
+
+
+@stage
+def embed_samples(root: str, cfg: EngineConfig):
+    """Image and caption vectors for every sample that has none yet (Ray Data actor pool)."""
+    from dataengine.embed import EmbedConfig, embed
+
+    return embed(root, EmbedConfig(use_ray=cfg.ingest.use_ray, ray_address=cfg.engine.ray_address), progress=False)
+
+
+@stage
+def build_indexes(root: str) -> dict[str, dict]:
+    """FAISS index of the train and pool images; coverage statistics of train."""
+    from dataengine.gaps import build_workspace_indexes
+
+    built = build_workspace_indexes(Workspace.at(root), "default", ("train", "pool"), progress=False)
+    return {split: b.meta for split, b in built.items()}
+
+
+@stage
+def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
+    """Gap search for the scene world's held-out concepts and a few covered ones; a patch
+    shard for each gap, checked against the pool's ground truth."""
+    from dataengine.gaps import GapSearcher, load_split_index
+    from dataengine.patch import PatchConfig, patch_gap
+    from dataengine.sceneworld import SceneWorldConfig, concept_present
+
+    ws = Workspace.at(root)
+    cfg = SceneWorldConfig(**sceneworld)
+    held = [f"a {c} {s}" for c, s in cfg.holdout]
+    covered = ["a red circle", "a blue square"]
+    searcher = GapSearcher(ws)
+    pool = load_split_index(ws, searcher.encoder.model_id, "pool")
+    reports, vecs = searcher.prompts(held + covered)
+    out = []
+    for r, v in zip(reports, vecs):
+        line = (f"gap search {r.concept!r}: {'GAP' if r.is_gap else 'covered'} (score {r.gap_score:.2f}, "
+                f"coverage {r.coverage:.3f} vs threshold {r.threshold:.3f}; nearest "
+                f"{r.neighbours[0].key} {r.neighbours[0].similarity:.3f})")
+        row = {"concept": r.concept, "held_out": r.concept in held, "is_gap": r.is_gap, "score": r.gap_score}
+        if r.is_gap:
+            p = patch_gap(ws, r, v, searcher.coverage, searcher.index, pool, PatchConfig(size=32))
+            colour, shape = r.concept.split()[1:3]
+            metas = Catalog(ws).query(
+                f"SELECT meta FROM samples WHERE key IN ({', '.join('?' for _ in p.samples)})",
+                [s["pool_key"] for s in p.samples]).to_pylist() if p.samples else []
+            hits = sum(_shows(json.loads(m["meta"]), colour, shape, concept_present) for m in metas)
+            line += f"\n  patch: {p.written} pool samples -> {p.shard}; {hits}/{len(metas)} show {colour} {shape}"
+            row |= {"patched": p.written, "hits": hits}
+        print(line)
+        out.append(row)
+    return out
+
+
+def _shows(meta: dict, colour: str, shape: str, present) -> bool:
+    scenes = [meta["scene"]] + ([meta["source_scene"]] if "source_scene" in meta else []) if "scene" in meta else []
+    return any(present(sc, colour, shape) for sc in scenes)
+
+
+@stage
 def summarize_workspace(root: str) -> Summary:
     return summarize(Catalog(Workspace.at(root)))
 
@@ -150,6 +234,9 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     prepare_workspace(workspace)
     shards = write_scene_world(workspace, cfg)
     print(f"scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
+    real = import_real_images(workspace)
+    if real:
+        print("real images: " + ", ".join(f"{k} {v}" for k, v in real.items()))
     report = ingest_shards(workspace, cfg)
     print(
         f"ingest: {report.shards} shard(s) scanned, {report.skipped_unchanged} unchanged; "
@@ -164,4 +251,19 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     enhancer = train_enhancer(workspace, enhancer_steps, retrain=pairs.pairs_written > 0)
     print(f"enhancer {enhancer['version']} ({'reused' if enhancer.get('reused') else 'trained'})")
     show_examples(workspace, enhancer["path"])
+    clip = train_embedding_model(workspace)
+    print(f"embedding model clip {clip['version']} ({'reused' if clip.get('reused') else 'trained'})")
+    _print_recall(clip.get("metrics", {}))
+    emb = embed_samples(workspace, cfg)
+    print(f"embed: {emb.summary()}")
+    for split, meta in build_indexes(workspace).items():
+        print(f"index {split}: {meta['count']} vectors, {meta['factory']}, recall@10 {meta['recall_at_k']:.3f}")
+    find_and_patch_gaps(workspace, cfg.sceneworld)
     return summarize_workspace(workspace)
+
+
+def _print_recall(metrics: dict) -> None:
+    for set_name, by_model in (metrics.get("recall") or {}).items():
+        for model_name, r in by_model.items():
+            print(f"recall {set_name} {model_name}: " + ", ".join(
+                f"R@{k} {r.get(f'r@{k}', float('nan')):.3f}" for k in (1, 5, 10)) + f" of {r.get('n')}")

@@ -1,0 +1,124 @@
+"""Gap detection precision/recall on the scene world, and how much of each patch is on target.
+
+A scene world whose train split never shows a few (colour, shape) concepts, while its
+pool does. The full engine runs on it: default embedding model -> embeddings -> indexes
+-> gap search over a list of concepts (the held-out ones and covered ones drawn from
+train) -> a patch for every detected gap. Ground truth comes from each sample's json.
+
+    python benchmarks/gaps.py                 # 4 held-out + 16 covered concepts
+    python benchmarks/gaps.py --n-train 2000 --covered 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from dataengine.runtime import apply_offline_defaults
+
+apply_offline_defaults()
+
+from dataengine.catalog import Catalog  # noqa: E402
+from dataengine.cluster import ensure_ray  # noqa: E402
+from dataengine.embed import EmbedConfig, embed  # noqa: E402
+from dataengine.gaps import GapConfig, GapSearcher, build_workspace_indexes, load_split_index  # noqa: E402
+from dataengine.ingest import IngestConfig, ingest  # noqa: E402
+from dataengine.patch import PatchConfig, patch_gap  # noqa: E402
+from dataengine.sceneworld import SceneWorldConfig, write_scene_world  # noqa: E402
+from dataengine.workspace import Workspace  # noqa: E402
+
+HELD_OUT = (("purple", "triangle"), ("green", "star"), ("orange", "heart"), ("grey", "crescent"))
+
+
+def concepts_of(meta: dict) -> set[tuple[str, str]]:
+    scenes = [meta["scene"]] + ([meta["source_scene"]] if "source_scene" in meta else [])
+    return {(g["colour"], g["shape"]) for sc in scenes for g in sc["groups"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-pool", type=int, default=400)
+    ap.add_argument("--covered", type=int, default=16, help="covered concepts drawn from train")
+    ap.add_argument("--alpha", type=float, default=GapConfig.alpha)
+    ap.add_argument("--patch-size", type=int, default=32)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    ws = Workspace.at(Path(args.workdir or tempfile.mkdtemp(prefix="bench-gaps-")) / "ws")
+    cat = Catalog(ws)
+    cat.migrate()
+    world = SceneWorldConfig(seed=args.seed, n_train=args.n_train, n_pool=args.n_pool, n_eval=100, resolution=128,
+                             holdout=HELD_OUT, holdout_pool_fraction=0.3)
+    ensure_ray()
+    write_scene_world(ws.shards, world, progress=False, use_ray=True)
+    ingest(ws, [str(ws.shards)], IngestConfig(use_ray=True), cat)
+    from models.train_clip import ClipTrainConfig, train_default_clip
+
+    clip = train_default_clip(ws.root, ClipTrainConfig(seed=args.seed), progress=False, reuse=True)
+    embed(ws.root, EmbedConfig(use_ray=True), progress=False)
+    build_workspace_indexes(ws, "default", ("train", "pool"), gap_cfg=GapConfig(alpha=args.alpha, seed=args.seed),
+                            progress=False)
+    setup_s = time.perf_counter() - t0
+
+    train_counts, pool_meta = Counter(), {}
+    for row in cat.query("SELECT key, split, meta FROM samples WHERE split IN ('train', 'pool')").to_pylist():
+        cs = concepts_of(json.loads(row["meta"]))
+        if row["split"] == "train":
+            train_counts.update(cs)
+        else:
+            pool_meta[row["key"]] = cs
+    rng = random.Random(args.seed)
+    covered = rng.sample(sorted(c for c in train_counts if c not in HELD_OUT), args.covered)
+    concepts = list(HELD_OUT) + covered
+    truth = {c: c in HELD_OUT for c in concepts}
+
+    searcher = GapSearcher(ws)
+    pool = load_split_index(ws, searcher.encoder.model_id, "pool")
+    t1 = time.perf_counter()
+    reports, vecs = searcher.prompts([f"a {c} {s}" for c, s in concepts])
+    search_ms = 1e3 * (time.perf_counter() - t1) / len(concepts)
+
+    print(f"\ngap search on the scene world: {args.n_train} train / {args.n_pool} pool images, "
+          f"model {searcher.encoder.model_id}, alpha {args.alpha}, set-up {setup_s:.0f} s")
+    print(f"{'concept':<22}{'train n':>8}{'truth':>8}{'score':>7}{'cover':>7}{'thresh':>8}{'found':>7}"
+          f"{'patch':>7}{'on target':>10}")
+    tp = fp = fn = 0
+    patched = hits = 0
+    for (c, s), r, v in zip(concepts, reports, vecs):
+        held = truth[(c, s)]
+        tp += held and r.is_gap
+        fp += (not held) and r.is_gap
+        fn += held and not r.is_gap
+        cell_patch, cell_hit = "", ""
+        if r.is_gap:
+            p = patch_gap(ws, r, v, searcher.coverage, searcher.index, pool, PatchConfig(size=args.patch_size))
+            on = sum((c, s) in pool_meta[x["pool_key"]] for x in p.samples)
+            patched += p.written
+            hits += on
+            cell_patch, cell_hit = str(p.written), (f"{on / p.written:.2f}" if p.written else "-")
+        print(f"{c + ' ' + s:<22}{train_counts[(c, s)]:>8}{'gap' if held else 'cov':>8}{r.gap_score:>7.2f}"
+              f"{r.coverage:>7.3f}{r.threshold:>8.3f}{'GAP' if r.is_gap else '-':>7}{cell_patch:>7}{cell_hit:>10}")
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    base = sum(any(c in cs for c in HELD_OUT) for cs in pool_meta.values()) / max(1, len(pool_meta))
+    print(f"\ngap detection: precision {precision:.2f}, recall {recall:.2f} "
+          f"({tp} true, {fp} false, {fn} missed of {len(HELD_OUT)} held-out among {len(concepts)} concepts); "
+          f"{search_ms:.1f} ms per query")
+    if patched:
+        print(f"patches: {hits}/{patched} samples hold their missing concept ({hits / patched:.2f}); "
+              f"share of pool holding any held-out concept: {base:.2f}")
+    recall_m = (clip.get("metrics") or {}).get("recall", {})
+    if recall_m:
+        print("embedding model recall (held-out): " + json.dumps(recall_m))
+
+
+if __name__ == "__main__":
+    main()
