@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The main job on the embedded default: local Ray, Prefect without a server, ./workspace.
-demo: $(STAMP)
+# The real photographs train the default embedding model beside the scene world.
+demo: $(STAMP) real-data
 	$(BIN)/dataengine demo --workspace workspace
 
 # Tuxpaint's captioned photographs (Debian package files only, no install) for the
@@ -33,6 +34,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/index.py --n 200000
+	$(BIN)/python benchmarks/gaps.py
 
 clean:
 	rm -rf workspace .pytest_cache
