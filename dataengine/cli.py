@@ -333,17 +333,10 @@ def train_clip(
 
 def _print_recall(metrics: dict) -> None:
     """The held-out text->image recall table that train_default_clip measured."""
-    recall = metrics.get("recall") if isinstance(metrics, dict) else None
-    if not recall:
-        return
-    t = Table(title="text -> image recall on held-out images", show_edge=False)
-    for col in ("set", "model", "candidates", "R@1", "R@5", "R@10"):
-        t.add_column(col, justify="left" if col in ("set", "model") else "right")
-    for set_name, by_model in recall.items():
-        for model_name, r in by_model.items():
-            t.add_row(set_name, model_name, str(r.get("n", "")),
-                      *(f"{r.get(f'r@{k}', float('nan')):.3f}" for k in (1, 5, 10)))
-    console.print(t)
+    from models.train_clip import format_table
+
+    if isinstance(metrics, dict) and metrics.get("heldout"):
+        console.print(format_table(metrics), markup=False)
 
 
 def _existing(workspace: Path) -> Workspace:

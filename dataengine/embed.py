@@ -195,7 +195,10 @@ def todo(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | Non
 
 def _local_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str) -> Iterator[dict]:
     cls = EmbedImages if kind == "image" else EmbedTexts
-    enc = cls(spec, cfg.device, cfg.threads_per_actor, cfg.store_dtype)
+    # In this process: every core (the offline defaults set OMP_NUM_THREADS=1 for Ray's workers).
+    import os
+
+    enc = cls(spec, cfg.device, cfg.threads_per_actor or os.cpu_count(), cfg.store_dtype)
     decode = DecodeImages(enc.image_size)
     for start in range(0, rows.num_rows, cfg.batch_size):
         batch = {c: rows[c].slice(start, cfg.batch_size).to_numpy(zero_copy_only=False) for c in rows.column_names}

@@ -263,7 +263,7 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
 
 
 def _print_recall(metrics: dict) -> None:
-    for set_name, by_model in (metrics.get("recall") or {}).items():
-        for model_name, r in by_model.items():
-            print(f"recall {set_name} {model_name}: " + ", ".join(
-                f"R@{k} {r.get(f'r@{k}', float('nan')):.3f}" for k in (1, 5, 10)) + f" of {r.get('n')}")
+    from models.train_clip import format_table
+
+    if metrics.get("heldout"):
+        print("text -> image recall on held-out images\n" + format_table(metrics))
