@@ -1,19 +1,24 @@
 """Knowledge-gap search: how well does the training set cover a failing prompt or image?
 
-The training set's coverage is measured against itself, so no similarity constant is
-ever hard-coded (raw cosine levels differ by model, by modality and by prompt style):
+Raw similarity is no measure of coverage: how similar a text is to images depends on the
+text itself (on the scene world, a prompt's mean top-10 similarity to train images
+correlates 0.13 with how many train images show it, and a held-out concept sat mid-pack,
+52nd of 110). Coverage is therefore relative, a nearest-neighbour density ratio:
 
-- Reference queries: for text, the terse end of each sampled training caption's
-  degradation chain (the same casual register as a failing user prompt); for images,
-  the sampled training images themselves.
-- A query's coverage is the mean similarity of its k nearest training images. Each
-  reference query gets the same statistic with its own image left out, so a concept
-  seen once counts as uncovered, as it should.
-- The query's percentile among the references is how well it is covered relative to
-  what the set covers; `gap_score = 1 - percentile`. A gap is a query covered less than
-  all but `alpha` of the set's own concepts.
-- Density, as evidence: k-means over the training images; the query's nearest cluster,
-  its size against the median cluster.
+- `coverage` = mean similarity of the query's k nearest train images minus that of its k
+  nearest images in a reference corpus (the pool: images not in train). A kNN density
+  estimate grows with the neighbours' closeness, so this margin is the log density
+  ratio's analogue in similarity units: near 0 or above where train holds the concept as
+  densely as the corpus, negative where only the corpus has it. (Held-out concept on the
+  scene world: first of 110 concepts from the bottom.)
+- The same margin for the training set's own queries sets the threshold: terse prompts
+  made from train captions (the ends of their degradation chains, the register of a
+  failing user prompt) and train images, each with its own image left out. A gap is a
+  query covered less than all but `alpha` of those, so the threshold comes from the data,
+  per model and per corpus. `gap_score = 1 - percentile`.
+- Evidence: the nearest training samples and their similarities, and a density view:
+  k-means over the training images, the query's nearest cluster and its size against
+  the median cluster.
 
 Built once per (model, split) under `indexes/<model>/<split>-image/` beside the FAISS
 index, and loaded for every search.
@@ -51,8 +56,9 @@ class GapConfig:
     """How coverage is measured and what counts as a gap."""
 
     split: str = "train"  # the set whose coverage is measured
-    k: int = 10  # neighbours averaged into a coverage value
-    alpha: float = 0.05  # a gap is covered less than all but this share of the set's own concepts
+    reference_split: str = "pool"  # the corpus train is compared with (images not in train)
+    k: int = 20  # merged neighbours whose train share is the coverage
+    alpha: float = 0.02  # a gap is covered less than all but this share of the set's own concepts
     n_reference: int = 2000  # reference queries sampled from the set
     n_clusters: int | None = None  # k-means clusters; None: about sqrt(n), at least 2
     evidence: int = 5  # nearest training samples shown per query
@@ -112,29 +118,32 @@ def load_split_index(ws: Workspace, model_id: str, split: str, kind: str = "imag
 class Coverage:
     model_id: str
     split: str
+    reference_split: str
     k: int
     alpha: float
-    ref_text: np.ndarray  # sorted coverage values of the reference prompts
+    ref_text: np.ndarray  # sorted coverage margins of the reference prompts
     ref_image: np.ndarray  # the same for reference images
     centroids: np.ndarray  # (c, d) normalised
     sizes: np.ndarray  # members per cluster
     captions: dict[str, str] = field(default_factory=dict)  # key -> caption, for evidence
     meta: dict = field(default_factory=dict)
 
+    def _ref(self, kind: str) -> np.ndarray:
+        return self.ref_text if kind == "text" else self.ref_image
+
     def threshold(self, kind: str) -> float:
-        """The coverage value below which a query of `kind` is a gap (the alpha quantile)."""
-        ref = self.ref_text if kind == "text" else self.ref_image
-        return float(np.quantile(ref, self.alpha))
+        """The coverage margin below which a query of `kind` is a gap (the alpha quantile)."""
+        return float(np.quantile(self._ref(kind), self.alpha))
 
     def percentile(self, value: float, kind: str) -> float:
-        ref = self.ref_text if kind == "text" else self.ref_image
-        return float(np.searchsorted(ref, value, side="right") / len(ref))
+        """Share of the reference queries covered less well than `value`."""
+        return float(np.searchsorted(self._ref(kind), value, side="left") / len(self._ref(kind)))
 
     def save(self, directory: Path) -> None:
         np.savez(directory / COVERAGE_FILE, ref_text=self.ref_text, ref_image=self.ref_image,
                  centroids=self.centroids, sizes=self.sizes)
-        meta = dict(self.meta, model_id=self.model_id, split=self.split, k=self.k, alpha=self.alpha,
-                    captions=self.captions)
+        meta = dict(self.meta, model_id=self.model_id, split=self.split, reference_split=self.reference_split,
+                    k=self.k, alpha=self.alpha, captions=self.captions)
         tmp = directory / f"{COVERAGE_META}.tmp"
         tmp.write_text(json.dumps(meta))
         tmp.replace(directory / COVERAGE_META)
@@ -145,10 +154,11 @@ class Coverage:
             raise FileNotFoundError(f"no coverage statistics in {directory}; run `dataengine index` first")
         meta = json.loads((directory / COVERAGE_META).read_text())
         arrays = np.load(directory / COVERAGE_FILE)
-        captions = meta.pop("captions")
-        return cls(meta.pop("model_id"), meta.pop("split"), meta.pop("k"), meta.pop("alpha"),
-                   arrays["ref_text"], arrays["ref_image"], arrays["centroids"], arrays["sizes"],
-                   captions, meta)
+        fixed = {name: meta.pop(name) for name in
+                 ("model_id", "split", "reference_split", "k", "alpha", "captions")}
+        return cls(fixed["model_id"], fixed["split"], fixed["reference_split"], fixed["k"], fixed["alpha"],
+                   arrays["ref_text"], arrays["ref_image"], arrays["centroids"],
+                   arrays["sizes"], fixed["captions"], meta)
 
 
 def reference_prompts(captions: Sequence[str]) -> list[str]:
@@ -163,19 +173,27 @@ def reference_prompts(captions: Sequence[str]) -> list[str]:
     return out
 
 
-def _leave_one_out(index: BuiltIndex, queries: np.ndarray, own_rows: np.ndarray, k: int) -> np.ndarray:
-    """Mean similarity of each query's k nearest rows other than its own."""
-    sims, rows = index.search(queries, min(k + 1, len(index)))
-    out = np.empty(len(queries), np.float32)
+def coverage_margins(train: BuiltIndex, reference: BuiltIndex, queries: np.ndarray, k: int,
+                     own_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: (mean similarity of its k nearest train images minus that of its k nearest
+    reference images, the train mean alone). `own_rows` leaves each query's own train image out."""
+    ts, tr = train.search(queries, min(k + 1, len(train)))
+    rs, rr = reference.search(queries, min(k, len(reference)))
+    margin = np.empty(len(queries), np.float32)
+    near = np.empty(len(queries), np.float32)
     for i in range(len(queries)):
-        mine = (rows[i] >= 0) & (rows[i] != own_rows[i])
-        out[i] = sims[i][mine][:k].mean()
-    return out
+        mine = tr[i] >= 0
+        if own_rows is not None:
+            mine &= tr[i] != own_rows[i]
+        near[i] = ts[i][mine][:k].mean()
+        margin[i] = near[i] - rs[i][rr[i] >= 0].mean()
+    return margin, near
 
 
-def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex,
+def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, reference: BuiltIndex,
                    cfg: GapConfig = GapConfig(), progress: bool = True) -> Coverage:
-    """Measure the split's coverage of itself and save it beside its index.
+    """Measure how the split covers its own prompts and images against the reference corpus,
+    and save it beside the split's index.
 
     `encoder` is a models.clip.ClipBundle of the same model (for the reference prompts).
     """
@@ -190,30 +208,26 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex,
     rng = random.Random(cfg.seed)
     sample = sorted(rng.sample(range(len(keys)), min(cfg.n_reference, len(keys))))
     own = np.array(sample, np.int64)
-    k = min(cfg.k, max(1, len(keys) - 1))
+    k = min(cfg.k, len(keys) - 1, len(reference))
 
     prompts = reference_prompts([caption_of.get(keys[i], "") for i in sample])
-    text_vecs = encoder.encode_texts(prompts)
-    ref_text = np.sort(_leave_one_out(index, text_vecs, own, k))
-
-    img_vecs = _reconstruct(index, own)
-    ref_image = np.sort(_leave_one_out(index, img_vecs, own, k))
+    ref_text = np.sort(coverage_margins(index, reference, encoder.encode_texts(prompts), k, own)[0])
+    ref_image = np.sort(coverage_margins(index, reference, _reconstruct(index, own), k, own)[0])
 
     n = len(keys)
-    nc = cfg.n_clusters or max(2, min(1024, int(round(math.sqrt(n)))))
-    nc = min(nc, n)
+    nc = min(n, cfg.n_clusters or max(2, min(1024, int(round(math.sqrt(n))))))
     all_vecs = _reconstruct(index, np.arange(n))
     km = faiss.Kmeans(all_vecs.shape[1], nc, niter=20, seed=cfg.seed, spherical=True,
                       min_points_per_centroid=1, max_points_per_centroid=100_000, verbose=False)
     km.train(all_vecs)
     _, assign = km.index.search(all_vecs, 1)
     sizes = np.bincount(assign[:, 0], minlength=nc)
-    cov = Coverage(model_id, cfg.split, k, cfg.alpha, ref_text.astype(np.float32), ref_image.astype(np.float32),
-                   km.centroids.astype(np.float32), sizes.astype(np.int64),
+    cov = Coverage(model_id, cfg.split, cfg.reference_split, k, cfg.alpha,
+                   ref_text, ref_image, km.centroids.astype(np.float32), sizes.astype(np.int64),
                    {key: caption_of.get(key, "") for key in keys},
-                   {"n": n, "n_reference": len(sample), "n_clusters": nc,
-                    "reference_prompt_examples": prompts[:5], "seconds": round(time.perf_counter() - t0, 2),
-                    "threshold_text": None, "threshold_image": None})
+                   {"n": n, "n_reference_corpus": len(reference), "n_reference_queries": len(sample),
+                    "n_clusters": nc, "reference_prompt_examples": prompts[:5],
+                    "seconds": round(time.perf_counter() - t0, 2)})
     cov.meta["threshold_text"], cov.meta["threshold_image"] = cov.threshold("text"), cov.threshold("image")
     cov.save(index_dir(ws, model_id, cfg.split))
     return cov
@@ -255,10 +269,11 @@ class GapReport:
     concept: str  # the prompt, or the image's path for image queries
     kind: str  # text | image
     model_id: str
-    coverage: float  # mean similarity of the k nearest training images
-    percentile: float  # share of the set's own reference queries covered no better
+    coverage: float  # coverage margin: k-nearest similarity in train minus in the reference corpus
+    similarity: float  # mean similarity of the k nearest training images (evidence only)
+    percentile: float  # share of the set's own reference queries covered less well
     gap_score: float  # 1 - percentile
-    threshold: float  # coverage below which a query is a gap (the alpha quantile)
+    threshold: float  # coverage margin below which a query is a gap (the alpha quantile)
     is_gap: bool
     neighbours: list[Neighbour]
     cluster: dict  # id, size, median_size, relative_size, similarity
@@ -266,39 +281,41 @@ class GapReport:
 
     def evidence(self) -> dict:
         return {"neighbours": [asdict(n) for n in self.neighbours], "cluster": self.cluster,
-                "coverage": self.coverage, "percentile": self.percentile, "threshold": self.threshold}
+                "coverage": self.coverage, "similarity": self.similarity, "percentile": self.percentile,
+                "threshold": self.threshold}
 
 
 def gap_id_for(model_id: str, split: str, kind: str, concept: str) -> str:
     return hashlib.sha1(f"{model_id}\0{split}\0{kind}\0{concept}".encode()).hexdigest()[:16]
 
 
-def search_gaps(coverage: Coverage, index: BuiltIndex, concepts: Sequence[str], vectors: np.ndarray,
-                kind: str = "text", evidence: int = 5, feedback_ids: Sequence[str | None] | None = None) -> list[GapReport]:
+def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, concepts: Sequence[str],
+                vectors: np.ndarray, kind: str = "text", evidence: int = 5,
+                feedback_ids: Sequence[str | None] | None = None) -> list[GapReport]:
     """One report per query vector (text prompts or image embeddings of failed outputs)."""
     if kind not in ("text", "image"):
         raise ValueError(f"kind must be text or image, got {kind!r}")
     vectors = np.asarray(vectors, np.float32)
     if vectors.ndim != 2 or len(vectors) != len(concepts):
         raise ValueError(f"{len(concepts)} concepts but vectors of shape {vectors.shape}")
-    k = coverage.k
-    sims, rows = index.search(vectors, max(k, evidence))
+    margins, near = coverage_margins(index, reference, vectors, coverage.k)
+    sims, rows = index.search(vectors, max(coverage.k, evidence))
     cent_sims = vectors @ coverage.centroids.T
     median = float(np.median(coverage.sizes))
     thr = coverage.threshold(kind)
     out = []
     for i, concept in enumerate(concepts):
-        valid = rows[i] >= 0
-        cov = float(sims[i][valid][:k].mean()) if valid.any() else -1.0
-        pct = coverage.percentile(cov, kind)
+        pct = coverage.percentile(float(margins[i]), kind)
         c = int(np.argmax(cent_sims[i]))
         keys = index.keys_for(rows[i : i + 1, :evidence])[0]
         neighbours = [Neighbour(key, float(s), coverage.captions.get(key, ""))
                       for key, s in zip(keys, sims[i, :evidence]) if key]
         out.append(GapReport(
             gap_id=gap_id_for(coverage.model_id, coverage.split, kind, concept), concept=concept, kind=kind,
-            model_id=coverage.model_id, coverage=cov, percentile=pct, gap_score=1.0 - pct, threshold=thr,
-            is_gap=cov < thr, neighbours=neighbours,
+            model_id=coverage.model_id, coverage=float(margins[i]),
+            similarity=float(near[i]),
+            percentile=pct, gap_score=1.0 - pct, threshold=thr, is_gap=bool(margins[i] < thr),
+            neighbours=neighbours,
             cluster={"id": c, "size": int(coverage.sizes[c]), "median_size": median,
                      "relative_size": float(coverage.sizes[c] / median) if median else 0.0,
                      "similarity": float(cent_sims[i, c])},
@@ -313,7 +330,7 @@ def record_gaps(ws: Workspace, reports: Sequence[GapReport]) -> None:
     now = datetime.now(timezone.utc)
     table = pa.Table.from_pylist([
         dict(gap_id=r.gap_id, feedback_id=r.feedback_id, concept=r.concept, kind=r.kind, model_id=r.model_id,
-             coverage=r.coverage, percentile=r.percentile, gap_score=r.gap_score, threshold=r.threshold,
+             coverage=r.coverage, similarity=r.similarity, percentile=r.percentile, gap_score=r.gap_score, threshold=r.threshold,
              is_gap=r.is_gap, evidence=json.dumps(r.evidence()), searched_at=now)
         for r in reports], schema=GAPS)
     lake.write_part(ws.lake, "gaps", table)
@@ -327,16 +344,17 @@ def record_gaps(ws: Workspace, reports: Sequence[GapReport]) -> None:
 def build_workspace_indexes(ws: Workspace, model: str = "default", splits: Sequence[str] = ("train", "pool"),
                             index_cfg: IndexConfig = IndexConfig(), gap_cfg: GapConfig = GapConfig(),
                             use_ray: bool = False, progress: bool = True) -> dict[str, BuiltIndex]:
-    """Image index of each split, plus the coverage statistics of the gap split."""
+    """Image index of each split, plus the gap split's coverage statistics (when both it and
+    its reference split are among `splits`)."""
     from dataengine.embed import resolve_model
     from models.clip import load_clip
 
     encoder = load_clip(resolve_model(ws, model))
-    built = {}
-    for split in splits:
-        built[split] = build_split_index(ws, encoder.model_id, split, "image", index_cfg, use_ray, progress)
-        if split == gap_cfg.split:
-            build_coverage(ws, encoder.model_id, encoder, built[split], gap_cfg, progress)
+    built = {split: build_split_index(ws, encoder.model_id, split, "image", index_cfg, use_ray, progress)
+             for split in splits}
+    if gap_cfg.split in built and gap_cfg.reference_split in built:
+        build_coverage(ws, encoder.model_id, encoder, built[gap_cfg.split], built[gap_cfg.reference_split],
+                       gap_cfg, progress)
     return built
 
 
@@ -351,6 +369,7 @@ class GapSearcher:
         self.encoder = load_clip(resolve_model(ws, model))
         self.index = load_split_index(ws, self.encoder.model_id, split)
         self.coverage = Coverage.load(index_dir(ws, self.encoder.model_id, split))
+        self.reference = load_split_index(ws, self.encoder.model_id, self.coverage.reference_split)
         self.evidence = evidence
 
     def prompts(self, prompts: Sequence[str], feedback_ids: Sequence[str | None] | None = None,
@@ -359,7 +378,7 @@ class GapSearcher:
         if not prompts or any(not str(p).strip() for p in prompts):
             raise ValueError("every prompt must be non-empty text")
         vecs = self.encoder.encode_texts(list(prompts))
-        reports = search_gaps(self.coverage, self.index, list(prompts), vecs, "text", self.evidence, feedback_ids)
+        reports = search_gaps(self.coverage, self.index, self.reference, list(prompts), vecs, "text", self.evidence, feedback_ids)
         if record:
             record_gaps(self.ws, reports)
         return reports, vecs
@@ -376,7 +395,7 @@ class GapSearcher:
             except (OSError, ValueError) as e:
                 raise ValueError(f"{p}: not a readable image ({e})") from e
         vecs = self.encoder.encode_images(np.stack(arrays))
-        reports = search_gaps(self.coverage, self.index, [str(p) for p in paths], vecs, "image",
+        reports = search_gaps(self.coverage, self.index, self.reference, [str(p) for p in paths], vecs, "image",
                               self.evidence, feedback_ids)
         if record:
             record_gaps(self.ws, reports)

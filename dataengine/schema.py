@@ -125,7 +125,8 @@ GAPS = pa.schema(
         ("concept", pa.string()),  # the prompt, or the failed image's reference
         ("kind", pa.string()),  # text | image
         ("model_id", pa.string()),
-        ("coverage", pa.float64()),  # mean similarity of the k nearest training images
+        ("coverage", pa.float64()),  # k-nearest similarity in train minus in the reference corpus
+        ("similarity", pa.float64()),  # mean similarity of the k nearest training images
         ("percentile", pa.float64()),  # among the training set's own reference queries
         ("gap_score", pa.float64()),  # 1 - percentile
         ("threshold", pa.float64()),  # coverage below which it is a gap
