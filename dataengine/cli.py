@@ -451,9 +451,9 @@ def gaps(
 
 def _print_gap(r) -> None:
     verdict = "[red]GAP[/red]" if r.is_gap else "[green]covered[/green]"
-    console.print(f"\n[bold]{r.concept}[/bold] ({r.kind}): {verdict}  gap score {r.gap_score:.2f} "
-                  f"(coverage {r.coverage:.3f}, percentile {r.percentile:.3f} of the set's own; "
-                  f"gap below {r.threshold:.3f})")
+    console.print(f"\n[bold]{r.concept}[/bold] ({r.kind}): {verdict}  gap score {r.gap_score:.3f} "
+                  f"(coverage margin {r.coverage:+.3f} vs the pool, gap below {r.threshold:+.3f}; "
+                  f"covered better than {r.percentile:.1%} of the set's own queries)")
     c = r.cluster
     console.print(f"  nearest cluster #{c['id']}: {c['size']} images ({c['relative_size']:.2f}x the median "
                   f"{c['median_size']:.0f}), similarity {c['similarity']:.3f}")
@@ -467,7 +467,7 @@ def patch(
     workspace: Path = WorkspaceOpt,
     model: str = ModelOpt,
     size: int = typer.Option(32, help="At most this many pool samples per gap."),
-    min_similarity: Optional[float] = typer.Option(None, help="Similarity cut-off (default: the calibrated gap threshold)."),
+    min_similarity: Optional[float] = typer.Option(None, help="Similarity cut-off (default: the query's mean similarity to its nearest train images)."),
     duplicate_similarity: float = typer.Option(0.97, help="Image cosine at or above which a candidate duplicates train."),
     force: bool = typer.Option(False, help="Patch even prompts that are not gaps."),
     feedback_id: Optional[str] = typer.Option(None, help="The failure this patch answers (provenance)."),

@@ -1,9 +1,9 @@
 """Patching a confirmed gap: pool samples near the concept -> a patch shard with provenance.
 
-For each gap: search the pool's image index with the query vector, keep candidates at
-least as close as the training set's own concepts are to their images (the gap
-threshold; calibrated, see gaps.py), drop near-duplicates of training images and of
-each other, and write the survivors, whole, to `shards/patches/patch-<gap_id>.tar`.
+For each gap: search the pool's image index with the query vector, keep candidates
+closer to the query than its k nearest training images are on average (the report's
+`similarity`: a cut-off calibrated per query, since similarity levels differ by query),
+drop near-duplicates of training images and of each other, and write the survivors, whole, to `shards/patches/patch-<gap_id>.tar`.
 Each patch sample gets a new key (keys are global in the catalog) and its json gains a
 `patch` object saying which failure, which gap, which pool shard and key it came from.
 The same rows go to the lake's `patches` table. Patching the same gap again replaces
@@ -36,7 +36,7 @@ class PatchConfig:
     """How many samples a patch may take and how close they must be."""
 
     size: int = 32  # at most this many samples per gap
-    min_similarity: float | None = None  # None: the gap threshold of the query's kind
+    min_similarity: float | None = None  # None: the query's mean similarity to its k nearest train images
     duplicate_similarity: float = 0.97  # image-image cosine at or above which two are near-duplicates
     candidates: int | None = None  # pool neighbours considered; None: 8 x size
     pool_split: str = "pool"
@@ -79,7 +79,7 @@ def patch_key(gap_id: str, pool_key: str) -> str:
 def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, coverage: Coverage,
               train_index: BuiltIndex, pool_index: BuiltIndex, cfg: PatchConfig = PatchConfig()) -> PatchReport:
     """Write the patch shard for one gap and record it; returns what was kept and dropped."""
-    cutoff = cfg.min_similarity if cfg.min_similarity is not None else coverage.threshold(report.kind)
+    cutoff = cfg.min_similarity if cfg.min_similarity is not None else report.similarity
     out = PatchReport(report.gap_id, report.concept, float(cutoff))
     catalog = Catalog(ws)
     others = _patched_elsewhere(catalog, report.gap_id)

@@ -200,7 +200,7 @@ def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
     out = []
     for r, v in zip(reports, vecs):
         line = (f"gap search {r.concept!r}: {'GAP' if r.is_gap else 'covered'} (score {r.gap_score:.2f}, "
-                f"coverage {r.coverage:.3f} vs threshold {r.threshold:.3f}; nearest "
+                f"coverage margin {r.coverage:+.3f} vs threshold {r.threshold:+.3f}; nearest "
                 f"{r.neighbours[0].key} {r.neighbours[0].similarity:.3f})")
         row = {"concept": r.concept, "held_out": r.concept in held, "is_gap": r.is_gap, "score": r.gap_score}
         if r.is_gap:

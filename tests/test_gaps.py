@@ -118,8 +118,12 @@ def test_patch_takes_only_pool_samples_with_provenance_and_no_train_duplicates(w
         assert prov["gap_id"] == report.gap_id and prov["feedback_id"] == "fb-001"
         assert prov["pool_shard"].endswith(".tar") and "/pool/" in prov["pool_shard"]
         hits += HELD_OUT in _concepts(meta)
-    # Most of the patch really shows the missing concept (ground truth in the json).
-    assert hits / len(metas) >= 0.5, hits
+        assert prov["similarity"] >= report.similarity  # closer than train gets, the default cut-off
+    # The patch is rich in the missing concept: at least twice its share of the pool
+    # (ground truth from the json; the default model binds colour to shape only loosely).
+    pool_rate = np.mean([HELD_OUT in _concepts(json.loads(m)) for m in
+                         catalog.query("SELECT meta FROM samples WHERE split = 'pool'")["meta"].to_pylist()])
+    assert hits / len(metas) >= 2 * pool_rate, (hits, len(metas), pool_rate)
 
     # No patch sample is a near-duplicate of a training image.
     model_id = searcher.encoder.model_id
@@ -147,7 +151,7 @@ def test_duplicates_of_train_are_filtered(world):
     colour, shape = sorted(_concepts(json.loads(copy_meta)))[0]
     (report,), vecs = searcher.prompts([f"a {colour} {shape}"], record=False)
     result = patch_gap(ws, report, vecs[0], searcher.coverage, searcher.index, pool,
-                       PatchConfig(size=200, candidates=len(pool), min_similarity=-1.0))
+                       PatchConfig(size=len(pool), candidates=len(pool), min_similarity=-1.0))
     assert result.duplicates_of_train >= 20  # every copy (same bytes, same vector) and any natural near-twin
     assert not any(s["pool_key"].startswith("copy-") for s in result.samples)
 
