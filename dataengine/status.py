@@ -35,9 +35,11 @@ def summarize(catalog: Catalog) -> Summary:
     """Read the catalog once and check that read == accepted + quarantined everywhere."""
     with catalog.connect(read_only=True) as con:
         counts = {}
+        present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         for name in ("samples", "quarantine", "shards", "embeddings", "pairs", "feedback",
-                     "triage", "reviews", "patches", "jobs", "model_versions"):
-            counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+                     "triage", "gaps", "reviews", "patches", "jobs", "model_versions"):
+            if name in present:  # a workspace made before a table existed lacks it until `init`
+                counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
         splits = [SplitStats(*row) for row in con.execute(
             "SELECT split, count(*), sum(read), sum(accepted), sum(quarantined) "
             "FROM shards GROUP BY split ORDER BY split").fetchall()]

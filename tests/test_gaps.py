@@ -161,3 +161,20 @@ def test_bad_patch_config_is_refused():
         PatchConfig(size=0)
     with pytest.raises(ValueError, match="duplicate_similarity"):
         PatchConfig(duplicate_similarity=1.5)
+
+
+def test_cli_gaps_and_patch_print_the_evidence(world):
+    from typer.testing import CliRunner
+
+    from dataengine.cli import app
+
+    ws, _, _ = world
+    runner = CliRunner()
+    out = runner.invoke(app, ["gaps", "a purple triangle", "-w", str(ws.root), "--evidence", "3"])
+    assert out.exit_code == 0, out.output
+    assert "GAP" in out.output and "nearest cluster" in out.output and out.output.count("train-") >= 3
+    out = runner.invoke(app, ["patch", "a purple triangle", "-w", str(ws.root), "--size", "4"])
+    assert out.exit_code == 0, out.output
+    assert "patch-" in out.output and "samples ->" in out.output
+    out = runner.invoke(app, ["gaps", "-w", str(ws.root)])
+    assert out.exit_code == 2 and "at least one prompt" in out.output
