@@ -125,6 +125,13 @@ def test_round_trip_keeps_index_id_map_and_metadata(ivf, data, tmp_path):
     assert [p.name for p in folder.parent.iterdir()] == ["test-model"]
 
 
+def test_stored_vectors_read_back_by_row(ivf, data):
+    rows = np.array([0, 123, N - 1])
+    np.testing.assert_allclose(ivf.reconstruct(rows), data[rows], atol=2e-3)  # fp16 refine copies
+    with pytest.raises(IndexError):
+        ivf.reconstruct([N])
+
+
 def test_load_names_the_folder_when_files_are_missing_or_disagree(tmp_path):
     x = synthetic_vectors(300, 16, rank=8, seed=3)
     folder = build_index(x, _keys(300), "m", progress=False).save(tmp_path / "ix")
