@@ -92,6 +92,7 @@ def main() -> None:
           f"{'patch':>7}{'on target':>10}")
     tp = fp = fn = 0
     patched = hits = 0
+    base_rates = []
     for (c, s), r, v in zip(concepts, reports, vecs):
         held = truth[(c, s)]
         tp += held and r.is_gap
@@ -103,21 +104,37 @@ def main() -> None:
             on = sum((c, s) in pool_meta[x["pool_key"]] for x in p.samples)
             patched += p.written
             hits += on
+            base_rates.append(sum((c, s) in cs for cs in pool_meta.values()) / max(1, len(pool_meta)))
             cell_patch, cell_hit = str(p.written), (f"{on / p.written:.2f}" if p.written else "-")
         print(f"{c + ' ' + s:<22}{train_counts[(c, s)]:>8}{'gap' if held else 'cov':>8}{r.gap_score:>7.2f}"
               f"{r.coverage:>7.3f}{r.threshold:>8.3f}{'GAP' if r.is_gap else '-':>7}{cell_patch:>7}{cell_hit:>10}")
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / (tp + fn) if tp + fn else float("nan")
-    base = sum(any(c in cs for c in HELD_OUT) for cs in pool_meta.values()) / max(1, len(pool_meta))
     print(f"\ngap detection: precision {precision:.2f}, recall {recall:.2f} "
           f"({tp} true, {fp} false, {fn} missed of {len(HELD_OUT)} held-out among {len(concepts)} concepts); "
           f"{search_ms:.1f} ms per query")
     if patched:
         print(f"patches: {hits}/{patched} samples hold their missing concept ({hits / patched:.2f}); "
-              f"share of pool holding any held-out concept: {base:.2f}")
-    recall_m = (clip.get("metrics") or {}).get("recall", {})
-    if recall_m:
-        print("embedding model recall (held-out): " + json.dumps(recall_m))
+              f"the pool's own share of those concepts: {sum(base_rates) / len(base_rates):.3f}")
+    # The score's ranking power whatever the threshold, and the trade-off alpha sets.
+    import numpy as np
+
+    scores = np.array([r.coverage for r in reports])  # lower = less covered
+    pos, neg = scores[[truth[c] for c in concepts]], scores[[not truth[c] for c in concepts]]
+    auroc = float(np.mean([(p < n) + 0.5 * (p == n) for p in pos for n in neg]))
+    print(f"ranking: AUROC of the coverage margin, held-out vs covered: {auroc:.2f}")
+    cov = searcher.coverage
+    for alpha in (0.01, 0.02, 0.05, 0.1):
+        thr = float(np.quantile(cov.ref_text, alpha))
+        found = scores < thr
+        tp_a = int(sum(f and truth[c] for f, c in zip(found, concepts)))
+        fp_a = int(sum(f and not truth[c] for f, c in zip(found, concepts)))
+        print(f"  alpha {alpha:<5} threshold {thr:+.3f}: precision "
+              f"{(tp_a / (tp_a + fp_a)) if tp_a + fp_a else float('nan'):.2f}, recall {tp_a / len(HELD_OUT):.2f}")
+    held = (clip.get("metrics") or {}).get("heldout", {})
+    for name, m in held.items():
+        print(f"embedding model, held-out {name}: text->image R@1 {m['default']['r@1']:.3f} "
+              f"(composite baseline {m['composite']['r@1']:.3f}) of {m['candidates']}")
 
 
 if __name__ == "__main__":
