@@ -228,13 +228,14 @@ def summarize_workspace(root: str) -> Summary:
 
 
 @flow(name="dataengine-demo", log_prints=True)
-def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 200) -> Summary:
+def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 200,
+              real_images: bool = True) -> Summary:
     """Make a workspace from nothing, fill it with the scene world, account for it, and
     turn its captions into enhancer pairs and a first enhancer."""
     prepare_workspace(workspace)
     shards = write_scene_world(workspace, cfg)
     print(f"scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
-    real = import_real_images(workspace)
+    real = import_real_images(workspace) if real_images else {}
     if real:
         print("real images: " + ", ".join(f"{k} {v}" for k, v in real.items()))
     report = ingest_shards(workspace, cfg)

@@ -13,10 +13,16 @@ def test_demo_flow_from_nothing(tmp_path):
 
     cfg = load_config(None, sceneworld=dict(n_train=40, n_pool=20, n_eval=10, samples_per_shard=15,
                                             resolution=64), ingest=dict(use_ray=False))
-    summary = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10)
+    summary = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False)
     assert summary.exact
     assert {s.split: s.accepted for s in summary.splits} == {"train": 40, "pool": 20, "eval": 10}
-    assert summary.counts["pairs"] > 40 and summary.counts["model_versions"] == 1
-    # A second run finds the same shards and pairs, adds nothing and reuses the enhancer.
-    again = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10)
-    assert again.counts == summary.counts
+    assert summary.counts["pairs"] > 40
+    assert summary.counts["model_versions"] == 2  # the enhancer and the embedding model
+    assert summary.counts["embeddings"] == 2 * 70  # an image and a caption vector per sample
+    assert summary.counts["gaps"] == 3  # the held-out concept and two covered ones, searched
+    # A second run finds the same shards, pairs and vectors, adds nothing, reuses both models;
+    # only the searches are recorded again (each search is a row).
+    again = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False)
+    assert {k: v for k, v in again.counts.items() if k != "gaps"} == \
+        {k: v for k, v in summary.counts.items() if k != "gaps"}
+    assert again.counts["gaps"] == 2 * summary.counts["gaps"]
