@@ -7,11 +7,11 @@ this process's run:
 - dataengine: `dataengine.embed.embed` (Ray Data: decode tasks + a model actor pool),
   images only, into a fresh lake, start-up included.
 The stage split (decode vs model per image, measured in the baseline) says what
-limits the pipeline. On a GPU, pass `--arch ViT-B-32 --image-size 224` (random weights
-are fine for speed) to compare with the figures clip-retrieval published for one A100.
+limits the pipeline. On a GPU, pass `--arch ViT-B-32` or `--arch ViT-L-14` (224 px, random
+weights: fine for speed) to compare with the figures clip-retrieval published for one A100.
 
     python benchmarks/embed.py                      # default model, 1,000 images at 256 px
-    python benchmarks/embed.py --arch ViT-B-32 --image-size 224 --n 5000
+    python benchmarks/embed.py --arch ViT-B-32 --n 5000
 """
 
 from __future__ import annotations

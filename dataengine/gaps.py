@@ -151,7 +151,9 @@ class Coverage:
     @classmethod
     def load(cls, directory: Path) -> "Coverage":
         if not (directory / COVERAGE_META).exists():
-            raise FileNotFoundError(f"no coverage statistics in {directory}; run `dataengine index` first")
+            raise FileNotFoundError(
+                f"no coverage statistics in {directory}; run `dataengine index` first (coverage compares "
+                "train with the pool, so both splits must be embedded and indexed)")
         meta = json.loads((directory / COVERAGE_META).read_text())
         arrays = np.load(directory / COVERAGE_FILE)
         fixed = {name: meta.pop(name) for name in
