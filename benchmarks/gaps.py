@@ -100,7 +100,7 @@ def main() -> None:
         fn += held and not r.is_gap
         cell_patch, cell_hit = "", ""
         if r.is_gap:
-            p = patch_gap(ws, r, v, searcher.coverage, searcher.index, pool, PatchConfig(size=args.patch_size))
+            p = patch_gap(ws, r, v, searcher.index, pool, PatchConfig(size=args.patch_size))
             on = sum((c, s) in pool_meta[x["pool_key"]] for x in p.samples)
             patched += p.written
             hits += on

@@ -490,7 +490,7 @@ def patch(
         if not (r.is_gap or force):
             console.print("  not a gap: nothing to patch (--force to patch anyway)")
             continue
-        console.print("  patch: " + patch_gap(ws, r, v, searcher.coverage, searcher.index, pool, cfg).summary())
+        console.print("  patch: " + patch_gap(ws, r, v, searcher.index, pool, cfg).summary())
 
 
 @app.command()

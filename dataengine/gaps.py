@@ -214,11 +214,11 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
 
     prompts = reference_prompts([caption_of.get(keys[i], "") for i in sample])
     ref_text = np.sort(coverage_margins(index, reference, encoder.encode_texts(prompts), k, own)[0])
-    ref_image = np.sort(coverage_margins(index, reference, _reconstruct(index, own), k, own)[0])
+    ref_image = np.sort(coverage_margins(index, reference, index.reconstruct(own), k, own)[0])
 
     n = len(keys)
     nc = min(n, cfg.n_clusters or max(2, min(1024, int(round(math.sqrt(n))))))
-    all_vecs = _reconstruct(index, np.arange(n))
+    all_vecs = index.reconstruct(np.arange(n))
     km = faiss.Kmeans(all_vecs.shape[1], nc, niter=20, seed=cfg.seed, spherical=True,
                       min_points_per_centroid=1, max_points_per_centroid=100_000, verbose=False)
     km.train(all_vecs)
@@ -233,24 +233,6 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
     cov.meta["threshold_text"], cov.meta["threshold_image"] = cov.threshold("text"), cov.threshold("image")
     cov.save(index_dir(ws, model_id, cfg.split))
     return cov
-
-
-def _reconstruct(index: BuiltIndex, rows: np.ndarray) -> np.ndarray:
-    """Stored vectors of `rows`, read back from the index (codes decoded where lossy)."""
-    import faiss
-
-    base = index.index
-    while isinstance(base, faiss.IndexRefine):
-        base = faiss.downcast_index(base.refine_index)
-    try:
-        out = np.vstack([base.reconstruct(int(r)) for r in rows]) if len(rows) < 256 else \
-            base.reconstruct_batch(np.asarray(rows, np.int64))
-    except RuntimeError:
-        ivf = faiss.extract_index_ivf(base)
-        ivf.make_direct_map()
-        out = ivf.reconstruct_batch(np.asarray(rows, np.int64))
-    out = np.asarray(out, np.float32)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 # ---------------------------------------------------------------------------------------

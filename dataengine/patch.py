@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from dataengine import lake
 from dataengine.catalog import Catalog
-from dataengine.gaps import Coverage, GapReport, _reconstruct
+from dataengine.gaps import GapReport
 from dataengine.index import BuiltIndex
 from dataengine.schema import PATCHES
 from dataengine.shards import iter_raw_samples, write_shard
@@ -76,8 +76,8 @@ def patch_key(gap_id: str, pool_key: str) -> str:
     return f"patch-{gap_id[:10]}-{pool_key.replace('.', '_')}"
 
 
-def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, coverage: Coverage,
-              train_index: BuiltIndex, pool_index: BuiltIndex, cfg: PatchConfig = PatchConfig()) -> PatchReport:
+def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, train_index: BuiltIndex,
+              pool_index: BuiltIndex, cfg: PatchConfig = PatchConfig()) -> PatchReport:
     """Write the patch shard for one gap and record it; returns what was kept and dropped."""
     cutoff = cfg.min_similarity if cfg.min_similarity is not None else report.similarity
     out = PatchReport(report.gap_id, report.concept, float(cutoff))
@@ -97,7 +97,7 @@ def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, coverage: Cov
     chosen: list[tuple[int, float]] = []
     kept_vecs: list[np.ndarray] = []
     if len(rows):
-        vecs = _reconstruct(pool_index, rows)
+        vecs = pool_index.reconstruct(rows)
         train_sims, _ = train_index.search(vecs, 1)
         for r, s, v, ts in zip(rows, sims, vecs, train_sims[:, 0]):
             if len(chosen) >= cfg.size:

@@ -204,7 +204,7 @@ def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
                 f"{r.neighbours[0].key} {r.neighbours[0].similarity:.3f})")
         row = {"concept": r.concept, "held_out": r.concept in held, "is_gap": r.is_gap, "score": r.gap_score}
         if r.is_gap:
-            p = patch_gap(ws, r, v, searcher.coverage, searcher.index, pool, PatchConfig(size=32))
+            p = patch_gap(ws, r, v, searcher.index, pool, PatchConfig(size=32))
             colour, shape = r.concept.split()[1:3]
             metas = Catalog(ws).query(
                 f"SELECT meta FROM samples WHERE key IN ({', '.join('?' for _ in p.samples)})",

@@ -102,7 +102,7 @@ def test_patch_takes_only_pool_samples_with_provenance_and_no_train_duplicates(w
     (report,), vecs = searcher.prompts(["a purple triangle"], feedback_ids=["fb-001"])
     assert report.is_gap
     cfg = PatchConfig(size=16)
-    result = patch_gap(ws, report, vecs[0], searcher.coverage, searcher.index, pool, cfg)
+    result = patch_gap(ws, report, vecs[0], searcher.index, pool, cfg)
     assert 0 < result.written <= 16
 
     catalog = Catalog(ws)
@@ -150,7 +150,7 @@ def test_duplicates_of_train_are_filtered(world):
     copy_meta = catalog.query("SELECT meta FROM samples WHERE key LIKE 'copy-%' ORDER BY key LIMIT 1")["meta"][0].as_py()
     colour, shape = sorted(_concepts(json.loads(copy_meta)))[0]
     (report,), vecs = searcher.prompts([f"a {colour} {shape}"], record=False)
-    result = patch_gap(ws, report, vecs[0], searcher.coverage, searcher.index, pool,
+    result = patch_gap(ws, report, vecs[0], searcher.index, pool,
                        PatchConfig(size=len(pool), candidates=len(pool), min_similarity=-1.0))
     assert result.duplicates_of_train >= 20  # every copy (same bytes, same vector) and any natural near-twin
     assert not any(s["pool_key"].startswith("copy-") for s in result.samples)
