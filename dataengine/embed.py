@@ -101,7 +101,7 @@ class DecodeImages:
                 zip(batch["key"], batch["shard"], batch["image_offset"], batch["image_size"])]
         s = self.image_size
         pixels = np.zeros((len(rows), s, s, 3), np.uint8)
-        keys, errors = [], []
+        keys = []
         by_key = {r["key"]: i for i, r in enumerate(rows)}
         for key, arr, err in iter_images(rows, s):
             i = by_key[key]

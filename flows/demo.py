@@ -234,7 +234,7 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     turn its captions into enhancer pairs and a first enhancer."""
     prepare_workspace(workspace)
     shards = write_scene_world(workspace, cfg)
-    print(f"scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
+    print("scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
     real = import_real_images(workspace) if real_images else {}
     if real:
         print("real images: " + ", ".join(f"{k} {v}" for k, v in real.items()))

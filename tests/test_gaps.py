@@ -7,7 +7,6 @@ two on 2 cores), so marked; CI runs it.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections import Counter
@@ -20,7 +19,7 @@ from dataengine.embed import EmbedConfig, embed, load_vectors
 from dataengine.gaps import GapConfig, GapSearcher, build_workspace_indexes, load_split_index
 from dataengine.ingest import IngestConfig, ingest
 from dataengine.patch import PatchConfig, patch_gap
-from dataengine.sceneworld import SceneWorldConfig, concept_present, write_scene_world
+from dataengine.sceneworld import SceneWorldConfig, write_scene_world
 from dataengine.shards import iter_raw_samples, write_shard
 from dataengine.status import summarize
 from dataengine.workspace import Workspace
