@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +30,7 @@ import pyarrow as pa
 from dataengine import lake
 from dataengine.catalog import Catalog
 from dataengine.images import iter_images
+from dataengine.progress import bar
 from dataengine.schema import EMBEDDINGS, QUARANTINE
 from dataengine.workspace import Workspace
 
@@ -291,7 +292,7 @@ def embed(
         shards = dict(zip(rows["key"].to_pylist(), zip(rows["shard"].to_pylist(), rows["shard_uid"].to_pylist())))
         batches = (_ray_batches(rows, kind, cfg, spec, image_size) if cfg.use_ray
                    else _local_batches(rows, kind, cfg, spec))
-        with _bar(progress, f"embed {kind}s", rows.num_rows) as advance:
+        with bar(progress, f"embed {kind}s", rows.num_rows) as advance:
             pending_k: list[np.ndarray] = []
             pending_v: list[np.ndarray] = []
             for b in batches:
@@ -331,27 +332,6 @@ def _quarantine(ws: Workspace, keys, errors, shards: dict, kind: str, run_id: st
         log.warning("quarantined %s: %s", r["key"], r["reason"])
     lake.write_part(ws.lake, "quarantine", pa.Table.from_pylist(rows, schema=QUARANTINE),
                     part=f"embed-{uuid.uuid4().hex}")
-
-
-class _bar:
-    """A rich progress bar, or nothing."""
-
-    def __init__(self, show: bool, label: str, total: int):
-        self.show, self.label, self.total = show, label, total
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.show:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        self.p.start()
-        task = self.p.add_task(self.label, total=self.total)
-        return lambda n: self.p.advance(task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.show:
-            self.p.stop()
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,9 +33,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+
+from dataengine.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +323,7 @@ def build_index(
     else:
         if use_ray:
             log.info("%s has no inverted lists to merge: adding in this process", factory)
-        with _bar(progress, f"adding {n} vectors", n) as advance:
+        with bar(progress, f"adding {n} vectors", n) as advance:
             for s in range(0, n, ADD_CHUNK):
                 index.add(x[s : s + ADD_CHUNK])
                 advance(min(ADD_CHUNK, n - s))
@@ -513,7 +515,7 @@ def _add_on_ray(index, x: np.ndarray, progress: bool) -> int:
     add = ray.remote(num_cpus=1)(_add_range)
     refs = [add.remote(base_ref, x_ref, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
     ivf = faiss.extract_index_ivf(base)
-    with _bar(progress, f"adding {n} vectors on {tasks} Ray tasks", n) as advance:
+    with bar(progress, f"adding {n} vectors on {tasks} Ray tasks", n) as advance:
         for ref, a, b in zip(refs, bounds[:-1], bounds[1:]):
             part = faiss.deserialize_index(ray.get(ref))
             # add_id=0: the parts already carry global row numbers as ids.
@@ -705,19 +707,6 @@ def _hits(found: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 # ---------------------------------------------------------------------------------------
 # Progress
 # ---------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _bar(show: bool, label: str, total: int) -> Iterator[Callable[[int], None]]:
-    if not show:
-        yield lambda _n: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda m: bar.advance(task, m)
 
 
 @contextmanager
