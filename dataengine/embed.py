@@ -16,13 +16,14 @@ away since ingest) is quarantined with stage "embed" and counted, never dropped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -114,19 +115,26 @@ class DecodeImages:
                 "error": np.array([e for _, _, e in keys], dtype=object)}
 
 
+@functools.lru_cache(maxsize=2)
+def _load(spec: str, device: str):
+    """A model per (spec, device) per process: the driver's look at the model's id and input
+    size and an in-process run share one load."""
+    from models.clip import load_clip  # registers the default architecture in this process too
+
+    return load_clip(spec, device=device)
+
+
 class _Encoder:
     """Holds one model (loaded once per process or actor)."""
 
     def __init__(self, spec: str, device: str = "auto", threads: int | None = None, store_dtype: str = "float16"):
         import torch
 
-        from models.clip import load_clip  # registers the default architecture in this process too
-
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.bundle = load_clip(spec, device=device)
+        self.bundle = _load(spec, device)
         # Mixed precision on GPUs; on CPUs float32 is both faster and exact.
         self.autocast = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" else None
         self.dtype = np.float16 if store_dtype == "float16" else np.float32
@@ -264,19 +272,15 @@ def _vectors_table(keys: Sequence[str], vectors: np.ndarray, model_id: str, kind
 
 def embed(
     workspace: str | Path, cfg: EmbedConfig = EmbedConfig(), progress: bool = True,
-    on_progress: Callable[[str, int], None] | None = None,
 ) -> EmbedReport:
     """Embed every catalogued sample that has no vector yet for this model; returns counts."""
-    from models.clip import load_clip
-
     t0 = time.perf_counter()
     ws = Workspace.at(workspace)
     catalog = Catalog(ws)
     catalog.migrate()
     spec = resolve_model(ws, cfg.model)
-    probe = load_clip(spec, device="cpu")  # the id and input size; cheap next to the job
+    probe = _load(spec, "cpu")  # the id and input size (an in-process CPU run reuses this load)
     model_id, image_size = probe.model_id, probe.image_size
-    del probe
     report = EmbedReport(model_id)
     if cfg.use_ray:
         from dataengine.cluster import ensure_ray
@@ -305,8 +309,6 @@ def embed(
                 if sum(len(k) for k in pending_k) >= cfg.part_rows:
                     report.embedded[kind] += _flush(ws, pending_k, pending_v, model_id, kind)
                 advance(len(bad))
-                if on_progress:
-                    on_progress(kind, len(bad))
             report.embedded[kind] += _flush(ws, pending_k, pending_v, model_id, kind)
     report.seconds = time.perf_counter() - t0
     return report
