@@ -26,7 +26,7 @@ apply_offline_defaults()
 from dataengine.catalog import Catalog  # noqa: E402
 from dataengine.cluster import ensure_ray  # noqa: E402
 from dataengine.embed import EmbedConfig, embed  # noqa: E402
-from dataengine.gaps import GapConfig, GapSearcher, build_workspace_indexes, load_split_index  # noqa: E402
+from dataengine.gaps import GapConfig, GapSearcher, build_workspace_indexes  # noqa: E402
 from dataengine.ingest import IngestConfig, ingest  # noqa: E402
 from dataengine.patch import PatchConfig, patch_gap  # noqa: E402
 from dataengine.sceneworld import SceneWorldConfig, write_scene_world  # noqa: E402
@@ -81,7 +81,6 @@ def main() -> None:
     truth = {c: c in HELD_OUT for c in concepts}
 
     searcher = GapSearcher(ws)
-    pool = load_split_index(ws, searcher.encoder.model_id, "pool")
     t1 = time.perf_counter()
     reports, vecs = searcher.prompts([f"a {c} {s}" for c, s in concepts])
     search_ms = 1e3 * (time.perf_counter() - t1) / len(concepts)
@@ -100,7 +99,7 @@ def main() -> None:
         fn += held and not r.is_gap
         cell_patch, cell_hit = "", ""
         if r.is_gap:
-            p = patch_gap(ws, r, v, searcher.index, pool, PatchConfig(size=args.patch_size))
+            p = patch_gap(ws, r, v, searcher.index, searcher.reference, PatchConfig(size=args.patch_size))
             on = sum((c, s) in pool_meta[x["pool_key"]] for x in p.samples)
             patched += p.written
             hits += on

@@ -473,14 +473,13 @@ def patch(
     feedback_id: Optional[str] = typer.Option(None, help="The failure this patch answers (provenance)."),
 ) -> None:
     """Gap search, then a patch shard of pool samples for each gap (shards/patches/), recorded in the lake."""
-    from dataengine.gaps import GapSearcher, load_split_index
+    from dataengine.gaps import GapSearcher
     from dataengine.patch import PatchConfig, patch_gap
 
     ws = _existing(workspace)
     try:
         cfg = PatchConfig(size=size, min_similarity=min_similarity, duplicate_similarity=duplicate_similarity)
         searcher = GapSearcher(ws, model)
-        pool = load_split_index(ws, searcher.encoder.model_id, cfg.pool_split)
         reports, vecs = searcher.prompts(prompts, [feedback_id] * len(prompts) if feedback_id else None)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
@@ -490,7 +489,7 @@ def patch(
         if not (r.is_gap or force):
             console.print("  not a gap: nothing to patch (--force to patch anyway)")
             continue
-        console.print("  patch: " + patch_gap(ws, r, v, searcher.index, pool, cfg).summary())
+        console.print("  patch: " + patch_gap(ws, r, v, searcher.index, searcher.reference, cfg).summary())
 
 
 @app.command()

@@ -220,7 +220,7 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
     nc = min(n, cfg.n_clusters or max(2, min(1024, int(round(math.sqrt(n))))))
     all_vecs = index.reconstruct(np.arange(n))
     km = faiss.Kmeans(all_vecs.shape[1], nc, niter=20, seed=cfg.seed, spherical=True,
-                      min_points_per_centroid=1, max_points_per_centroid=100_000, verbose=False)
+                      min_points_per_centroid=1, verbose=False)  # trains on a sample (faiss: 256 a centroid)
     km.train(all_vecs)
     _, assign = km.index.search(all_vecs, 1)
     sizes = np.bincount(assign[:, 0], minlength=nc)

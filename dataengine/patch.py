@@ -39,7 +39,6 @@ class PatchConfig:
     min_similarity: float | None = None  # None: the query's mean similarity to its k nearest train images
     duplicate_similarity: float = 0.97  # image-image cosine at or above which two are near-duplicates
     candidates: int | None = None  # pool neighbours considered; None: 8 x size
-    pool_split: str = "pool"
 
     def __post_init__(self) -> None:
         if self.size < 1:

@@ -186,7 +186,7 @@ def build_indexes(root: str) -> dict[str, dict]:
 def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
     """Gap search for the scene world's held-out concepts and a few covered ones; a patch
     shard for each gap, checked against the pool's ground truth."""
-    from dataengine.gaps import GapSearcher, load_split_index
+    from dataengine.gaps import GapSearcher
     from dataengine.patch import PatchConfig, patch_gap
     from dataengine.sceneworld import SceneWorldConfig, concept_present
 
@@ -195,7 +195,6 @@ def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
     held = [f"a {c} {s}" for c, s in cfg.holdout]
     covered = ["a red circle", "a blue square"]
     searcher = GapSearcher(ws)
-    pool = load_split_index(ws, searcher.encoder.model_id, "pool")
     reports, vecs = searcher.prompts(held + covered)
     out = []
     for r, v in zip(reports, vecs):
@@ -204,7 +203,7 @@ def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
                 f"{r.neighbours[0].key} {r.neighbours[0].similarity:.3f})")
         row = {"concept": r.concept, "held_out": r.concept in held, "is_gap": r.is_gap, "score": r.gap_score}
         if r.is_gap:
-            p = patch_gap(ws, r, v, searcher.index, pool, PatchConfig(size=32))
+            p = patch_gap(ws, r, v, searcher.index, searcher.reference, PatchConfig(size=32))
             colour, shape = r.concept.split()[1:3]
             metas = Catalog(ws).query(
                 f"SELECT meta FROM samples WHERE key IN ({', '.join('?' for _ in p.samples)})",

@@ -16,7 +16,7 @@ import pytest
 
 from dataengine.catalog import Catalog
 from dataengine.embed import EmbedConfig, embed, load_vectors
-from dataengine.gaps import GapConfig, GapSearcher, build_workspace_indexes, load_split_index
+from dataengine.gaps import GapConfig, GapSearcher, build_workspace_indexes
 from dataengine.ingest import IngestConfig, ingest
 from dataengine.patch import PatchConfig, patch_gap
 from dataengine.sceneworld import SceneWorldConfig, write_scene_world
@@ -97,7 +97,7 @@ def test_threshold_comes_from_the_data(world):
 def test_patch_takes_only_pool_samples_with_provenance_and_no_train_duplicates(world):
     ws, _, _ = world
     searcher = GapSearcher(ws)
-    pool = load_split_index(ws, searcher.encoder.model_id, "pool")
+    pool = searcher.reference  # the pool: the corpus coverage compares train with
     (report,), vecs = searcher.prompts(["a purple triangle"], feedback_ids=["fb-001"])
     assert report.is_gap
     cfg = PatchConfig(size=16)
@@ -142,7 +142,7 @@ def test_patch_takes_only_pool_samples_with_provenance_and_no_train_duplicates(w
 def test_duplicates_of_train_are_filtered(world):
     ws, _, train_counts = world
     searcher = GapSearcher(ws)
-    pool = load_split_index(ws, searcher.encoder.model_id, "pool")
+    pool = searcher.reference  # the pool: the corpus coverage compares train with
     # A covered concept that the copied training images show: patching it anyway (forced)
     # meets the copies among the nearest pool images, and must refuse every one.
     catalog = Catalog(ws)
