@@ -47,3 +47,26 @@ def ws(tmp_path) -> Workspace:
 @pytest.fixture
 def catalog(ws) -> Catalog:
     return Catalog(ws)
+
+
+def make_scene_workspace(root, n_train: int = 48, n_eval: int = 16, resolution: int = 64,
+                         edit_fraction: float = 0.25, seed: int = 0) -> Workspace:
+    """A small ingested scene-world workspace (train and eval, no pool) for model tests."""
+    from dataengine.ingest import IngestConfig, ingest
+    from dataengine.sceneworld import SceneWorldConfig, write_scene_world
+
+    w = Workspace.at(root)
+    cat = Catalog(w)
+    cat.migrate()
+    cfg = SceneWorldConfig(seed=seed, n_train=n_train, n_pool=0, n_eval=n_eval, resolution=resolution,
+                           edit_fraction=edit_fraction, samples_per_shard=max(n_train, n_eval))
+    write_scene_world(w.shards, cfg, splits=("train", "eval"), progress=False)
+    ingest(w, [str(w.shards)], IngestConfig(use_ray=False), cat)
+    return w
+
+
+@pytest.fixture(scope="session")
+def scene_ws(tmp_path_factory) -> Workspace:
+    """One small scene-world workspace shared by the model-stack tests: read it, don't
+    write models into it (copy it, or pass a tmp models root)."""
+    return make_scene_workspace(tmp_path_factory.mktemp("scene") / "ws")

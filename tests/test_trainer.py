@@ -1,0 +1,100 @@
+"""The shared training loop: versions, registry, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dataengine.catalog import Catalog
+from models.trainer import LoopConfig, TrainingInterrupted, TrainJob, latest, load_weights, lr_scale, train, versions
+
+
+class LinearJob(TrainJob):
+    """Fit y = A x with noisy x drawn from torch's global RNG (as diffusion noise is)."""
+
+    name = "toy"
+
+    def __init__(self, width: int = 4):
+        self.width = width
+
+    def setup(self):
+        self.net = torch.nn.Linear(self.width, self.width)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.loop.lr)
+        self.target = torch.arange(self.width * self.width, dtype=torch.float32).view(self.width, self.width) / 10
+
+    def config(self):
+        return {"width": self.width}
+
+    def modules(self):
+        return {"net": self.net}
+
+    def optimizers(self):
+        return {"opt": self.opt}
+
+    def step(self, step):
+        x = torch.randn(16, self.width)
+        loss = torch.nn.functional.mse_loss(self.net(x), x @ self.target.T)
+        self.opt.zero_grad()
+        loss.backward()
+        self.clip(self.net.parameters())
+        self.opt.step()
+        return {"loss": loss.item()}
+
+    def evaluate(self):
+        return {"error": float((self.net.weight.detach() - self.target).abs().mean())}
+
+
+def loop(**kw):
+    return LoopConfig(**({"steps": 30, "lr": 0.05, "ckpt_every": 10, "progress": False} | kw))
+
+
+def test_a_run_saves_a_registered_version_with_its_metrics(ws):
+    rec = train(LinearJob(), ws.models, loop(), catalog=Catalog(ws))
+    assert rec["version"] == "v0001" and rec["status"] == "promoted" and rec["resumed_from"] is None
+    m = rec["metrics"]
+    assert m["last"]["loss"] < m["first"]["loss"] / 5  # it learned
+    states, config, metrics = load_weights(rec["path"])
+    assert set(states) == {"net"} and config["job"] == {"width": 4} and metrics["eval"]["error"] < 1
+    row = Catalog(ws).query("SELECT * FROM model_versions WHERE model = 'toy'").to_pylist()
+    assert len(row) == 1 and json.loads(row[0]["metrics"])["steps"] == 30
+    rec2 = train(LinearJob(), ws.models, loop())
+    assert rec2["version"] == "v0002" and rec2["status"] == "candidate"
+    assert versions(ws.models, "toy") == ["v0001", "v0002"] and latest(ws.models, "toy").name == "v0002"
+    assert not (ws.models / "toy" / "runs").exists() or not any((ws.models / "toy" / "runs").iterdir())
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(tmp_path):
+    whole = load_weights(train(LinearJob(), tmp_path / "a", loop())["path"])[0]["net"]
+    with pytest.raises(TrainingInterrupted):
+        train(LinearJob(), tmp_path / "b", loop(), stop_after=17)  # dies after step 17; last checkpoint at 10
+    assert (next((tmp_path / "b" / "toy" / "runs").iterdir()) / "last.pt").is_file()
+    rec = train(LinearJob(), tmp_path / "b", loop())
+    assert rec["resumed_from"] == 10 and rec["metrics"]["resumed_from"] == 10
+    resumed = load_weights(rec["path"])[0]["net"]
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+
+
+def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train(LinearJob(), tmp_path, loop(), stop_after=12)
+    assert train(LinearJob(), tmp_path, loop(lr=0.01))["resumed_from"] is None
+    assert train(LinearJob(), tmp_path, loop(), resume=False)["resumed_from"] is None
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
+    class Nan(LinearJob):
+        def step(self, step):
+            return {"loss": float("nan")}
+
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train(Nan(), tmp_path, loop())
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = loop(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_scale(0, cfg) == pytest.approx(0.1) and lr_scale(9, cfg) == pytest.approx(1.0)
+    assert lr_scale(99, cfg) == pytest.approx(0.1, abs=0.01)
+    assert all(lr_scale(s, cfg) >= lr_scale(s + 1, cfg) for s in range(10, 99))
