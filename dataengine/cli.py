@@ -492,6 +492,91 @@ def patch(
         console.print("  patch: " + patch_gap(ws, r, v, searcher.index, searcher.reference, cfg).summary())
 
 
+train_app = typer.Typer(
+    help="Train a model of the stack on the workspace; each run saves a versioned checkpoint to "
+         "models/<name>/vNNNN, registers it in model_versions and resumes after a crash.",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+
+
+def _print_record(record: dict) -> None:
+    """A saved version's path, its loss at start and end, and its held-out metrics."""
+    m = record["metrics"]
+    console.print(f"{record['model']} {record['version']} ({record['status']}) at {record['path']}"
+                  + (f", resumed from step {record['resumed_from']}" if record.get("resumed_from") else ""))
+    table = Table("metric", "value")
+    table.add_row("steps", f"{m['steps']} in {m['train_seconds']} s ({m['steps_per_s']} steps/s)")
+    for key in m.get("first", {}):
+        table.add_row(f"train {key}", f"{m['first'][key]:.4g} -> {m['last'].get(key, float('nan')):.4g}")
+    for key, value in _flatten(m.get("eval", {})).items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        elif not isinstance(v, list):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _train_command(name: str, what: str):
+    def command(
+        workspace: Path = WorkspaceOpt,
+        steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: the model's own)."),
+        lr: Optional[float] = typer.Option(None, help="Peak learning rate, warmup then cosine (default: the model's)."),
+        seed: int = typer.Option(0),
+        ckpt_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
+        device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="Pick up a crashed run of the same config."),
+        set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
+        show_config: bool = typer.Option(False, "--show-config", help="Print the config's fields and exit."),
+    ) -> None:
+        import dataclasses
+
+        from models.stack import ConfigError, config_for, default_loop, parse_overrides, train_model
+
+        try:
+            overrides = parse_overrides(set_)
+            cfg = config_for(name, overrides)
+        except ConfigError as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(2)
+        if show_config:
+            for f in dataclasses.fields(cfg):
+                console.print(f"{f.name} = {getattr(cfg, f.name)!r}")
+            return
+        ws = _existing(workspace)
+        loop = default_loop(name, **{k: v for k, v in dict(steps=steps, lr=lr).items() if v is not None},
+                            seed=seed, ckpt_every=ckpt_every, device=device)
+        try:
+            record = train_model(name, ws.root, overrides, loop)
+        except (FileNotFoundError, ValueError) as e:  # a missing prerequisite version or bad data
+            console.print(f"[red]{name}:[/red] {e}")
+            raise typer.Exit(2)
+        _print_record(record)
+
+    command.__doc__ = f"Train {what}."
+    return command
+
+
+def _register_train_commands() -> None:
+    from models.stack import TRAINERS
+
+    for name, (*_, what) in TRAINERS.items():
+        train_app.command(name)(_train_command(name, what))
+    train_app.command("clip", help="Train the default embedding model (same as train-clip).")(train_clip)
+    train_app.command("enhancer", help="Train enhancer phase one on the pairs (same as train-enhancer).")(
+        train_enhancer)
+
+
+_register_train_commands()
+
+
 @app.command()
 def demo(
     workspace: Path = WorkspaceOpt,
