@@ -221,6 +221,50 @@ def _shows(meta: dict, colour: str, shape: str, present) -> bool:
     return any(present(sc, colour, shape) for sc in scenes)
 
 
+# The model stack's brief demo runs: (model, config overrides, loop steps), in dependency
+# order. Each is a real run of `dataengine train <model>`, just short; the figures they
+# print are those of a few dozen steps on 2 cores, not of a trained stack.
+STACK_DEMO: tuple[tuple[str, dict, int], ...] = (
+    ("vae", {"eval_images": 32}, 80),
+    ("dit", {"eval_prompts": 8, "sample_steps": 20}, 150),
+    ("reward", {}, 150),
+    ("distill", {"eval_prompts": 8, "fake_updates": 2}, 20),
+    ("rl", {"eval_prompts": 8, "prompts_per_step": 2}, 4),
+    ("enhancer-rl", {"eval_prompts": 8, "prompts_per_step": 2}, 4),
+)
+
+
+@stage
+def train_stack_model(root: str, name: str, overrides: dict, steps: int) -> dict:
+    """One brief run of a model of the stack; reuses the newest version if one exists."""
+    from models.stack import default_loop, train_model
+    from models.trainer import latest, load_weights
+
+    ws = Workspace.at(root)
+    found = latest(ws.models, name)
+    if found is not None:
+        _, _, metrics = load_weights(found)
+        return {"model": name, "version": found.name, "path": str(found), "metrics": metrics, "reused": True}
+    return train_model(name, root, overrides, default_loop(name, steps=steps, progress=False), progress=False)
+
+
+def _stack_line(record: dict) -> str:
+    """One line per model: steps/s, the main loss from first to last, the held-out figures."""
+    m = record["metrics"]
+    loss = f"loss {m['first']['loss']:.3f} -> {m['last']['loss']:.3f}" if m.get("first") else ""
+    evals = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in _flat(m.get("eval", {})).items() if isinstance(v, (int, float)))
+    state = "reused" if record.get("reused") else f"{m['steps']} steps in {m['train_seconds']:.0f}s"
+    return f"{record['model']} {record['version']} ({state}): {loss}\n  held-out: {evals}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
 @stage
 def summarize_workspace(root: str) -> Summary:
     return summarize(Catalog(Workspace.at(root)))
@@ -228,7 +272,7 @@ def summarize_workspace(root: str) -> Summary:
 
 @flow(name="dataengine-demo", log_prints=True)
 def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 200,
-              real_images: bool = True) -> Summary:
+              real_images: bool = True, train_stack: bool = True) -> Summary:
     """Make a workspace from nothing, fill it with the scene world, account for it, and
     turn its captions into enhancer pairs and a first enhancer."""
     prepare_workspace(workspace)
@@ -259,6 +303,9 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     for split, meta in build_indexes(workspace).items():
         print(f"index {split}: {meta['count']} vectors, {meta['factory']}, recall@10 {meta['recall_at_k']:.3f}")
     find_and_patch_gaps(workspace, cfg.sceneworld)
+    if train_stack:
+        for name, overrides, steps in STACK_DEMO:
+            print(_stack_line(train_stack_model(workspace, name, overrides, steps)))
     return summarize_workspace(workspace)
 
 

@@ -1,0 +1,545 @@
+"""Train the five reward heads on preference pairs made from the scene world's ground truth.
+
+    record = train_reward("ws", RewardTrainConfig(), LoopConfig(steps=300))   # -> models/reward/vNNNN
+    python -m models.train_reward -w ws --steps 300
+
+Every head learns from Bradley-Terry pairs, loss -log sigmoid(r_win - r_lose). A pair is
+two renders (or two texts) of scenes that differ in exactly what the head should judge,
+so the ground truth says which one wins:
+
+- fidelity: an image with its own caption beats the same image with the caption of a
+  scene that differs in one attribute (a group's colour, shape, count or position); and,
+  for a fixed caption, the image of its scene beats the image of the changed scene (the
+  direction RL uses: it compares images of one prompt).
+- aesthetics (a PROXY: the scene world has no taste): a clean render beats the same
+  render degraded by blur, noise, JPEG, a colour cast or a crop blown up to full size.
+- portrait quality (a PROXY, defined here): the main subject (the group with the largest
+  box) whole, in frame, unoccluded and sharp beats it cut in half by the frame edge,
+  half covered by another object, or blurred while the rest stays sharp.
+- instruction following: (source, instruction, true target) beats the same source and
+  instruction with a wrong target: the unchanged source, the result of another kind of
+  edit, or the same kind of edit with another value (recolour to another colour...).
+- consistency: a target that changes only what was asked beats one that also changed
+  something else (another edit on top, or a new noise seed for textures and grain).
+
+Scenes are the workspace's scene-world ground truth (`meta["scene"]` of its catalogued
+samples, through `CurriculumSampler`'s rows: train split for training, eval split for
+held-out pairs), re-rendered at `resolution`; a workspace without enough scene-world
+samples is topped up with freshly sampled scenes. All draws are seeded by the loop's
+seed. The frozen CLIP embeddings are the expensive part: they are computed once in
+`setup`, after which a step only runs the small heads.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # the CLI edge: offline defaults before transformers is imported
+    from dataengine.runtime import apply_offline_defaults
+
+    apply_offline_defaults()
+
+import io
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from dataengine.sceneworld import (
+    COLOURS, EDIT_OPS, SHAPES, Group, Scene, apply_edit, caption_for, instruction_for, render, sample_scene,
+)
+from dataengine.sceneworld.scene import layout_group, union
+
+from .rewards import EDIT_HEADS, HEAD_INPUTS, HEADS, MODEL_NAME, EmbeddedRewards, RewardConfig, bradley_terry
+from .trainer import LoopConfig, TrainJob, train
+
+__all__ = ["RewardTrainConfig", "RewardTrainJob", "PairSet", "make_pairs", "scene_pool", "train_reward"]
+
+FIDELITY_KINDS = ("colour", "shape", "count", "position")
+AESTHETIC_KINDS = ("blur", "noise", "jpeg", "cast", "crop")
+PORTRAIT_KINDS = ("cut", "occluded", "blurred")
+
+
+@dataclass
+class RewardTrainConfig:
+    """The knobs of one reward-heads run (the loop's own are in LoopConfig)."""
+
+    heads: tuple[str, ...] = HEADS  # which heads get pairs and train (the rest keep their init)
+    resolution: int = 64  # px the scenes are rendered at before the frozen CLIP sees them
+    n_train: int = 160  # training scenes; each gives one or more pairs per head
+    n_eval: int = 64  # held-out scenes (the eval split's)
+    batch_size: int = 64  # pairs per head per step
+    hidden: int = 256
+    dropout: float = 0.1
+    weight_decay: float = 0.01
+    eval_blur: float = 1.0  # sigma (px) of the "generated-looking" fidelity evaluation
+    clip: str | None = None  # a Frozen spec; None: the workspace's promoted CLIP (else lite0)
+
+    def __post_init__(self) -> None:
+        self.heads = tuple(self.heads)
+        unknown = [h for h in self.heads if h not in HEADS]
+        if unknown or not self.heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads}")
+        for name in ("n_train", "n_eval", "batch_size", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution < 32:
+            raise ValueError(f"resolution must be >= 32, got {self.resolution}")
+
+
+# ---------------------------------------------------------------------------------------
+# Scenes: the workspace's ground truth, re-rendered at the training size
+# ---------------------------------------------------------------------------------------
+
+
+def rescale(scene: Scene, size: int) -> Scene:
+    """`scene` laid out on a size x size canvas (boxes scaled, at least 3 px a side)."""
+    if scene.width == size and scene.height == size:
+        return scene
+    sx, sy = size / scene.width, size / scene.height
+
+    def box(b):
+        x0, y0 = round(b[0] * sx), round(b[1] * sy)
+        return (x0, y0, x0 + max(3, round((b[2] - b[0]) * sx)), y0 + max(3, round((b[3] - b[1]) * sy)))
+
+    groups = tuple(replace(g, boxes=tuple(box(b) for b in g.boxes)) for g in scene.groups)
+    return replace(scene, width=size, height=size, groups=groups)
+
+
+def scene_pool(workspace_root: str | Path | None, split: str, n: int, size: int, seed: int) -> tuple[list[Scene], int]:
+    """`n` scenes at `size` px: the workspace's scene-world samples of `split` (a seeded
+    shuffle of them), topped up with sampled scenes. Returns (scenes, how many came from
+    the workspace)."""
+    found: list[Scene] = []
+    if workspace_root is not None:
+        from dataengine.curriculum import CurriculumSampler, NoTrainingData
+
+        try:
+            rows = CurriculumSampler(workspace_root, 1, 1, splits=(split,)).rows
+        except NoTrainingData:
+            rows = []
+        for r in rows:
+            meta = json.loads(r["meta"]) if r["meta"] else {}
+            if "scene" in meta:
+                found.append(Scene.from_json(meta["scene"]))
+        random.Random(f"reward/{seed}/{split}").shuffle(found)
+    scenes = [rescale(s, size) for s in found[:n]]
+    rng = random.Random(f"reward/{seed}/{split}/sampled")
+    while len(scenes) < n:
+        scenes.append(sample_scene(rng, size, size))
+    return scenes, min(n, len(found))
+
+
+# ---------------------------------------------------------------------------------------
+# Changes to scenes and images that make the losing side of a pair
+# ---------------------------------------------------------------------------------------
+
+
+def _free(boxes, others: tuple[Group, ...], size: int) -> bool:
+    """True when `boxes` stay in the frame and clear of every other group."""
+    a = union(boxes)
+    if a[0] < 0 or a[1] < 0 or a[2] > size or a[3] > size:
+        return False
+    gap = max(1, round(0.03 * size))
+    return all(not (a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap)
+               for b in (union(g.boxes) for g in others))
+
+
+def change_one(scene: Scene, kind: str, rng: random.Random) -> Scene | None:
+    """`scene` with one attribute of one group changed (colour, shape, count, position);
+    None when that change does not fit."""
+    gs = scene.groups
+    i = rng.randrange(len(gs))
+    g, others = gs[i], gs[:i] + gs[i + 1:]
+    taken = {(h.colour, h.shape) for h in gs}
+    if kind == "colour":
+        new = replace(g, colour=rng.choice([c for c in COLOURS if c != g.colour and (c, g.shape) not in taken]))
+    elif kind == "shape":
+        new = replace(g, shape=rng.choice([s for s in SHAPES if s != g.shape and (g.colour, s) not in taken]))
+    elif kind == "count":
+        for n in rng.sample([k for k in range(1, 6) if k != g.count], 4):
+            arr = "single" if n == 1 else ("row" if g.arrangement == "single" or (n < 3 and g.arrangement in ("grid", "stacked")) else g.arrangement)
+            boxes = layout_group(g.position, g.size, n, arr, scene.width, scene.height, rng)
+            if boxes is not None and _free(boxes, others, scene.width):
+                new = replace(g, count=n, arrangement=arr, boxes=boxes)
+                break
+        else:
+            return None
+    elif kind == "position":
+        done = apply_edit(scene, "move", rng)
+        return done[1] if done else None
+    else:
+        raise ValueError(f"unknown change {kind!r}; expected one of {FIDELITY_KINDS}")
+    return replace(scene, groups=gs[:i] + (new,) + gs[i + 1:])
+
+
+def _pil_degrade(img: Image.Image, kind: str, rng: random.Random) -> Image.Image:
+    """One aesthetic flaw, strong enough to see at 64 px."""
+    w, h = img.size
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.02, 0.035) * w))
+    if kind == "noise":
+        arr = np.asarray(img, np.float32)
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(18, 40), arr.shape)
+        return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=rng.randint(4, 12))
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    if kind == "cast":
+        gains = np.ones(3, np.float32)
+        down, up = rng.sample(range(3), 2)
+        gains[down], gains[up] = rng.uniform(0.5, 0.7), rng.uniform(1.15, 1.3)
+        return Image.fromarray(np.clip(np.asarray(img, np.float32) * gains, 0, 255).astype(np.uint8))
+    if kind == "crop":
+        side = round(rng.uniform(0.45, 0.65) * w)
+        x0, y0 = rng.randrange(w - side + 1), rng.randrange(h - side + 1)
+        return img.crop((x0, y0, x0 + side, y0 + side)).resize((w, h), Image.BILINEAR)
+    raise ValueError(f"unknown degradation {kind!r}; expected one of {AESTHETIC_KINDS}")
+
+
+def _subject(scene: Scene) -> int:
+    """The main subject: the group whose union box is largest."""
+    def area(g: Group) -> int:
+        x0, y0, x1, y1 = union(g.boxes)
+        return (x1 - x0) * (y1 - y0)
+    return max(range(len(scene.groups)), key=lambda i: area(scene.groups[i]))
+
+
+def portrait_flaw(scene: Scene, kind: str, rng: random.Random) -> Image.Image:
+    """The render of `scene` with its main subject cut by the frame, occluded or blurred."""
+    i = _subject(scene)
+    g = scene.groups[i]
+    x0, y0, x1, y1 = union(g.boxes)
+    size = scene.width
+    if kind == "cut":  # slide the subject toward its nearest edge until half of it is outside
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        edges = {"left": cx, "right": size - cx, "top": cy, "bottom": size - cy}
+        side = min(edges, key=edges.get)
+        dx = {"left": -x1 + (x1 - x0) // 2, "right": size - x0 - (x1 - x0) // 2}.get(side, 0)
+        dy = {"top": -y1 + (y1 - y0) // 2, "bottom": size - y0 - (y1 - y0) // 2}.get(side, 0)
+        moved = replace(g, boxes=tuple((a + dx, b + dy, c + dx, d + dy) for a, b, c, d in g.boxes))
+        return render(replace(scene, groups=scene.groups[:i] + (moved,) + scene.groups[i + 1:]))
+    if kind == "occluded":  # a square of another colour over the middle of every instance
+        colour = rng.choice([c for c in COLOURS if c != g.colour])
+        boxes = []
+        for a, b, c, d in g.boxes:
+            bw, bh = c - a, d - b
+            boxes.append((a + bw // 4, b + bh // 5, a + bw // 4 + max(3, round(0.7 * bw)), b + bh // 5 + max(3, round(0.75 * bh))))
+        cover = Group("square", colour, len(boxes), g.size, "solid", g.position, g.arrangement, tuple(boxes))
+        return render(replace(scene, groups=scene.groups + (cover,)))
+    if kind == "blurred":  # the subject out of focus, the rest sharp
+        img = render(scene)
+        pad = max(1, size // 32)
+        box = (max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad))
+        img.paste(img.filter(ImageFilter.GaussianBlur(max(1.2, 0.035 * size))).crop(box), box[:2])
+        return img
+    raise ValueError(f"unknown portrait flaw {kind!r}; expected one of {PORTRAIT_KINDS}")
+
+
+def _edit(scene: Scene, rng: random.Random, exclude: tuple[str, ...] = ()):
+    """A random applicable edit of `scene` whose op is not in `exclude`: (Edit, target) or None."""
+    for op in rng.sample(EDIT_OPS, len(EDIT_OPS)):
+        if op not in exclude:
+            done = apply_edit(scene, op, rng)
+            if done is not None:
+                return done
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Pairs: indices into banks of images and texts, embedded once
+# ---------------------------------------------------------------------------------------
+
+
+class _Bank:
+    """Images (uint8 HxWx3) and texts (deduplicated) that pairs point into by index."""
+
+    def __init__(self):
+        self.images: list[np.ndarray] = []
+        self.texts: list[str] = []
+        self._text_ix: dict[str, int] = {}
+
+    def image(self, img: Image.Image | np.ndarray) -> int:
+        self.images.append(np.asarray(img, np.uint8))
+        return len(self.images) - 1
+
+    def text(self, t: str) -> int:
+        if t not in self._text_ix:
+            self._text_ix[t] = len(self.texts)
+            self.texts.append(t)
+        return self._text_ix[t]
+
+
+@dataclass
+class PairSet:
+    """One head's preference pairs as embeddings: win[role] and lose[role] are (N, D)."""
+
+    head: str
+    win: dict[str, torch.Tensor]
+    lose: dict[str, torch.Tensor]
+    kinds: list[str]
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def take(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return {k: v[idx] for k, v in self.win.items()}, {k: v[idx] for k, v in self.lose.items()}
+
+
+# A pair before embedding: (kind, win roles, lose roles); a role maps to ("img"|"txt", bank index).
+_Raw = tuple[str, dict[str, tuple[str, int]], dict[str, tuple[str, int]]]
+
+
+def _pairs_for(scene: Scene, heads: tuple[str, ...], bank: _Bank, rng: random.Random,
+               blur: float | None = None) -> dict[str, list[_Raw]]:
+    """The raw pairs one scene gives each head. With `blur`, fidelity's images are blurred
+    by that sigma (px) first: the generated-looking evaluation."""
+    out: dict[str, list[_Raw]] = {h: [] for h in heads}
+    clean = render(scene)
+    img = bank.image(clean)
+    detail = "rich" if rng.random() < 0.6 else "short"
+    words = rng.getrandbits(32)  # the same words for both captions: only the attribute differs
+    cap = bank.text(caption_for(scene, random.Random(words), detail=detail))
+
+    if "fidelity" in heads:
+        def shown(s: Scene) -> int:
+            im = render(s)
+            return bank.image(im.filter(ImageFilter.GaussianBlur(blur)) if blur else im)
+
+        fid_img = shown(scene) if blur else img
+        changed = {k: change_one(scene, k, rng) for k in FIDELITY_KINDS}
+        for kind, other in changed.items():
+            if other is not None:  # caption side: the image's own caption wins
+                wrong = bank.text(caption_for(other, random.Random(words), detail=detail))
+                out["fidelity"].append((f"caption_{kind}", {"image": ("img", fid_img), "text": ("txt", cap)},
+                                        {"image": ("img", fid_img), "text": ("txt", wrong)}))
+        options = [k for k, v in changed.items() if v is not None]
+        if options:  # image side, both ways: for either caption, its own scene's image wins
+            kind = rng.choice(options)
+            other = changed[kind]
+            o_img, o_cap = shown(other), bank.text(caption_for(other, random.Random(words), detail=detail))
+            out["fidelity"].append((f"image_{kind}", {"image": ("img", fid_img), "text": ("txt", cap)},
+                                    {"image": ("img", o_img), "text": ("txt", cap)}))
+            out["fidelity"].append((f"image_{kind}", {"image": ("img", o_img), "text": ("txt", o_cap)},
+                                    {"image": ("img", fid_img), "text": ("txt", o_cap)}))
+    if "aesthetics" in heads:
+        kind = rng.choice(AESTHETIC_KINDS)
+        out["aesthetics"].append((kind, {"image": ("img", img)}, {"image": ("img", bank.image(_pil_degrade(clean, kind, rng)))}))
+    if "portrait" in heads:
+        kind = rng.choice(PORTRAIT_KINDS)
+        out["portrait"].append((kind, {"image": ("img", img)},
+                                {"image": ("img", bank.image(portrait_flaw(scene, kind, rng)))}))
+    if any(h in heads for h in EDIT_HEADS):
+        done = _edit(scene, rng)
+        if done is not None:
+            edit, target = done
+            ins = bank.text(instruction_for(edit, scene, target, rng))
+            tgt = bank.image(render(target))
+            good = {"source": ("img", img), "image": ("img", tgt), "instruction": ("txt", ins)}
+            if "instruction" in heads:
+                out["instruction"].append(("unchanged", good, good | {"image": ("img", img)}))
+                kind = rng.choice(("other_edit", "wrong_value"))
+                if kind == "wrong_value":  # the same op again until its result differs
+                    wrong = next((d for d in (apply_edit(scene, edit.op, rng) for _ in range(8))
+                                  if d is not None and d[1] != target), None)
+                else:
+                    wrong = _edit(scene, rng, exclude=(edit.op,))
+                if wrong is not None:
+                    out["instruction"].append((kind, good, good | {"image": ("img", bank.image(render(wrong[1])))}))
+            if "consistency" in heads:
+                if rng.random() < 0.2:
+                    kind, over = "reseed", replace(target, noise_seed=rng.getrandbits(31))
+                else:
+                    extra = _edit(target, rng, exclude=(edit.op,))
+                    kind, over = (f"also_{extra[0].op}", extra[1]) if extra else ("reseed", replace(target, noise_seed=rng.getrandbits(31)))
+                out["consistency"].append((kind, good, good | {"image": ("img", bank.image(render(over)))}))
+    return out
+
+
+@torch.no_grad()
+def _embed_bank(bank: _Bank, frozen, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_img, D) and (N_txt, D) frozen embeddings of the bank."""
+    imgs = []
+    for i in range(0, len(bank.images), batch_size):
+        x = torch.from_numpy(np.stack(bank.images[i: i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        imgs.append(frozen.image_embed(x).float().cpu())
+    txt = frozen.text_embed(bank.texts).float().cpu() if bank.texts else torch.zeros(0)
+    return torch.cat(imgs) if imgs else torch.zeros(0), txt
+
+
+def make_pairs(scenes: list[Scene], heads: tuple[str, ...], frozen, seed: int, blur: float | None = None) -> dict[str, PairSet]:
+    """Every head's pairs from `scenes`, embedded by the frozen CLIP; deterministic in seed."""
+    bank = _Bank()
+    raw: dict[str, list[_Raw]] = {h: [] for h in heads}
+    for i, scene in enumerate(scenes):
+        for h, pairs in _pairs_for(scene, heads, bank, random.Random(f"{seed}/{i}"), blur).items():
+            raw[h].extend(pairs)
+    img_emb, txt_emb = _embed_bank(bank, frozen)
+    tables = {"img": img_emb, "txt": txt_emb}
+
+    def gather(sides: list[dict[str, tuple[str, int]]], role: str) -> torch.Tensor:
+        kind = sides[0][role][0]
+        return tables[kind][torch.tensor([s[role][1] for s in sides])]
+
+    out = {}
+    for h, pairs in raw.items():
+        if not pairs:
+            continue
+        roles = HEAD_INPUTS[h]
+        out[h] = PairSet(h, {r: gather([p[1] for p in pairs], r) for r in roles},
+                         {r: gather([p[2] for p in pairs], r) for r in roles}, [p[0] for p in pairs])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------
+
+
+class RewardTrainJob(TrainJob):
+    """Bradley-Terry on each head's pairs; the CLIP stays frozen and its embeddings precomputed."""
+
+    name = MODEL_NAME
+
+    def __init__(self, frozen, train_scenes: list[Scene], eval_scenes: list[Scene], cfg: RewardTrainConfig,
+                 info: dict | None = None):
+        # info: JSON facts that identify the run beyond cfg (the CLIP spec, where scenes came from).
+        self.frozen, self.cfg, self.info = frozen, cfg, info or {}
+        self.train_scenes, self.eval_scenes = train_scenes, eval_scenes
+        self.model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, hidden=cfg.hidden,
+                                      dropout=cfg.dropout)
+
+    def setup(self) -> None:
+        t0 = time.perf_counter()
+        seed = self.loop.seed
+        self.train_pairs = make_pairs(self.train_scenes, self.cfg.heads, self.frozen, seed)
+        self.data_seconds = round(time.perf_counter() - t0, 2)
+        self.model = EmbeddedRewards(self.model_cfg, self.frozen).to(self.device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.loop.lr, weight_decay=self.cfg.weight_decay)
+
+    def config(self) -> dict:
+        return {"model": asdict(self.model_cfg), "train": asdict(self.cfg)} | self.info
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"rewards": self.model}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"rewards": self.opt}
+
+    def step(self, step: int) -> dict[str, float]:
+        g = torch.Generator().manual_seed(self.loop.seed * 1_000_003 + step)
+        losses, accs = {}, {}
+        for h, pairs in self.train_pairs.items():
+            idx = torch.randint(0, len(pairs), (self.cfg.batch_size,), generator=g)
+            win, lose = pairs.take(idx)
+            r_w, r_l = self.model(win, (h,))[h], self.model(lose, (h,))[h]
+            losses[h] = bradley_terry(r_w, r_l)
+            accs[h] = float((r_w > r_l).float().mean())
+        loss = torch.stack(list(losses.values())).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = self.clip(self.model.parameters())
+        self.opt.step()
+        return ({"loss": float(loss.detach())} | {f"loss_{h}": float(v.detach()) for h, v in losses.items()}
+                | {f"acc_{h}": a for h, a in accs.items()} | {"grad_norm": grad_norm})
+
+    @torch.no_grad()
+    def accuracy(self, pairs: dict[str, PairSet]) -> dict[str, Any]:
+        """Per head: the share of pairs the winner scores higher in, overall and per kind."""
+        self.model.eval()
+        out: dict[str, Any] = {}
+        for h, ps in pairs.items():
+            right = (self.model(ps.win, (h,))[h] > self.model(ps.lose, (h,))[h]).float()
+            kinds = sorted(set(ps.kinds))
+            out[h] = {"accuracy": round(float(right.mean()), 4), "pairs": len(ps),
+                      "by_kind": {k: round(float(right[[i for i, x in enumerate(ps.kinds) if x == k]].mean()), 4)
+                                  for k in kinds}}
+        self.model.train()
+        return out
+
+    def evaluate(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        seed = self.loop.seed + 7919  # other draws than training's, on other scenes
+        held = make_pairs(self.eval_scenes, self.cfg.heads, self.frozen, seed)
+        out: dict[str, Any] = {"heldout": self.accuracy(held), "train": self.accuracy(self.train_pairs)}
+        if "fidelity" in held:
+            ps = held["fidelity"]
+            # The untrained baseline: CLIP's own image-text cosine as the fidelity score.
+            cos_w, cos_l = (ps.win["image"] * ps.win["text"]).sum(-1), (ps.lose["image"] * ps.lose["text"]).sum(-1)
+            out["fidelity_clip_cosine"] = round(float((cos_w > cos_l).float().mean()), 4)
+            blurred = make_pairs(self.eval_scenes, ("fidelity",), self.frozen, seed, blur=self.cfg.eval_blur)
+            out["fidelity_blurred"] = self.accuracy(blurred)["fidelity"] | {"sigma_px": self.cfg.eval_blur}
+        out["summary"] = {h: v["accuracy"] for h, v in out["heldout"].items()} | (
+            {"fidelity_blurred": out["fidelity_blurred"]["accuracy"]} if "fidelity_blurred" in out else {})
+        out["pairs_seconds"] = {"train": self.data_seconds, "eval": round(time.perf_counter() - t0, 2)}
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------
+
+
+def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfig) -> RewardTrainJob:
+    """The job for `cfg` on the workspace's scene-world ground truth and CLIP."""
+    from .frozen import Frozen, workspace_clip_spec
+    from .trainer import device_of
+
+    spec = cfg.clip or workspace_clip_spec(workspace_root)
+    frozen = Frozen.load(spec, device=str(device_of(loop.device)))
+    train_scenes, n_ws_train = scene_pool(workspace_root, "train", cfg.n_train, cfg.resolution, loop.seed)
+    eval_scenes, n_ws_eval = scene_pool(workspace_root, "eval", cfg.n_eval, cfg.resolution, loop.seed)
+    info = {"clip": spec, "scenes": {"train_from_workspace": n_ws_train, "eval_from_workspace": n_ws_eval}}
+    return RewardTrainJob(frozen, train_scenes, eval_scenes, cfg, info)
+
+
+def train_reward(workspace_root: str | Path, cfg: RewardTrainConfig | None = None, loop: LoopConfig | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train the reward heads on the workspace's scene-world ground truth; save them as the
+    next models/reward/ version, registered in the catalog. Returns the version's record."""
+    from dataengine.catalog import Catalog
+    from dataengine.workspace import Workspace
+
+    cfg = cfg or RewardTrainConfig()
+    loop = replace(loop or LoopConfig(steps=300, lr=1e-3), progress=progress)
+    ws = Workspace.at(workspace_root)
+    return train(make_job(ws.root, cfg, loop), ws.models, loop, catalog=Catalog(ws))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.train_reward -w WS [config and loop flags]`."""
+    import argparse
+    import dataclasses
+    import typing
+
+    ap = argparse.ArgumentParser(prog="python -m models.train_reward", description=__doc__.splitlines()[0])
+    ap.add_argument("-w", "--workspace", required=True)
+    for cls in (RewardTrainConfig, LoopConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("progress", "heads"):
+                continue
+            flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+            base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+            ap.add_argument(flag, type=base if base in (int, float, str) else str,
+                            default=f.default if f.default is not dataclasses.MISSING else None)
+    ap.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads to train")
+    ap.set_defaults(steps=300, lr=1e-3)  # the reward's own loop defaults (models/stack.py)
+    args = vars(ap.parse_args(argv))
+    cfg = RewardTrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(RewardTrainConfig) if f.name != "heads"},
+                            heads=tuple(h.strip() for h in args["heads"].split(",") if h.strip()))
+    loop = LoopConfig(**{f.name: args[f.name] for f in dataclasses.fields(LoopConfig) if f.name != "progress"})
+    record = train_reward(args["workspace"], cfg, loop)
+    print(json.dumps(record | {"created_at": record["created_at"].isoformat()}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

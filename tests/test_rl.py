@@ -1,0 +1,245 @@
+"""Flow-GRPO (models/rl.py): the SDE's marginals and sign, advantages, log-probs, and that
+CFG is used when sampling and never in the optimisation loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import rl as rl_mod
+from models.distill import Prompts
+from models.dit import DiTConfig, build, timesteps
+from models.rl import (
+    RLConfig, RLJob, gaussian_log_prob, grpo_loss, group_advantages, sample_trajectories, sde_step,
+)
+from models.trainer import LoopConfig, load_weights, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids oversubscribing a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+C, H, TD, L = 4, 2, 8, 3  # latent channels, latent side, text width, text length
+
+
+def nano(seed: int = 0, perturb: float = 0.05):
+    """A nano DiT whose conditioning matters (zero-initialised layers nudged off zero)."""
+    torch.manual_seed(seed)
+    model = build(DiTConfig(size="nano", latent_channels=C, text_dim=TD, max_text_len=L))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return model
+
+
+def prompts(n: int = 2, seed: int = 1) -> Prompts:
+    g = torch.Generator().manual_seed(seed)
+    return Prompts([f"prompt {i}" for i in range(n)], torch.randn(n, L, TD, generator=g),
+                   torch.ones(n, L, dtype=torch.bool))
+
+
+def brightness(x0: torch.Tensor, p: Prompts) -> dict[str, torch.Tensor]:
+    return {"brightness": x0.flatten(1).mean(1)}
+
+
+def small_cfg(**kw) -> RLConfig:
+    base = dict(group_size=4, prompts_per_step=2, sample_steps=4, cfg_scale=3.0, reward_weights={"brightness": 1.0})
+    return RLConfig(**(base | kw))
+
+
+# ---------------------------------------------------------------------------------------
+# The SDE
+# ---------------------------------------------------------------------------------------
+
+
+def gaussian_velocity(m: float, s: float):
+    """Exact flow velocity E[eps - x0 | x_t] for 1-D data x0 ~ N(m, s^2), x_t = (1-t) x0 + t eps."""
+    def v(x: torch.Tensor, t: float) -> torch.Tensor:
+        var = (1 - t) ** 2 * s**2 + t**2
+        centred = x - (1 - t) * m
+        return t / var * centred - (m + (1 - t) * s**2 / var * centred)
+    return v
+
+
+def test_sde_keeps_the_ode_marginals_and_runs_from_noise_to_data():
+    # With the exact velocity of a known data law, the SDE from pure noise must land on that
+    # law: a wrong sign in the drift correction (or a missing one) inflates or collapses it.
+    torch.manual_seed(0)
+    m, s, a, steps = 1.5, 0.5, 0.7, 200
+    v = gaussian_velocity(m, s)
+    ts = timesteps(steps)
+    x = torch.randn(40000, 1)
+    for i in range(steps):
+        t, tn = float(ts[i]), float(ts[i + 1])
+        mean, std = sde_step(x, v(x, t), t, tn, a, float(ts[1]))
+        x = mean + std * torch.randn_like(x)
+    assert abs(float(x.mean()) - m) < 0.05
+    assert abs(float(x.std()) - s) < 0.05
+
+
+def test_sde_step_without_noise_is_the_euler_step():
+    x, v = torch.randn(3, C, H, H), torch.randn(3, C, H, H)
+    mean, std = sde_step(x, v, 0.6, 0.5, 0.0, 0.9)
+    assert std == 0.0
+    torch.testing.assert_close(mean, x - 0.1 * v)
+
+
+def test_recorded_log_prob_is_the_gaussian_of_the_conditional_mean():
+    model, p = nano(), prompts(3)
+    torch.manual_seed(2)
+    traj = sample_trajectories(model, p.text, p.mask, torch.randn(3, C, H, H), steps=4, a=0.7, cfg_scale=3.0)
+    assert traj.xs.shape == (5, 3, C, H, H) and traj.log_probs.shape == (4, 3)
+    for i in range(4):
+        normal = torch.distributions.Normal(traj.means[i], float(traj.stds[i]))
+        expected = normal.log_prob(traj.xs[i + 1]).flatten(1).mean(1)
+        torch.testing.assert_close(traj.log_probs[i], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gaussian_log_prob(traj.xs[i + 1], traj.means[i], float(traj.stds[i])), expected)
+        # The recorded mean is the conditional model's (no guidance), step i's.
+        with torch.no_grad():
+            v = model(traj.xs[i], traj.ts[i].expand(3), p.text, p.mask)
+        mean, _ = sde_step(traj.xs[i], v, float(traj.ts[i]), float(traj.ts[i + 1]), 0.7, traj.t_cap)
+        torch.testing.assert_close(traj.means[i], mean, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# GRPO
+# ---------------------------------------------------------------------------------------
+
+
+def test_group_advantages_are_centred_and_scaled_per_group():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0, -1.0, 5.0, 0.0, 2.0])
+    adv = group_advantages(r, 4).view(3, 4)
+    torch.testing.assert_close(adv.mean(1), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv[1], torch.zeros(4))  # one reward for the whole group: no signal
+    assert abs(float(adv[0].std(unbiased=False)) - 1) < 1e-3
+    assert adv[0].argsort().tolist() == [0, 1, 2, 3]
+
+
+def test_ratio_starts_at_one_although_samples_used_cfg():
+    # Old log-probs are the conditional policy's, as is the loss: same family, ratio 1.
+    model, p = nano(), prompts(2)
+    torch.manual_seed(3)
+    cfg = small_cfg()
+    traj = sample_trajectories(model, p.text, p.mask, torch.randn(2, C, H, H), 4, 0.7, cfg_scale=3.0)
+    adv = torch.tensor([1.0, -1.0])
+    for i in range(cfg.k):
+        _, stats, _ = grpo_loss(model, model, traj, i, p.text, p.mask, adv, cfg)
+        assert abs(stats["ratio"] - 1) < 1e-4 and stats["clip_frac"] == 0.0 and stats["kl"] < 1e-8
+
+
+class Spy:
+    """Records every forward of the models it watches: the phase it ran in, whether any
+    row carried the null ("no caption") text, and its timestep."""
+
+    def __init__(self, *models):
+        self.phase, self.calls = "other", []
+        for m in models:
+            m.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        x, t, text = args[0], args[1], args[2]
+        null, _ = module.null_text(text.shape[0], text.shape[1])
+        is_null = (text == null.to(text)).flatten(1).all(1)
+        self.calls.append({"phase": self.phase, "null_rows": int(is_null.sum()), "t": sorted(set(t.tolist())),
+                           "batch": x.shape[0]})
+
+    def wrap(self, fn, phase):
+        def wrapped(*a, **kw):
+            before, self.phase = self.phase, phase
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.phase = before
+        return wrapped
+
+
+def test_cfg_is_used_when_sampling_and_never_in_the_loss(monkeypatch):
+    model = nano()
+    job = RLJob(model, lambda step: prompts(2, seed=step), brightness, (C, H, H), small_cfg(updates_per_step=2))
+    job.loop, job.device = LoopConfig(lr=1e-3), torch.device("cpu")
+    job.setup()
+    spy = Spy(job.policy, job.reference)
+    monkeypatch.setattr(rl_mod, "sample_trajectories", spy.wrap(rl_mod.sample_trajectories, "sample"))
+    monkeypatch.setattr(rl_mod, "grpo_loss", spy.wrap(rl_mod.grpo_loss, "loss"))
+    job.step(0)
+
+    sampling = [c for c in spy.calls if c["phase"] == "sample"]
+    loss = [c for c in spy.calls if c["phase"] == "loss"]
+    assert sampling and all(c["null_rows"] == c["batch"] // 2 for c in sampling)  # CFG: cond + null per forward
+    assert loss and all(c["null_rows"] == 0 for c in loss)  # the loss path never sees the null text
+    assert not [c for c in spy.calls if c["phase"] == "other"]  # and nothing runs outside the two
+    # Only the first K transitions enter the loss (K = 4 // 2 = 2), policy and reference alike.
+    first_k = {float(t) for t in timesteps(4)[:2]}
+    assert {t for c in loss for t in c["t"]} == first_k
+    # updates_per_step=2: 2 policy forwards per transition, the reference's once (cached).
+    assert len(loss) == 2 * 2 + 2
+
+
+def test_the_spy_catches_cfg_in_a_loss():
+    # The detector itself: a loss that used CFG would be seen.
+    from models.dit import velocity
+
+    model = nano()
+    spy = Spy(model)
+    p = prompts(2)
+    spy.phase = "loss"
+    velocity(model, torch.randn(2, C, H, H), torch.full((2,), 0.5), p.text, p.mask, cfg_scale=3.0)
+    assert spy.calls[-1]["null_rows"] == 2
+
+
+def test_a_few_steps_raise_the_reward_and_save_a_loadable_dit(tmp_path):
+    model = nano(perturb=0.0)
+    fixed = prompts(2)
+    heldout = Prompts(fixed.captions * 4, fixed.text.repeat(4, 1, 1), fixed.mask.repeat(4, 1))
+    job = RLJob(model, lambda step: fixed, brightness, (C, H, H), small_cfg(updates_per_step=2, kl_beta=0.01),
+                heldout=heldout)
+    loop = LoopConfig(steps=8, lr=1e-2, warmup_steps=0, progress=False, num_threads=1)
+    record = train(job, tmp_path / "models", loop)
+    ev = record["metrics"]["eval"]["samplers"]
+    assert ev["after"]["reward"] > ev["before"]["reward"] + 0.2
+    from models.dit import load_dit
+
+    tuned = load_dit(record["path"])
+    states, config, _ = load_weights(record["path"])
+    assert config["job"]["rl"]["sample_steps"] == 4 and set(states) == {"dit"}
+    torch.testing.assert_close(tuned.state_dict()["final.linear.bias"], job.policy.state_dict()["final.linear.bias"])
+
+
+def test_resume_keeps_the_start_model_as_reference(tmp_path):
+    from models.trainer import TrainingInterrupted
+
+    start = nano(perturb=0.0)
+    start_bias = start.final.linear.bias.detach().clone()
+    loop = LoopConfig(steps=4, lr=1e-2, warmup_steps=0, ckpt_every=2, progress=False, num_threads=1)
+
+    def make():
+        return RLJob(nano(perturb=0.0), lambda step: prompts(2), brightness, (C, H, H), small_cfg())
+
+    with pytest.raises(TrainingInterrupted):
+        train(make(), tmp_path, loop, stop_after=2)
+    job = make()
+    record = train(job, tmp_path, loop)
+    assert record["resumed_from"] == 2
+    torch.testing.assert_close(job.reference.final.linear.bias, start_bias)
+    assert not torch.equal(job.policy.final.linear.bias, start_bias)
+
+
+def test_config_validation_and_resolution():
+    with pytest.raises(ValueError):
+        RLConfig(group_size=1)
+    with pytest.raises(ValueError):
+        RLConfig(sample_steps=4, train_steps=5)
+    with pytest.raises(ValueError):
+        RLConfig(noise_level=0.0)
+    dit = RLConfig().resolved()
+    assert (dit.sample_steps, dit.cfg_scale, dit.k) == (10, 4.0, 5)
+    student = RLConfig().resolved(student_steps=4)
+    assert (student.sample_steps, student.cfg_scale, student.k) == (4, 1.0, 2)
+    assert math.isclose(RLConfig(sample_steps=8, cfg_scale=2.0).resolved(4).cfg_scale, 2.0)
