@@ -583,6 +583,9 @@ def demo(
     config: Optional[Path] = ConfigOpt,
     fresh: bool = typer.Option(False, help="Delete the workspace first."),
     ray: bool = typer.Option(True, "--ray/--no-ray", help="Scan shards on Ray (default) or in-process."),
+    stack: bool = typer.Option(False, "--stack/--no-stack",
+                               help="Also train each model of the stack briefly (VAE, DiT, rewards, distill, RL, "
+                                    "enhancer phase two); slow on 2 cores, see the README."),
 ) -> None:
     """The main job: make a workspace, write the scene world, ingest it, print a summary."""
     ws, cfg, _ = _setup(workspace, config, ingest=dict(use_ray=ray))
@@ -590,7 +593,7 @@ def demo(
         shutil.rmtree(ws.root)
     from flows.demo import demo_flow
 
-    summary = demo_flow(str(ws.root), cfg)
+    summary = demo_flow(str(ws.root), cfg, train_stack=stack)
     print_summary(summary)
     if not summary.exact:
         raise typer.Exit(1)

@@ -272,7 +272,7 @@ def summarize_workspace(root: str) -> Summary:
 
 @flow(name="dataengine-demo", log_prints=True)
 def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 200,
-              real_images: bool = True, train_stack: bool = True) -> Summary:
+              real_images: bool = True, train_stack: bool = False) -> Summary:
     """Make a workspace from nothing, fill it with the scene world, account for it, and
     turn its captions into enhancer pairs and a first enhancer."""
     prepare_workspace(workspace)

@@ -302,7 +302,8 @@ def _pairs_for(scene: Scene, heads: tuple[str, ...], bank: _Bank, rng: random.Ra
     out: dict[str, list[_Raw]] = {h: [] for h in heads}
     clean = render(scene)
     img = bank.image(clean)
-    detail = "rich" if rng.random() < 0.6 else "short"
+    # The workspace's mix leans rich; terse prompts are what users type (and RL samples).
+    detail = rng.choices(("rich", "short", "terse"), weights=(0.4, 0.3, 0.3))[0]
     words = rng.getrandbits(32)  # the same words for both captions: only the attribute differs
     cap = bank.text(caption_for(scene, random.Random(words), detail=detail))
 
@@ -312,17 +313,17 @@ def _pairs_for(scene: Scene, heads: tuple[str, ...], bank: _Bank, rng: random.Ra
             return bank.image(im.filter(ImageFilter.GaussianBlur(blur)) if blur else im)
 
         fid_img = shown(scene) if blur else img
-        changed = {k: change_one(scene, k, rng) for k in FIDELITY_KINDS}
-        for kind, other in changed.items():
-            if other is not None:  # caption side: the image's own caption wins
-                wrong = bank.text(caption_for(other, random.Random(words), detail=detail))
-                out["fidelity"].append((f"caption_{kind}", {"image": ("img", fid_img), "text": ("txt", cap)},
-                                        {"image": ("img", fid_img), "text": ("txt", wrong)}))
-        options = [k for k, v in changed.items() if v is not None]
-        if options:  # image side, both ways: for either caption, its own scene's image wins
-            kind = rng.choice(options)
-            other = changed[kind]
-            o_img, o_cap = shown(other), bank.text(caption_for(other, random.Random(words), detail=detail))
+        # A change the caption does not name (a terse prompt says no positions) makes no pair.
+        changed = {k: (o, bank.text(caption_for(o, random.Random(words), detail=detail)))
+                   for k, o in ((k, change_one(scene, k, rng)) for k in FIDELITY_KINDS) if o is not None}
+        changed = {k: v for k, v in changed.items() if v[1] != cap}
+        for kind, (_, wrong) in changed.items():  # caption side: the image's own caption wins
+            out["fidelity"].append((f"caption_{kind}", {"image": ("img", fid_img), "text": ("txt", cap)},
+                                    {"image": ("img", fid_img), "text": ("txt", wrong)}))
+        if changed:  # image side, both ways: for either caption, its own scene's image wins
+            kind = rng.choice(sorted(changed))
+            other, o_cap = changed[kind]
+            o_img = shown(other)
             out["fidelity"].append((f"image_{kind}", {"image": ("img", fid_img), "text": ("txt", cap)},
                                     {"image": ("img", o_img), "text": ("txt", cap)}))
             out["fidelity"].append((f"image_{kind}", {"image": ("img", o_img), "text": ("txt", o_cap)},
