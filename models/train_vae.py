@@ -252,15 +252,18 @@ class VAEJob(TrainJob):
     def evaluate(self) -> dict[str, Any]:
         self.vae.eval()
         scale = self.set_scale()
+        from dataengine.curriculum import NoTrainingData
+
         res, n = self.cfg.resolution, self.cfg.eval_images
-        scene = self.sampler.images(n, split="eval", resolution=res, source=SCENEWORLD)
-        out: dict[str, Any] = {"params": n_params(self.vae), "factor": self.model_cfg.factor,
-                               "latent_channels": self.model_cfg.latent_channels, "resolution": res,
-                               "scale": round(scale, 5),
-                               "sceneworld": reconstruction_metrics(self.vae, scene.images, self.frozen)}
+        try:
+            scene = self.sampler.images(n, split="eval", resolution=res, source=SCENEWORLD).images
+        except NoTrainingData:  # a workspace of real images only: no scene-world eval split
+            scene = None
         real = self.heldout_real_images()
-        out["real"] = reconstruction_metrics(self.vae, real, self.frozen) if real is not None else None
-        return out
+        return {"params": n_params(self.vae), "factor": self.model_cfg.factor,
+                "latent_channels": self.model_cfg.latent_channels, "resolution": res, "scale": round(scale, 5),
+                "sceneworld": None if scene is None else reconstruction_metrics(self.vae, scene, self.frozen),
+                "real": None if real is None else reconstruction_metrics(self.vae, real, self.frozen)}
 
     def heldout_real_images(self) -> torch.Tensor | None:
         """The held-out real images at the run's resolution (None when the workspace has none)."""

@@ -53,6 +53,7 @@ class TinyFrozen:
         self.convs = [nn.Conv2d(a, b, 3, stride=2, padding=1).requires_grad_(False) for a, b in zip(widths, widths[1:])]
         for c in self.convs:
             c.weight.copy_(torch.randn(c.weight.shape, generator=g) * 0.3)
+            c.bias.copy_(torch.randn(c.bias.shape, generator=g) * 0.1)
 
     def perceptual_features(self, images, strides=(2, 4, 8)):
         out, h = {}, images
@@ -284,3 +285,18 @@ def test_train_vae_on_a_scene_workspace(scene_ws, tmp_path):
     assert record["model"] == "vae" and record["metrics"]["eval"]["sceneworld"]["n"] == 4
     vae = load_vae(record["path"])
     assert vae.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 2, 2)
+
+
+def test_a_crashed_run_resumes_to_the_weights_of_an_unbroken_one(tmp_path):
+    from models.trainer import LoopConfig, TrainingInterrupted, train
+
+    x = images(4, 32)
+    cfg = VAETrainConfig(size="nano", resolution=32, eval_images=4, scale_images=4)
+    loop = LoopConfig(steps=4, ckpt_every=2, progress=False, num_threads=1)
+    whole = train(VAEJob(FixedSampler(x), TinyFrozen(), cfg), tmp_path / "a", loop)
+    with pytest.raises(TrainingInterrupted):
+        train(VAEJob(FixedSampler(x), TinyFrozen(), cfg), tmp_path / "b", loop, stop_after=2)
+    resumed = train(VAEJob(FixedSampler(x), TinyFrozen(), cfg), tmp_path / "b", loop)
+    assert resumed["resumed_from"] == 2
+    a, b = load_vae(whole["path"]), load_vae(resumed["path"])
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
