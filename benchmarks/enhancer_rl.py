@@ -111,14 +111,18 @@ def table(ev: dict, record: dict, cfg: EnhancerRLConfig, loop: LoopConfig) -> st
     weights = " + ".join(f"{w:g} {k}" for k, w in cfg.reward_weights.items())
     m = record["metrics"]
     rl = json.loads(Path(record["path"], "config.json").read_text())["job"]
-    curve = [v for _, v in m["curves"].get("reward", [])]
-    trend = f"{curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "-"
+    curve = [v for _, v in m["curves"].get("reward", [])]  # ~20 windows of the run
+    q = max(1, len(curve) // 4)
+    trend = f"{sum(curve[:q]) / q:.4f} -> {sum(curve[-q:]) / q:.4f}" if curve else "-"
     out.append(f"{ev['n_prompts']} held-out prompts ({ev['n_with_scene']} with scene ground truth, "
                f"{rl.get('heldout_unseen_by_phase1', 0)} also unseen by phase 1); reward = {weights}, "
                f"scored against the terse prompt; generator {rl['renderer']['sampler']} at {cfg.resolution}px.")
+    pairs = ev.get("paired_reward", {})
+    out.append("paired reward differences (mean +- s.e., share of prompts won): " + "; ".join(
+        f"{k} {v['mean']:+.3f} +- {v['se']:.3f} ({v['wins']:.0%})" for k, v in pairs.items()))
     out.append(f"phase 2: {loop.steps} steps x {cfg.prompts_per_step} prompts x G={cfg.group_size}, lr {loop.lr:g}, "
                f"beta {cfg.kl_beta:g}, T {cfg.temperature:g}; train {m['train_seconds']:.0f}s, eval "
-               f"{m['eval_seconds']:.0f}s; training reward (first -> last 5% of steps) {trend}, "
+               f"{m['eval_seconds']:.0f}s; training reward (first -> last quarter of steps) {trend}, "
                f"KL/token at the end {m['last'].get('kl', float('nan')):.4f}")
     return "\n".join(out)
 
@@ -135,6 +139,7 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--eval-prompts", type=int, default=48)
     ap.add_argument("--generator", default="auto", choices=("auto", "distill", "dit"))
+    ap.add_argument("--sample-steps", type=int, default=10, help="Euler steps of the DiT's renders (not the student's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     # Budgets of the temporary workspace's models (ignored with -w).
@@ -170,7 +175,8 @@ def main() -> int:
         return 2
 
     cfg = EnhancerRLConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step, kl_beta=args.beta,
-                           temperature=args.temperature, eval_prompts=args.eval_prompts, generator=args.generator)
+                           temperature=args.temperature, eval_prompts=args.eval_prompts, generator=args.generator,
+                           dit_steps=args.sample_steps)
     loop = LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=min(5, args.steps), seed=args.seed,
                       ckpt_every=max(args.steps, 1), num_threads=args.threads, progress=False)
     t0 = time.perf_counter()

@@ -584,9 +584,11 @@ class EnhancerRLJob(TrainJob):
                 "phase2": enhance(self.policy, self.tokenizer, list(prompts), max_new_tokens=n)}
 
     @torch.no_grad()
-    def judge(self, held: Sequence[TersePrompt], contenders: dict[str, list[str]], seed: int) -> dict[str, Any]:
+    def judge(self, held: Sequence[TersePrompt], contenders: dict[str, list[str]], seed: int
+              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Each contender's mean reward (per head and weighted) and checker accuracy on renders
-        from the same noise per prompt, scored against the terse prompt."""
+        from the same noise per prompt, scored against the terse prompt; and the weighted
+        reward per prompt of each contender (for paired comparisons)."""
         from dataengine.enhance_eval import evaluate as text_measures
 
         terse = [p.text for p in held]
@@ -597,6 +599,7 @@ class EnhancerRLJob(TrainJob):
             gen = torch.Generator().manual_seed(seed)
             noise = torch.randn(len(held), *self.render.latent_shape, generator=gen)
         out: dict[str, Any] = {}
+        per_prompt: dict[str, torch.Tensor] = {}
         for name, texts in contenders.items():
             cand = Candidates(terse, list(texts), scenes=scenes)
             fig: dict[str, Any] = {"words": round(float(np.mean([len(t.split()) for t in texts])), 2)}
@@ -604,7 +607,8 @@ class EnhancerRLJob(TrainJob):
                 cand.images = self.render(texts, noise)
                 fig["text_overflow"] = round(self.render.overflow(texts), 4)
             scores = self.scores(cand)
-            fig["reward"] = round(float(weighted_reward(scores, self.cfg.reward_weights).mean()), 5)
+            per_prompt[name] = weighted_reward(scores, self.cfg.reward_weights)
+            fig["reward"] = round(float(per_prompt[name].mean()), 5)
             fig |= {f"reward_{k}": round(float(v.mean()), 5) for k, v in scores.items()}
             if with_scene:
                 sub = [scenes[i] for i in with_scene]
@@ -615,16 +619,22 @@ class EnhancerRLJob(TrainJob):
                 text = text_measures([terse[i] for i in with_scene], [texts[i] for i in with_scene], sub)
                 fig |= {k: text[k] for k in ("intent_preservation", "richness_gain", "faithful_share")}
             out[name] = fig
-        return out
+        return out, per_prompt
 
     def evaluate(self) -> dict[str, Any]:
         if not self.heldout:
             return {}
         terse = [p.text for p in self.heldout]
         contenders = self.contenders(terse)
-        figures = self.judge(self.heldout, contenders, seed=self.loop.seed)
+        figures, per_prompt = self.judge(self.heldout, contenders, seed=self.loop.seed)
+        paired = {}
+        for a, b in (("phase2", "phase1"), ("phase1", "terse"), ("phase2", "terse")):
+            d = per_prompt[a] - per_prompt[b]  # same prompt, same noise: a paired difference
+            se = float(d.std(unbiased=True) / len(d) ** 0.5) if len(d) > 1 else float("nan")
+            paired[f"{a}-{b}"] = {"mean": round(float(d.mean()), 5), "se": round(se, 5),
+                                  "wins": round(float((d > 0).float().mean()), 4)}
         return {"n_prompts": len(self.heldout), "n_with_scene": sum(p.scene is not None for p in self.heldout),
-                "contenders": figures,
+                "contenders": figures, "paired_reward": paired,
                 "examples": [{"terse": t, "phase1": a, "phase2": b}
                              for t, a, b in list(zip(terse, contenders["phase1"], contenders["phase2"]))[:4]]}
 

@@ -203,6 +203,10 @@ def test_evaluate_scores_terse_phase_one_and_phase_two_prompts_on_renders(traine
         assert {"reward", "reward_length", "words", "text_overflow", "intent_preservation"} <= set(fig)
     # The reward was optimised toward short prompts; the held-out prompts show it too.
     assert ev["contenders"]["phase2"]["reward"] > ev["contenders"]["phase1"]["reward"]
+    diff = ev["paired_reward"]["phase2-phase1"]
+    assert diff["mean"] == pytest.approx(ev["contenders"]["phase2"]["reward"] - ev["contenders"]["phase1"]["reward"],
+                                         abs=1e-3)
+    assert diff["se"] >= 0 and 0 <= diff["wins"] <= 1
 
 
 def test_the_saved_version_loads_and_enhances_like_a_phase_one_version(trained):
