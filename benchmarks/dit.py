@@ -68,22 +68,23 @@ def scenes(split: str, n: int, res: int, seed: int = 0):
     return x, caps, truth
 
 
-def quick_vae(images: torch.Tensor, steps: int, batch: int, seed: int):
-    """A tiny f16 VAE trained for `steps` on `images` (L1 + 1e-4 KL), latents scaled to unit std."""
+def quick_vae(images: torch.Tensor, steps: int, batch: int, seed: int, device=torch.device("cpu")):
+    """A tiny f16 VAE trained for `steps` on `images` (L1 + 1e-4 KL), latents scaled to unit
+    std; trained on `device`, returned on the CPU."""
     from models.vae import VAEConfig, build as build_vae, kl_loss
 
     torch.manual_seed(seed)
-    vae = build_vae(VAEConfig(size="tiny"))
+    vae = build_vae(VAEConfig(size="tiny")).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        idx = torch.randint(len(images), (batch,), generator=gen)
-        recon, mean, logvar = vae(images[idx])
-        loss = F.l1_loss(recon, images[idx]) + 1e-4 * kl_loss(mean, logvar)
+        x = images[torch.randint(len(images), (batch,), generator=gen)].to(device)
+        recon, mean, logvar = vae(x)
+        loss = F.l1_loss(recon, x) + 1e-4 * kl_loss(mean, logvar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    vae.eval()
+    vae = vae.cpu().eval()
     with torch.no_grad():
         vae.set_scale(torch.cat([vae.posterior(images[i: i + 64])[0] for i in range(0, len(images), 64)]))
     return vae, float(loss.detach())
@@ -101,6 +102,26 @@ def text_tokens(frozen, captions: list[str], max_len: int = 32) -> tuple[torch.T
     text = torch.cat([F.pad(h, (0, 0, 0, L - h.shape[1])) for h, _ in parts])
     mask = torch.cat([F.pad(m, (0, L - m.shape[1])) for _, m in parts])
     return text, mask
+
+
+def caption_tokens(cache: str | None, captions: list[str], ev_captions: list[str]):
+    """Text token states of the train and held-out captions, from the frozen text encoder or
+    from a --text-cache file written by an earlier run. The cache lets a machine without the
+    packaged text encoder (a bare GPU box) run the benchmark: build it here with
+    --only text-cache and the same --seed/--n-train/--n-eval, carry it there."""
+    if cache and Path(cache).exists():
+        blob = torch.load(cache)
+        if blob["captions"] != captions or blob["ev_captions"] != ev_captions:
+            raise SystemExit(f"{cache}: its captions are not this run's (another --seed, --n-train or --n-eval?)")
+        return blob["text"].float(), blob["mask"], blob["ev_text"].float(), blob["ev_mask"], blob["spec"] + " (cached)"
+    from models.frozen import Frozen
+
+    frozen = Frozen.load()
+    (text, mask), (ev_text, ev_mask) = text_tokens(frozen, captions), text_tokens(frozen, ev_captions)
+    if cache:  # fp16 halves the file; the states are normalised activations, well inside its range
+        torch.save({"captions": captions, "ev_captions": ev_captions, "text": text.half(), "mask": mask,
+                    "ev_text": ev_text.half(), "ev_mask": ev_mask, "spec": frozen.spec}, cache)
+    return text, mask, ev_text, ev_mask, frozen.spec
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,7 +379,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak (H100 SXM bf16 dense: 989) -> MFU")
-    ap.add_argument("--only", choices=("all", "speed"), default="all")
+    ap.add_argument("--only", choices=("all", "speed", "text-cache"), default="all")
+    ap.add_argument("--text-cache", help="file of the captions' text token states: read if it exists, else written")
     ap.add_argument("--warmup-steps", type=int, default=5, help="--only speed: untimed steps")
     ap.add_argument("--timed-steps", type=int, default=20, help="--only speed: timed steps")
     ap.add_argument("--compile", action="store_true", help="--only speed: torch.compile the model")
@@ -376,28 +398,28 @@ def main() -> None:
 
     t_start = time.perf_counter()
     from dataengine.sceneworld.checker import Checker
-    from models.frozen import Frozen
 
     images, captions, _ = scenes("train", args.n_train, args.resolution, args.seed)
     ev_images, ev_captions, ev_scenes = scenes("eval", args.n_eval, args.resolution, args.seed)
+    text, mask, ev_text, ev_mask, text_spec = caption_tokens(args.text_cache, captions, ev_captions)
+    if args.only == "text-cache":
+        print(f"text tokens of {len(captions)} + {len(ev_captions)} captions ({text_spec}) -> {args.text_cache}")
+        return
     t0 = time.perf_counter()
     if args.vae:
         from models.vae import load_vae
 
         vae, vae_note = load_vae(args.vae), f"VAE {args.vae}"
     else:
-        vae, last = quick_vae(images, args.vae_steps, 16, args.seed)
+        vae, last = quick_vae(images, args.vae_steps, 16, args.seed, device)
         vae_note = f"tiny f16 VAE trained here for {args.vae_steps} steps (L1 {last:.3f})"
     vae_s = time.perf_counter() - t0
-    frozen = Frozen.load()
     z, ev_z = encode(vae, images), encode(vae, ev_images)
-    text, mask = text_tokens(frozen, captions)
-    ev_text, ev_mask = text_tokens(frozen, ev_captions)
     data = {"z": z, "text": text, "mask": mask}
     ev = {"z": ev_z, "text": ev_text, "mask": ev_mask, "images": ev_images, "scenes": ev_scenes}
     probe_batch = (ev_z[:16].to(device), ev_text[:16].to(device), ev_mask[:16].to(device))
     print(f"data: {args.n_train} train / {args.n_eval} held-out scenes at {args.resolution} px -> latents "
-          f"{tuple(z.shape[1:])}; {vae_note} ({vae_s:.0f}s); text {frozen.spec} ({text.shape[1]} tokens max); "
+          f"{tuple(z.shape[1:])}; {vae_note} ({vae_s:.0f}s); text {text_spec} ({text.shape[1]} tokens max); "
           f"prep {time.perf_counter() - t_start:.0f}s")
     print(f"DiT {args.size}: {args.steps} steps x batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
           f"same batches and noise for both variants")
