@@ -455,7 +455,8 @@ class RewardTrainJob(TrainJob):
         self.model.eval()
         out: dict[str, Any] = {}
         for h, ps in pairs.items():
-            right = (self.model(ps.win, (h,))[h] > self.model(ps.lose, (h,))[h]).float()
+            r_w, r_l = self.model(ps.win, (h,))[h], self.model(ps.lose, (h,))[h]
+            right = (r_w > r_l).float() + 0.5 * (r_w == r_l).float()  # a tie is a coin toss
             kinds = sorted(set(ps.kinds))
             out[h] = {"accuracy": round(float(right.mean()), 4), "pairs": len(ps),
                       "by_kind": {k: round(float(right[[i for i, x in enumerate(ps.kinds) if x == k]].mean()), 4)
@@ -472,7 +473,7 @@ class RewardTrainJob(TrainJob):
             ps = held["fidelity"]
             # The untrained baseline: CLIP's own image-text cosine as the fidelity score.
             cos_w, cos_l = (ps.win["image"] * ps.win["text"]).sum(-1), (ps.lose["image"] * ps.lose["text"]).sum(-1)
-            out["fidelity_clip_cosine"] = round(float((cos_w > cos_l).float().mean()), 4)
+            out["fidelity_clip_cosine"] = round(float(((cos_w > cos_l).float() + 0.5 * (cos_w == cos_l).float()).mean()), 4)
             blurred = make_pairs(self.eval_scenes, ("fidelity",), self.frozen, seed, blur=self.cfg.eval_blur)
             out["fidelity_blurred"] = self.accuracy(blurred)["fidelity"] | {"sigma_px": self.cfg.eval_blur}
         out["summary"] = {h: v["accuracy"] for h, v in out["heldout"].items()} | (

@@ -1,6 +1,6 @@
 """Scene world: a judge of generated images against their scenes' ground truth.
 
-    checker = Checker.load_or_train("ws/models/checker")     # trains once (~1 min), then loads
+    checker = Checker.load_or_train("ws/models/checker")     # trains once (~2 min on one core), then loads
     out = checker.check(images, scenes)        # per image: colour, shape, bound, position, background, accuracy
     acc = attribute_accuracy(images, scenes, checker)          # one number: mean per-image accuracy
 
@@ -45,8 +45,10 @@ COLOUR_NAMES = tuple(COLOURS)
 # What `check` judges per image; `accuracy` is their mean.
 ATTRIBUTES = ("colour", "shape", "bound", "position", "background")
 STRIDE = 4  # one grid cell per 4x4 pixels of the checker's input
+STEM = 8  # channels of the full-resolution stem
+IGNORE = -1.0  # object label of cells an object only grazes: no loss there
 WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE = "weights.safetensors", "config.json", "metrics.json"
-ARCH = 2  # bump when _Net changes: a cached checker of another architecture is retrained
+ARCH = 4  # bump when _Net changes: a cached checker of another architecture is retrained
 
 SceneLike = Scene | dict[str, Any] | str
 
@@ -64,6 +66,7 @@ class CheckerConfig:
     width: int = 32  # channels of the first stage; the grid stages use 1.5x
     extra_groups: int = 3  # training scenes get 0..this many groups beyond sample_scene's 1-3
     shape_weight: float = 2.0  # shapes learn slowest: their loss counts double
+    presence_weight: float = 1.0  # the image-level loss on the presence scores `check` thresholds
     degraded_share: float = 0.3  # share of training images shown blurred, half-resolution or noisy
     seed: int = 0
 
@@ -102,20 +105,27 @@ class _Net(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         w, w2 = width, width * 3 // 2
-        # Space-to-channel stem instead of a full-resolution conv: the 2-core training
-        # budget buys about 15 MFLOP per image, and objects are >= 5 px at 64 px.
+        # A thin full-resolution conv, then space-to-channel: the 2-core training budget buys
+        # about 15 MFLOP per image, but the smallest objects are 3 px across at 32 px, and a
+        # bare space-to-channel stem splits them over cells before anything has seen them whole.
         self.trunk = nn.Sequential(
-            nn.PixelUnshuffle(2), _conv(12, w),  # /2
+            _conv(3, STEM), nn.PixelUnshuffle(2), _conv(4 * STEM, w),  # /2
             _conv(w, w2, stride=2),  # /4: the grid
             _Residual(_conv(w2, w2)),
             _Residual(_conv(w2, w2, dilation=2)),  # dilation widens the view to the largest objects
         )
-        self.cells = nn.Conv2d(w2, 1 + len(COLOURS) + len(SHAPES), 1)
+        # Global context added to every cell: lighting and style act on the whole image, and
+        # an object's colour is read against them (a grey under moonlight is not a blue).
+        self.context = nn.Linear(w2, w2)
+        self.cells = nn.Sequential(nn.Conv2d(w2, w2, 1), nn.ReLU(inplace=True),
+                                   nn.Conv2d(w2, 1 + len(COLOURS) + len(SHAPES), 1))
         self.background = nn.Linear(w2, len(BACKGROUNDS))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.trunk(x)  # (B, w2, R/4, R/4)
-        return self.cells(f), self.background(f.mean((2, 3)))  # (B, 1+11+10, g, g), (B, 7)
+        pooled = f.mean((2, 3))  # (B, w2)
+        f = f + self.context(pooled)[:, :, None, None]
+        return self.cells(f), self.background(pooled)  # (B, 1+11+10, g, g), (B, 7)
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,15 +155,24 @@ def _scene(s: SceneLike) -> Scene:
 
 
 def _labels(scene: Scene, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per grid cell: object (0/1), colour index and shape index (-1 off objects); a cell
-    belongs to an instance when its centre is inside the instance's box (its centre cell
-    for boxes smaller than a cell)."""
+    """Per grid cell: object (1, 0, or IGNORE where a box covers part of the cell but not
+    its centre), colour index and shape index (-1 off objects); a cell belongs to an
+    instance when its centre is inside the instance's box (its centre cell for boxes
+    smaller than a cell). At 32 px a 3 px object straddles up to four cells, and calling
+    the ones it covers in part background would contradict the one it covers whole."""
     g = resolution // STRIDE
     sx, sy = resolution / scene.width, resolution / scene.height
     obj = np.zeros((g, g), np.float32)
     col = np.full((g, g), -1, np.int64)
     shp = np.full((g, g), -1, np.int64)
     centres = (np.arange(g) + 0.5) * STRIDE
+    edges = np.arange(g) * STRIDE
+    for grp in scene.groups:  # first: cells an object only grazes are neither object nor background
+        for x0, y0, x1, y1 in grp.boxes:
+            x0, x1, y0, y1 = x0 * sx, x1 * sx, y0 * sy, y1 * sy
+            touched_x = np.nonzero((edges < x1) & (edges + STRIDE > x0))[0]
+            touched_y = np.nonzero((edges < y1) & (edges + STRIDE > y0))[0]
+            obj[np.ix_(touched_y, touched_x)] = IGNORE
     for grp in scene.groups:
         ci, si = COLOUR_NAMES.index(grp.colour), SHAPES.index(grp.shape)
         for x0, y0, x1, y1 in grp.boxes:
@@ -238,6 +257,18 @@ def _degraded_copies(x: torch.Tensor, gen: torch.Generator, chunk: int = 512) ->
     return out
 
 
+def _presence_loss(cells: torch.Tensor, colours: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the scores `check` thresholds (the best cell's object x colour
+    and object x shape) against which colours and shapes the image holds: the cell losses
+    never see a background cell that looks like a red object, this one does."""
+    obj = torch.sigmoid(cells[:, :1])  # (B,1,g,g)
+    colour = (obj * cells[:, 1:1 + len(COLOURS)].softmax(1)).flatten(2).amax(2)  # (B,11)
+    shape = (obj * cells[:, 1 + len(COLOURS):].softmax(1)).flatten(2).amax(2)  # (B,10)
+    eps = 1e-4
+    return F.binary_cross_entropy(colour.clamp(eps, 1 - eps), colours) \
+        + F.binary_cross_entropy(shape.clamp(eps, 1 - eps), shapes)
+
+
 def _jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A per-channel gain of +-5%: a little colour cast, as generations have."""
     gain = 1.0 + 0.1 * (torch.rand(x.shape[0], 3, 1, 1, generator=gen) - 0.5)
@@ -290,6 +321,8 @@ class Checker:
         col = torch.from_numpy(np.stack([lab[1] for lab in labels]))
         shp = torch.from_numpy(np.stack([lab[2] for lab in labels]))
         bg = torch.tensor([BACKGROUNDS.index(s.background) for s in scenes])
+        col_in = F.one_hot(col.flatten(1) + 1, len(COLOURS) + 1)[..., 1:].amax(1).float()  # (N,11): colours shown
+        shp_in = F.one_hot(shp.flatten(1) + 1, len(SHAPES) + 1)[..., 1:].amax(1).float()  # (N,10)
         x_deg = _degraded_copies(x, gen)
         t_render = time.perf_counter() - t0
 
@@ -310,14 +343,18 @@ class Checker:
                 for i in range(0, cfg.n_train, cfg.batch_size):
                     idx = order[i: i + cfg.batch_size]
                     use_deg = (torch.rand(len(idx), generator=gen) < cfg.degraded_share)[:, None, None, None]
+                    ob = obj[idx]
                     cells, bg_logits = net(_jitter(torch.where(use_deg, x_deg[idx], x[idx]), gen))
                     parts = {
-                        "object": F.binary_cross_entropy_with_logits(cells[:, 0], obj[idx], pos_weight=pos_weight),
+                        "object": F.binary_cross_entropy_with_logits(cells[:, 0], ob.clamp_min(0), (ob != IGNORE).float(),
+                                                                     pos_weight=pos_weight),
                         "colour": F.cross_entropy(cells[:, 1:1 + len(COLOURS)], col[idx], ignore_index=-1),
                         "shape": F.cross_entropy(cells[:, 1 + len(COLOURS):], shp[idx], ignore_index=-1),
                         "background": F.cross_entropy(bg_logits, bg[idx]),
+                        "presence": _presence_loss(cells, col_in[idx], shp_in[idx]),
                     }
-                    loss = parts["object"] + parts["colour"] + cfg.shape_weight * parts["shape"] + 0.5 * parts["background"]
+                    loss = parts["object"] + parts["colour"] + cfg.shape_weight * parts["shape"] + 0.5 * parts["background"] \
+                        + cfg.presence_weight * parts["presence"]
                     for k, v in parts.items():
                         epoch_sums[k] = epoch_sums.get(k, 0.0) + float(v.detach())
                     opt.zero_grad(set_to_none=True)
@@ -456,8 +493,10 @@ class Checker:
     def calibrate(self, n: int | None = None) -> dict[str, float]:
         """Set each threshold to the one with the best F1 of "shown" against the truth on fresh
         renders (their own seed stream, not the evaluation's). F1, not recall minus the
-        false-positive rate: 108 of an image's 110 pairs are absent, and a rate that looks
-        small there is several hallucinated pairs per image."""
+        false-positive rate: an image holds about 2 of the 11 colours and 108 of its 110 pairs
+        are absent, and a rate that looks small there is several hallucinations per image
+        (measured: recall minus false-positive rate picks a colour threshold that flags 12-16%
+        of absent colours)."""
         x, scenes = _render_set(n or self.cfg.n_eval, self.cfg.resolution, seed=2 * self.cfg.seed + 3)
         scores = self._presence(self.predict(x))
         grid = torch.arange(0.05, 0.951, 0.05)
