@@ -390,6 +390,8 @@ def main() -> None:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    if args.only == "text-cache" and not args.text_cache:
+        ap.error("--only text-cache needs --text-cache FILE")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.only == "speed":
