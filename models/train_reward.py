@@ -402,6 +402,11 @@ def make_pairs(scenes: list[Scene], heads: tuple[str, ...], frozen, seed: int, b
 # ---------------------------------------------------------------------------------------
 
 
+def _wins(win_score: torch.Tensor, lose_score: torch.Tensor) -> torch.Tensor:
+    """1 where the preferred side scores higher, 0.5 on a tie (a coin toss), else 0."""
+    return (win_score > lose_score).float() + 0.5 * (win_score == lose_score).float()
+
+
 class RewardTrainJob(TrainJob):
     """Bradley-Terry on each head's pairs; the CLIP stays frozen and its embeddings precomputed."""
 
@@ -456,7 +461,7 @@ class RewardTrainJob(TrainJob):
         out: dict[str, Any] = {}
         for h, ps in pairs.items():
             r_w, r_l = self.model(ps.win, (h,))[h], self.model(ps.lose, (h,))[h]
-            right = (r_w > r_l).float() + 0.5 * (r_w == r_l).float()  # a tie is a coin toss
+            right = _wins(r_w, r_l)
             kinds = sorted(set(ps.kinds))
             out[h] = {"accuracy": round(float(right.mean()), 4), "pairs": len(ps),
                       "by_kind": {k: round(float(right[[i for i, x in enumerate(ps.kinds) if x == k]].mean()), 4)
@@ -473,7 +478,7 @@ class RewardTrainJob(TrainJob):
             ps = held["fidelity"]
             # The untrained baseline: CLIP's own image-text cosine as the fidelity score.
             cos_w, cos_l = (ps.win["image"] * ps.win["text"]).sum(-1), (ps.lose["image"] * ps.lose["text"]).sum(-1)
-            out["fidelity_clip_cosine"] = round(float(((cos_w > cos_l).float() + 0.5 * (cos_w == cos_l).float()).mean()), 4)
+            out["fidelity_clip_cosine"] = round(float(_wins(cos_w, cos_l).mean()), 4)
             blurred = make_pairs(self.eval_scenes, ("fidelity",), self.frozen, seed, blur=self.cfg.eval_blur)
             out["fidelity_blurred"] = self.accuracy(blurred)["fidelity"] | {"sigma_px": self.cfg.eval_blur}
         out["summary"] = {h: v["accuracy"] for h, v in out["heldout"].items()} | (

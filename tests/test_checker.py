@@ -12,7 +12,7 @@ from dataengine.sceneworld import render, sample_scene
 from dataengine.sceneworld.checker import ATTRIBUTES, Checker, CheckerConfig, attribute_accuracy, degrade
 
 # Small enough to train in about half a minute on one core: 32 px, a few epochs at a higher
-# rate (the default is 64 px, ~1 min). At 32 px objects are 3-5 px and their shapes barely
+# rate (the default is 64 px, ~2 min on one core). At 32 px objects are 3-5 px and their shapes barely
 # learnable, so the shape loss gets a small weight instead of crowding out colour.
 TINY = CheckerConfig(resolution=32, n_train=3000, n_eval=200, epochs=6, batch_size=32, lr=6e-3, width=32,
                      shape_weight=0.5)
