@@ -320,10 +320,22 @@ def _flush(ws: Workspace, keys: list, vectors: list, model_id: str, kind: str) -
         return 0
     k, v = np.concatenate(keys), np.concatenate(vectors)
     keys.clear(), vectors.clear()
+    return store_vectors(ws, k.tolist(), v, model_id, kind)
+
+
+def store_vectors(ws: Workspace, keys: Sequence[str], vectors: np.ndarray, model_id: str, kind: str) -> int:
+    """Write (N, D) vectors of `kind` for `keys` as one lake part; `embed` then skips those
+    keys for `model_id`. Returns N."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if len(keys) != len(vectors):
+        raise ValueError(f"{len(keys)} keys but {len(vectors)} vectors")
+    if not len(keys):
+        return 0
     now = datetime.now(timezone.utc)
-    lake.write_part(ws.lake, "embeddings", _vectors_table(k.tolist(), v, model_id, kind, now),
+    lake.write_part(ws.lake, "embeddings", _vectors_table(list(keys), vectors, model_id, kind, now),
                     part=f"{kind}-{uuid.uuid4().hex}")
-    return len(k)
+    return len(keys)
 
 
 def _quarantine(ws: Workspace, keys, errors, shards: dict, kind: str, run_id: str) -> None:

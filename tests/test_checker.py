@@ -68,3 +68,16 @@ def test_a_cached_checker_is_loaded_not_retrained(cached, monkeypatch):
     images, scenes = _renders(4, seed=13)
     assert np.array_equal(again.check(images, scenes)["accuracy"], checker.check(images, scenes)["accuracy"])
     assert again.metrics == checker.metrics
+
+
+def test_the_shipped_default_checker_is_taken_not_trained_and_judges_todays_renders(tmp_path, monkeypatch):
+    # A renderer or net change that makes the shipped weights stale fails here: retrain
+    # them with `python -m dataengine.sceneworld.checker --ship`.
+    monkeypatch.setattr(Checker, "train", classmethod(lambda *a, **k: pytest.fail("trained instead of shipped")))
+    checker = Checker.load_or_train(tmp_path / "checker")
+    assert checker.cfg == CheckerConfig() and (tmp_path / "checker" / "weights.safetensors").is_file()
+    images, scenes = _renders(200, seed=21, size=64)  # scenes it never saw: another seed stream
+    own = checker.check(images, scenes)
+    other = checker.check(images, scenes[1:] + scenes[:1])["accuracy"]
+    assert own["colour"].mean() > 0.7 and own["background"].mean() > 0.9
+    assert (own["accuracy"] > other).mean() > 0.85

@@ -243,6 +243,23 @@ def test_training_lowers_the_loss_saves_a_loadable_version_and_runs_once(tiny_wo
     again_measured = recall_at(vec_t, vec_i)  # a near-tie may flip with batch-size float noise: one rank
     assert all(abs(again_measured[k] - v) <= 1 / len(held) + 1e-9 for k, v in sw["default"].items())
 
+    # The run stored every featurised sample's vectors: embed has nothing left for them
+    # but the edit samples, and a stored vector is the one the saved model computes.
+    from dataengine.embed import EmbedConfig, embed, load_vectors
+
+    gen = Catalog(tiny_world).query("SELECT count(*) AS n FROM samples WHERE task = 'gen'").column("n")[0].as_py()
+    assert first["stored_vectors"] == {"image": gen, "text": gen}
+    report = embed(tiny_world.root, EmbedConfig(use_ray=False, batch_size=16), progress=False)
+    assert report.model_id == first["model_id"] and report.skipped == {"image": gen, "text": gen}
+    keys, stored = load_vectors(Catalog(tiny_world), first["model_id"], "image", splits=("eval",))
+    by_key = dict(zip(keys, stored))
+    fresh = dict(zip([r["key"] for r in held], vec_i.numpy()))
+    cos = [float(np.dot(by_key[k], fresh[k])) for k in fresh]
+    assert len(cos) == len(held) and min(cos) > 0.999  # float16 storage
+    keys, stored = load_vectors(Catalog(tiny_world), first["model_id"], "text", splits=("eval",))
+    fresh = dict(zip([r["key"] for r in held], vec_t.numpy()))
+    assert min(float(np.dot(v, fresh[k])) for k, v in zip(keys, stored) if k in fresh) > 0.999
+
     # Trained once: the second call returns the same version, no new training.
     again = train_default_clip(tiny_world.root, cfg, progress=False)
     assert again["reused"] and again["version"] == "v0001" and again["metrics"] == m

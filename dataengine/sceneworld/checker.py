@@ -49,6 +49,11 @@ STEM = 8  # channels of the full-resolution stem
 IGNORE = -1.0  # object label of cells an object only grazes: no loss there
 WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE = "weights.safetensors", "config.json", "metrics.json"
 ARCH = 4  # bump when _Net changes: a cached checker of another architecture is retrained
+# The default checker (CheckerConfig()), trained by this module and shipped with the
+# package: training it costs ~100 s on 2 cores, which every fresh workspace would pay.
+# `python -m dataengine.sceneworld.checker --ship` retrains it (after a change to the
+# renderer or the net); tests/test_checker.py checks it still judges today's renders.
+SHIPPED = Path(__file__).with_name("checker-64")
 
 SceneLike = Scene | dict[str, Any] | str
 
@@ -301,10 +306,14 @@ class Checker:
         or was trained with another config."""
         cfg = cfg or CheckerConfig(resolution=resolution)
         folder = Path(folder)
-        if (folder / CONFIG_FILE).is_file():
-            saved = json.loads((folder / CONFIG_FILE).read_text())
-            if saved.get("checker") == asdict(cfg) and saved.get("arch") == ARCH:
-                return cls.load(folder)
+        for source in (folder, SHIPPED):
+            if (source / CONFIG_FILE).is_file():
+                saved = json.loads((source / CONFIG_FILE).read_text())
+                if saved.get("checker") == asdict(cfg) and saved.get("arch") == ARCH:
+                    checker = cls.load(source)
+                    if source != folder:
+                        checker.save(folder)
+                    return checker
         checker = cls.train(cfg, progress=progress)
         checker.save(folder)
         return checker
@@ -543,3 +552,25 @@ def attribute_accuracy(images: torch.Tensor | np.ndarray, scenes: Sequence[Scene
 def scenes_of(metas: Iterable[dict[str, Any]]) -> list[Scene]:
     """The ground-truth scenes of shard samples' json (`meta["scene"]`)."""
     return [Scene.from_json(m["scene"]) for m in metas]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m dataengine.sceneworld.checker [--ship | --out FOLDER]`: train the default
+    checker and save it (over the shipped copy with --ship); print its held-out figures."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m dataengine.sceneworld.checker", description=main.__doc__)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--ship", action="store_true", help=f"replace the shipped checker ({SHIPPED})")
+    where.add_argument("--out", type=Path, help="a folder to save the checker in")
+    args = ap.parse_args(argv)
+    checker = Checker.train(CheckerConfig(), progress=True)
+    folder = checker.save(SHIPPED if args.ship else args.out)
+    print(json.dumps({k: checker.metrics[k] for k in ("train_s", "thresholds", "clean", "blur", "own_beats_other")},
+                     indent=1))
+    print(f"saved to {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
