@@ -101,7 +101,7 @@ def main() -> None:
     base = baseline(shards, args.arch, args.batch_size, device)
     t0 = time.perf_counter()
     report = embed(ws.root, EmbedConfig(model=args.arch, kinds=("image",), batch_size=args.batch_size,
-                                        actors=args.actors), progress=False)
+                                        actors=args.actors, ray_min_rows=0), progress=False)
     ray_wall = time.perf_counter() - t0
     ray_ips = report.embedded["image"] / ray_wall
 

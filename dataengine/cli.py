@@ -361,6 +361,8 @@ def embed(
     splits: List[str] = typer.Option([], "--split", help="Only these splits (default: all)."),
     batch_size: int = typer.Option(64, help="Images or captions per model call."),
     ray: bool = typer.Option(True, "--ray/--no-ray", help="Ray Data actor pool (default) or this process."),
+    ray_min_rows: int = typer.Option(1000, help="A kind with fewer rows to embed runs in this process "
+                                                "(an actor pool takes ~20 s to start); 0: always Ray."),
     ray_address: Optional[str] = typer.Option(None, help="Join a Ray cluster ('auto', 'ray://host:10001')."),
     actors: Optional[int] = typer.Option(None, help="Model replicas (default: one per GPU, else CPUs - 1)."),
 ) -> None:
@@ -373,7 +375,7 @@ def embed(
         _ensure_default_clip(ws)
     try:
         cfg = EmbedConfig(model=model, kinds=tuple(kinds), splits=tuple(splits) or None, batch_size=batch_size,
-                          use_ray=ray, ray_address=ray_address, actors=actors)
+                          use_ray=ray, ray_min_rows=ray_min_rows, ray_address=ray_address, actors=actors)
     except ValueError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
@@ -583,11 +585,12 @@ def demo(
     config: Optional[Path] = ConfigOpt,
     fresh: bool = typer.Option(False, help="Delete the workspace first."),
     ray: bool = typer.Option(True, "--ray/--no-ray", help="Scan shards on Ray (default) or in-process."),
-    stack: bool = typer.Option(False, "--stack/--no-stack",
-                               help="Also train each model of the stack briefly (VAE, DiT, rewards, distill, RL, "
-                                    "enhancer phase two); slow on 2 cores, see the README."),
+    stack: bool = typer.Option(True, "--stack/--no-stack",
+                               help="Train each model of the stack briefly (VAE, DiT, rewards, distill, RL, "
+                                    "enhancer phase two) and print its figures."),
 ) -> None:
-    """The main job: make a workspace, write the scene world, ingest it, print a summary."""
+    """The main job: a workspace from nothing through ingest, enhancer pairs, embeddings,
+    gap search and patching, and a brief run of each model of the stack."""
     ws, cfg, _ = _setup(workspace, config, ingest=dict(use_ray=ray))
     if fresh and ws.root.exists():
         shutil.rmtree(ws.root)

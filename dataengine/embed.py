@@ -51,6 +51,11 @@ class EmbedConfig:
     batch_size: int = 64  # images or captions per model call
     store_dtype: str = "float16"  # float16 | float32 in memory; the lake stores float16
     use_ray: bool = True
+    # Fewer rows of a kind than this run in this process, on the model the driver already
+    # loaded: an actor pool takes ~20 s to start on 2 cores (each actor imports torch and
+    # loads the model), longer than ~1,000 images take here (the demo's 89 edit samples:
+    # 45 s on Ray, ~3 s in-process).
+    ray_min_rows: int = 1000
     ray_address: str | None = None
     actors: int | None = None  # model replicas; None: one per GPU, else one per CPU Ray reports
     threads_per_actor: int | None = None  # torch threads in each CPU actor; None: its CPU share
@@ -67,6 +72,8 @@ class EmbedConfig:
             raise ValueError(f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.ray_min_rows < 0:
+            raise ValueError(f"ray_min_rows must be >= 0, got {self.ray_min_rows}")
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"actors must be >= 1, got {self.actors}")
 
@@ -78,11 +85,13 @@ class EmbedReport:
     skipped: dict[str, int] = field(default_factory=dict)  # kind -> already in the lake
     failed: dict[str, int] = field(default_factory=dict)  # kind -> quarantined
     seconds: float = 0.0
-    actors: int = 0
+    actors: int = 0  # Ray actors in the pool (0: no kind ran on Ray)
+    ran_on: dict[str, str] = field(default_factory=dict)  # kind -> "ray" | "local" (kinds with work)
 
     def summary(self) -> str:
         parts = [f"{k}: {self.embedded.get(k, 0)} new, {self.skipped.get(k, 0)} already done"
                  + (f", {self.failed[k]} quarantined" if self.failed.get(k) else "")
+                 + (f" ({self.ran_on[k]})" if k in self.ran_on else "")
                  for k in sorted(set(self.embedded) | set(self.skipped))]
         return f"{self.model_id} | " + "; ".join(parts) + f" | {self.seconds:.1f} s"
 
@@ -282,11 +291,6 @@ def embed(
     probe = _load(spec, "cpu")  # the id and input size (an in-process CPU run reuses this load)
     model_id, image_size = probe.model_id, probe.image_size
     report = EmbedReport(model_id)
-    if cfg.use_ray:
-        from dataengine.cluster import ensure_ray
-
-        ensure_ray(cfg.ray_address)
-        report.actors = _pool_size(cfg)[0]
     run_id = f"embed-{uuid.uuid4().hex[:12]}"
     for kind in cfg.kinds:
         rows, done = todo(catalog, model_id, kind, cfg.splits)
@@ -294,7 +298,14 @@ def embed(
         if rows.num_rows == 0:
             continue
         shards = dict(zip(rows["key"].to_pylist(), zip(rows["shard"].to_pylist(), rows["shard_uid"].to_pylist())))
-        batches = (_ray_batches(rows, kind, cfg, spec, image_size) if cfg.use_ray
+        on_ray = cfg.use_ray and rows.num_rows >= cfg.ray_min_rows
+        report.ran_on[kind] = "ray" if on_ray else "local"
+        if on_ray:
+            from dataengine.cluster import ensure_ray
+
+            ensure_ray(cfg.ray_address)
+            report.actors = _pool_size(cfg)[0]
+        batches = (_ray_batches(rows, kind, cfg, spec, image_size) if on_ray
                    else _local_batches(rows, kind, cfg, spec))
         with bar(progress, f"embed {kind}s", rows.num_rows) as advance:
             pending_k: list[np.ndarray] = []

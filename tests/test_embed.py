@@ -86,8 +86,10 @@ def test_ray_data_actor_pool_gives_the_same_vectors(small_world):
 
     ws = small_world
     ensure_ray(num_cpus=2)
-    ray_report = embed(ws.root, EmbedConfig(model=SPEC, use_ray=True, batch_size=8, splits=("train",)), progress=False)
+    ray_report = embed(ws.root, EmbedConfig(model=SPEC, use_ray=True, ray_min_rows=0, batch_size=8, splits=("train",)),
+                       progress=False)
     assert ray_report.embedded == {"image": 24, "text": 24} and ray_report.actors >= 1
+    assert ray_report.ran_on == {"image": "ray", "text": "ray"}
     keys, ray_vecs = load_vectors(Catalog(ws), ray_report.model_id, "image")
     from dataengine.images import iter_images
     from models.clip import load_clip
@@ -100,8 +102,18 @@ def test_ray_data_actor_pool_gives_the_same_vectors(small_world):
     assert np.allclose(expect, ray_vecs, atol=3e-3)
 
 
+def test_a_job_smaller_than_ray_min_rows_runs_in_process(small_world):
+    report = embed(small_world.root, EmbedConfig(model=SPEC, use_ray=True, ray_min_rows=25, batch_size=8,
+                                                 splits=("train",)), progress=False)
+    assert report.embedded == {"image": 24, "text": 24}
+    assert report.ran_on == {"image": "local", "text": "local"} and report.actors == 0
+    assert "(local)" in report.summary()
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="kinds"):
         EmbedConfig(kinds=("audio",))
     with pytest.raises(ValueError, match="batch_size"):
         EmbedConfig(batch_size=0)
+    with pytest.raises(ValueError, match="ray_min_rows"):
+        EmbedConfig(ray_min_rows=-1)
