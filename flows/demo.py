@@ -225,12 +225,13 @@ def _shows(meta: dict, colour: str, shape: str, present) -> bool:
 
 # The model stack's brief demo runs: (model, config overrides, loop steps), in dependency
 # order. Each is a real run of `dataengine train <model>`, just short; the figures they
-# print are those of a few dozen steps on 2 cores, not of a trained stack.
+# print are those of a few dozen steps on 2 cores, not of a trained stack. Sized so the
+# whole demo stays under 5 minutes on 2 cores (the stack takes about 2 of them).
 STACK_DEMO: tuple[tuple[str, dict, int], ...] = (
-    ("vae", {"eval_images": 16}, 40),
-    ("dit", {"eval_prompts": 8, "sample_steps": 20}, 60),
-    ("reward", {"n_train": 48, "n_eval": 24}, 100),
-    ("distill", {"eval_prompts": 4, "fake_updates": 2}, 10),
+    ("vae", {"eval_images": 16, "batch_size": 8}, 30),
+    ("dit", {"eval_prompts": 8, "sample_steps": 20, "batch_size": 8}, 50),
+    ("reward", {"n_train": 24, "n_eval": 16}, 80),
+    ("distill", {"eval_prompts": 4, "fake_updates": 2}, 6),
     ("rl", {"eval_prompts": 4, "prompts_per_step": 2}, 4),
     ("enhancer-rl", {"eval_prompts": 4, "prompts_per_step": 2}, 4),
 )
@@ -273,7 +274,7 @@ def summarize_workspace(root: str) -> Summary:
 
 
 @flow(name="dataengine-demo", log_prints=True)
-def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 60,
+def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 30,
               real_images: bool = True, train_stack: bool = True) -> Summary:
     """Make a workspace from nothing, fill it with the scene world, account for it, and
     turn its captions into enhancer pairs and a first enhancer."""

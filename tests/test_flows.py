@@ -9,7 +9,9 @@ from dataengine.config import load_config
 
 @pytest.mark.slow
 def test_demo_flow_from_nothing(tmp_path):
-    from flows.demo import demo_flow
+    from dataengine.catalog import Catalog
+    from dataengine.workspace import Workspace
+    from flows.demo import STACK_DEMO, demo_flow
 
     cfg = load_config(None, sceneworld=dict(n_train=40, n_pool=20, n_eval=10, samples_per_shard=15,
                                             resolution=64), ingest=dict(use_ray=False))
@@ -17,10 +19,14 @@ def test_demo_flow_from_nothing(tmp_path):
     assert summary.exact
     assert {s.split: s.accepted for s in summary.splits} == {"train": 40, "pool": 20, "eval": 10}
     assert summary.counts["pairs"] > 40
-    assert summary.counts["model_versions"] == 2  # the enhancer and the embedding model
+    # The enhancer, the embedding model and the six brief runs of the stack.
+    versions = Catalog(Workspace.at(tmp_path / "ws")).query(
+        "SELECT model, version FROM model_versions ORDER BY model").to_pylist()
+    assert sorted(v["model"] for v in versions) == sorted(
+        ["enhancer", "clip"] + [name for name, _, _ in STACK_DEMO])
     assert summary.counts["embeddings"] == 2 * 70  # an image and a caption vector per sample
     assert summary.counts["gaps"] == 3  # the held-out concept and two covered ones, searched
-    # A second run finds the same shards, pairs and vectors, adds nothing, reuses both models;
+    # A second run finds the same shards, pairs and vectors, adds nothing, reuses every model;
     # only the searches are recorded again (each search is a row).
     again = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False)
     assert {k: v for k, v in again.counts.items() if k != "gaps"} == \
