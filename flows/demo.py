@@ -251,14 +251,32 @@ def train_stack_model(root: str, name: str, overrides: dict, steps: int) -> dict
     return train_model(name, root, overrides, default_loop(name, steps=steps, progress=False), progress=False)
 
 
+# The held-out figures each brief run prints (fnmatch patterns over the flattened eval
+# metrics); every figure is in models/<name>/vNNNN/metrics.json.
+HEADLINES: dict[str, tuple[str, ...]] = {
+    "vae": ("sceneworld.psnr", "sceneworld.ssim", "real.psnr", "real.ssim"),
+    "dit": ("eval_loss", "fidelity.samples.accuracy", "fidelity.reconstructions.accuracy"),
+    "reward": ("heldout.*.accuracy",),
+    "distill": ("samplers.*.accuracy", "samplers.*.ms_per_image", "speedup"),
+    "rl": ("samplers.*.reward", "samplers.*.accuracy"),
+    "enhancer-rl": ("contenders.*.reward", "contenders.*.accuracy"),
+}
+
+
 def _stack_line(record: dict) -> str:
-    """One line per model: steps/s, the main loss from first to last, the held-out figures."""
+    """Two lines per model: steps and time, the main loss from first to last; its headline
+    held-out figures."""
+    from fnmatch import fnmatchcase
+
     m = record["metrics"]
     loss = f"loss {m['first']['loss']:.3f} -> {m['last']['loss']:.3f}" if m.get("first") else ""
+    patterns = HEADLINES.get(record["model"], ("*",))
     evals = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                      for k, v in _flat(m.get("eval", {})).items() if isinstance(v, (int, float)))
+                      for k, v in _flat(m.get("eval", {})).items()
+                      if isinstance(v, (int, float)) and any(fnmatchcase(k, p) for p in patterns))
     state = "reused" if record.get("reused") else f"{m['steps']} steps in {m['train_seconds']:.0f}s"
-    return f"{record['model']} {record['version']} ({state}): {loss}\n  held-out: {evals}"
+    return (f"{record['model']} {record['version']} ({state}): {loss}\n  held-out: {evals}\n"
+            f"  (all figures: {record['path']}/metrics.json)")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import pytest
 
 from dataengine.config import load_config
@@ -11,7 +13,7 @@ from dataengine.config import load_config
 def test_demo_flow_from_nothing(tmp_path):
     from dataengine.catalog import Catalog
     from dataengine.workspace import Workspace
-    from flows.demo import STACK_DEMO, demo_flow
+    from flows.demo import HEADLINES, STACK_DEMO, _flat, _stack_line, demo_flow, train_stack_model
 
     cfg = load_config(None, sceneworld=dict(n_train=40, n_pool=20, n_eval=10, samples_per_shard=15,
                                             resolution=64), ingest=dict(use_ray=False))
@@ -24,6 +26,17 @@ def test_demo_flow_from_nothing(tmp_path):
         "SELECT model, version FROM model_versions ORDER BY model").to_pylist()
     assert sorted(v["model"] for v in versions) == sorted(
         ["enhancer", "clip"] + [name for name, _, _ in STACK_DEMO])
+    # Each brief run's printed headline figures exist under those names in its metrics.
+    for name, _, _ in STACK_DEMO:
+        record = train_stack_model.fn(str(tmp_path / "ws"), name, {}, 1)  # reuses the version
+        line = _stack_line(record)
+        assert record["reused"] and line.startswith(f"{name} v0001 (reused)")
+        flat = _flat(record["metrics"]["eval"])
+        for pattern in HEADLINES[name]:
+            if pattern.startswith("real."):  # this world has no real images to reconstruct
+                continue
+            assert any(fnmatchcase(k, pattern) for k in flat), (name, pattern)
+            assert pattern.split(".")[-1] in line
     assert summary.counts["embeddings"] == 2 * 70  # an image and a caption vector per sample
     assert summary.counts["gaps"] == 3  # the held-out concept and two covered ones, searched
     # A second run finds the same shards, pairs and vectors, adds nothing, reuses every model;
