@@ -54,7 +54,7 @@ class EmbedConfig:
     # Fewer rows of a kind than this run in this process, on the model the driver already
     # loaded: an actor pool takes ~20 s to start on 2 cores (each actor imports torch and
     # loads the model), longer than ~1,000 images take here (the demo's 89 edit samples:
-    # 45 s on Ray, ~3 s in-process).
+    # 45 s on Ray, 6 s in-process).
     ray_min_rows: int = 1000
     ray_address: str | None = None
     actors: int | None = None  # model replicas; None: one per GPU, else one per CPU Ray reports

@@ -439,14 +439,19 @@ def _store_vectors(ws, model: torch.nn.Module, features: dict, model_id: str) ->
     are already computed, and only the trained head and projection stand between them and
     what `dataengine embed` would make (same pixels, same preprocessing), so embedding
     those samples again would repeat the run's costliest part for nothing."""
+    from dataengine.catalog import Catalog
     from dataengine.embed import store_vectors
 
-    ok = features["ok"]
-    image, text = _project(model.eval(), features["image"][ok], features["text"])
-    keys = features["keys"]
-    return {"image": store_vectors(ws, [k for k, good in zip(keys, ok.tolist()) if good], image.numpy(),
-                                   model_id, "image"),
-            "text": store_vectors(ws, keys, text.numpy(), model_id, "text")}
+    image, text = _project(model.eval(), features["image"], features["text"])
+    out = {}
+    for kind, vecs, ok in (("image", image, features["ok"]), ("text", text, torch.ones(len(text), dtype=torch.bool))):
+        # A retrain that reproduces the same weights has the same model id: store only
+        # what the lake lacks, never a second vector for a key.
+        have = set(Catalog(ws).query("SELECT DISTINCT key FROM embeddings WHERE model_id = ? AND kind = ?",
+                                     [model_id, kind]).column("key").to_pylist())
+        take = [i for i, (k, good) in enumerate(zip(features["keys"], ok.tolist())) if good and k not in have]
+        out[kind] = store_vectors(ws, [features["keys"][i] for i in take], vecs[take].numpy(), model_id, kind)
+    return out
 
 
 def _train(catalog, cfg: ClipTrainConfig, progress: bool) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:

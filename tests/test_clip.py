@@ -264,3 +264,13 @@ def test_training_lowers_the_loss_saves_a_loadable_version_and_runs_once(tiny_wo
     again = train_default_clip(tiny_world.root, cfg, progress=False)
     assert again["reused"] and again["version"] == "v0001" and again["metrics"] == m
     assert versions(tiny_world.models) == ["v0001"]
+
+    # A forced retrain stores vectors for its own model id, never a second one for a key
+    # (the same data and seed can reproduce the same weights, hence the same id).
+    retrained = train_default_clip(tiny_world.root, cfg, progress=False, reuse=False)
+    assert retrained["version"] == "v0002"
+    if retrained["model_id"] == first["model_id"]:
+        assert retrained["stored_vectors"] == {"image": 0, "text": 0}
+    dupes = Catalog(tiny_world).query("SELECT key, model_id, kind FROM embeddings "
+                                      "GROUP BY ALL HAVING count(*) > 1").num_rows
+    assert dupes == 0
