@@ -84,7 +84,7 @@ class ClipTrainConfig:
     baseline_image_size: int = 224  # the composite baseline's own input size
     baseline: bool = True  # measure the composite baseline's held-out recall (~20% of the run on 2 cores)
     store_vectors: bool = True  # write every featurised sample's vectors to the lake (embed skips them)
-    feature_batch_size: int = 32  # smaller batches stay in cache: ~15% more images/s than 64 on 2 cores
+    feature_batch_size: int = 32  # images/s within noise of 64 (benchmarks/trunk_layout.py), half the memory
     num_threads: int | None = None  # torch CPU threads during the run; None leaves it as is
 
     def __post_init__(self) -> None:
