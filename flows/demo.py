@@ -1,8 +1,9 @@
 """The main job on the embedded default: workspace -> scene world shards (+ the real
 captioned images that install offline) -> ingest -> caption degradation into enhancer
 pairs -> a brief enhancer training -> the default embedding model (trained once) ->
-embeddings -> FAISS indexes -> gap search and patching for the scene world's held-out
-concepts -> summary.
+embeddings (the embedding model's run stores most of them) -> FAISS indexes -> gap
+search and patching for the scene world's held-out concepts -> a brief run of each model
+of the stack (STACK_DEMO) -> summary.
 
 Later stages (triage, retrain) join this flow as they land.
 """
@@ -265,8 +266,8 @@ HEADLINES: dict[str, tuple[str, ...]] = {
 
 
 def _stack_line(record: dict) -> str:
-    """Two lines per model: steps and time, the main loss from first to last; its headline
-    held-out figures."""
+    """Three lines per model: steps and time with the main loss from first to last; its
+    headline held-out figures; where all its figures are."""
     from fnmatch import fnmatchcase
 
     m = record["metrics"]
@@ -295,8 +296,9 @@ def summarize_workspace(root: str) -> Summary:
 @flow(name="dataengine-demo", log_prints=True)
 def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 24,
               real_images: bool = True, train_stack: bool = True) -> Summary:
-    """Make a workspace from nothing, fill it with the scene world, account for it, and
-    turn its captions into enhancer pairs and a first enhancer."""
+    """Make a workspace from nothing, fill it with the scene world and real images, account
+    for it, turn its captions into enhancer pairs and a first enhancer, embed, index, find
+    and patch gaps, and (train_stack) train each model of the stack briefly."""
     prepare_workspace(workspace)
     shards = write_scene_world(workspace, cfg)
     print("scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
