@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -22,7 +23,7 @@ from dataengine import lake
 from dataengine.schema import CATALOG_TABLES, LAKE_TABLES, conform
 from dataengine.workspace import Workspace
 
-SCHEMA_VERSION = 2  # 2: quarantine.stage
+SCHEMA_VERSION = 3  # 2: quarantine.stage; 3: quarantine members, offsets, sizes, model_id
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
@@ -101,7 +102,9 @@ class Catalog:
         wait = self.retry.first_wait_s
         while True:
             try:
-                return duckdb.connect(str(self.ws.catalog_path), read_only=read_only)
+                # The views name lake paths relative to the workspace (see `migrate`).
+                return duckdb.connect(str(self.ws.catalog_path), read_only=read_only,
+                                      config={"file_search_path": str(self.ws.root)})
             except duckdb.IOException as e:
                 if not _is_lock_conflict(e):
                     raise
@@ -130,8 +133,12 @@ class Catalog:
             for name, (schema, pkey) in CATALOG_TABLES.items():
                 self._sync_table(con, name, schema, pkey)
             for name in LAKE_TABLES:
-                # Absolute paths so the views also work from a DuckDB shell opened anywhere.
-                glob = lake.table_glob(self.ws.lake, name).replace("'", "''")
+                # Relative to the workspace, which every connection sets as DuckDB's
+                # file_search_path: a copied or moved workspace reads its own lake, not the
+                # original's. (A DuckDB shell: `SET file_search_path = '<workspace>'`, or
+                # start it in the workspace.)
+                glob = lake.table_glob(self.ws.lake, name)
+                glob = str(Path(glob).relative_to(self.ws.root)).replace("'", "''")
                 con.execute(
                     f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
                     f"read_parquet('{glob}', union_by_name = true)"

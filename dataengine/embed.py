@@ -192,17 +192,29 @@ def resolve_model(ws: Workspace, spec: str) -> str:
     return rows[0]["path"]
 
 
-def todo(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None) -> tuple[pa.Table, int]:
-    """Samples with no `kind` vector for `model_id` yet, and how many already have one."""
-    where, params = "", [model_id, kind]
+def todo(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None,
+         keys: Sequence[str] | None = None) -> tuple[pa.Table, int]:
+    """Samples with no `kind` vector for `model_id` yet, and how many already have one.
+
+    Samples this model already failed on (quarantined at embed) are left out: a failure
+    is recorded once, not again on every run; `dataengine requeue --stage embed` retries
+    them. `keys` narrows the work to those samples (what requeue passes).
+    """
+    where, params = [], [model_id, kind, model_id, f"embed {kind}:%"]
     if splits:
-        where = f"WHERE s.split IN ({', '.join('?' for _ in splits)})"
+        where.append(f"s.split IN ({', '.join('?' for _ in splits)})")
         params += list(splits)
+    if keys is not None:
+        where.append(f"s.key IN (SELECT unnest(?::VARCHAR[]))")
+        params.append(list(keys))
+    cond = f"WHERE {' AND '.join(where)}" if where else ""
     missing = catalog.query(
-        "SELECT s.key, s.shard, s.image_offset, s.image_size, s.caption, s.shard_uid FROM samples s "
+        "SELECT s.key, s.shard, s.image_offset, s.image_size, s.image_field, s.caption, s.shard_uid FROM samples s "
         "ANTI JOIN (SELECT DISTINCT key FROM embeddings WHERE model_id = ? AND kind = ?) e USING (key) "
-        f"{where} ORDER BY s.shard, s.image_offset", params)
-    total = catalog.query(f"SELECT count(*) AS n FROM samples s {where}", params[2:]).column("n")[0].as_py()
+        "ANTI JOIN (SELECT DISTINCT key FROM quarantine WHERE stage = 'embed' AND model_id = ? "
+        "AND reason LIKE ?) q USING (key) "
+        f"{cond} ORDER BY s.shard, s.image_offset", params)
+    total = catalog.query(f"SELECT count(*) AS n FROM samples s {cond}", params[4:]).column("n")[0].as_py()
     return missing, total - missing.num_rows
 
 
@@ -281,8 +293,10 @@ def _vectors_table(keys: Sequence[str], vectors: np.ndarray, model_id: str, kind
 
 def embed(
     workspace: str | Path, cfg: EmbedConfig = EmbedConfig(), progress: bool = True,
+    keys: Sequence[str] | None = None,
 ) -> EmbedReport:
-    """Embed every catalogued sample that has no vector yet for this model; returns counts."""
+    """Embed every catalogued sample (or only `keys`) that has no vector yet for this model
+    and has not failed with it before; returns counts."""
     t0 = time.perf_counter()
     ws = Workspace.at(workspace)
     catalog = Catalog(ws)
@@ -293,11 +307,14 @@ def embed(
     report = EmbedReport(model_id)
     run_id = f"embed-{uuid.uuid4().hex[:12]}"
     for kind in cfg.kinds:
-        rows, done = todo(catalog, model_id, kind, cfg.splits)
+        rows, done = todo(catalog, model_id, kind, cfg.splits, keys)
         report.skipped[kind], report.embedded[kind], report.failed[kind] = done, 0, 0
         if rows.num_rows == 0:
             continue
-        shards = dict(zip(rows["key"].to_pylist(), zip(rows["shard"].to_pylist(), rows["shard_uid"].to_pylist())))
+        where = dict(zip(rows["key"].to_pylist(), zip(rows["shard"].to_pylist(), rows["shard_uid"].to_pylist(),
+                                                        rows["image_field"].to_pylist(),
+                                                        rows["image_offset"].to_pylist(),
+                                                        rows["image_size"].to_pylist())))
         on_ray = cfg.use_ray and rows.num_rows >= cfg.ray_min_rows
         report.ran_on[kind] = "ray" if on_ray else "local"
         if on_ray:
@@ -313,7 +330,7 @@ def embed(
             for b in batches:
                 bad = np.array([bool(e) for e in b["error"]], bool)
                 if bad.any():
-                    _quarantine(ws, b["key"][bad], b["error"][bad], shards, kind, run_id)
+                    _quarantine(ws, b["key"][bad], b["error"][bad], where, kind, model_id, run_id)
                     report.failed[kind] += int(bad.sum())
                 pending_k.append(b["key"][~bad])
                 pending_v.append(b["vector"][~bad])
@@ -349,12 +366,18 @@ def store_vectors(ws: Workspace, keys: Sequence[str], vectors: np.ndarray, model
     return len(keys)
 
 
-def _quarantine(ws: Workspace, keys, errors, shards: dict, kind: str, run_id: str) -> None:
+def _quarantine(ws: Workspace, keys, errors, where: dict, kind: str, model_id: str, run_id: str) -> None:
+    """Record samples this model could not embed, with where the image's bytes lie."""
+    from dataengine.ingest import quarantine_row
+
     now = datetime.now(timezone.utc)
-    rows = [dict(shard=shards[k][0], shard_uid=shards[k][1], key=k, reason=f"embed {kind}: {e}",
-                 fields=None, ingest_id=run_id, ingested_at=now, stage="embed") for k, e in zip(keys, errors)]
-    for r in rows:
-        log.warning("quarantined %s: %s", r["key"], r["reason"])
+    rows = []
+    for k, e in zip(keys, errors):
+        shard, uid, member, offset, size = where[k]
+        loc = ([member], [offset], [size]) if kind == "image" else None
+        rows.append(quarantine_row(shard, uid, k, f"embed {kind}: {e}", loc, run_id, now,
+                                   stage="embed", model_id=model_id))
+        log.warning("quarantined %s: embed %s: %s", k, kind, e)
     lake.write_part(ws.lake, "quarantine", pa.Table.from_pylist(rows, schema=QUARANTINE),
                     part=f"embed-{uuid.uuid4().hex}")
 

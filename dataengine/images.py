@@ -21,20 +21,42 @@ class ImageReadError(OSError):
     """A catalogued image could not be read back from its shard."""
 
 
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def _compression(f) -> str | None:
+    """The compression of a shard by its first bytes (what tarfile's `r:*` detects too)."""
+    head = f.read(6)
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
 def read_ranges(shard: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-    """The bytes at each (offset, size) of one shard, in the order given."""
+    """The bytes at each (offset, size) of one shard, in the order given.
+
+    Offsets are into the tar stream, so a compressed shard (`.tar.gz`, ...) is read
+    through its decompressor. Ranges are read in offset order: a compressed stream seeks
+    forward by decompressing and backward only by starting over.
+    """
     try:
-        with fsspec.open(shard, "rb") as f:
-            out = []
-            for offset, size in ranges:
+        with fsspec.open(shard, "rb") as raw:
+            compression = _compression(raw)
+        order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+        out: list[bytes] = [b""] * len(ranges)
+        with fsspec.open(shard, "rb", compression=compression) as f:
+            for i in order:
+                offset, size = ranges[i]
                 f.seek(offset)
                 data = f.read(size)
                 if len(data) != size:
                     raise ImageReadError(f"{shard}: {size} bytes at {offset} wanted, {len(data)} read")
-                out.append(data)
+                out[i] = data
             return out
+    except ImageReadError:
+        raise
     except FileNotFoundError as e:
         raise ImageReadError(f"{shard}: shard is gone since it was ingested ({e})") from e
+    except (OSError, EOFError, ValueError) as e:
+        raise ImageReadError(f"{shard}: cannot read back its members: {type(e).__name__}: {e}") from e
 
 
 def to_square(data: bytes, size: int) -> np.ndarray:
@@ -79,5 +101,5 @@ def iter_images(rows: Iterable[dict], size: int) -> Iterator[tuple[str, np.ndarr
         for r, data in zip(group, blobs):
             try:
                 yield r["key"], to_square(data, size), None
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                yield r["key"], None, f"undecodable image: {e}"
+            except Exception as e:  # noqa: BLE001  (PIL raises many types on bad bytes; see shards.decode_image)
+                yield r["key"], None, f"undecodable image: {type(e).__name__}: {e}"

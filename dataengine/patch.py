@@ -115,11 +115,13 @@ def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, train_index: 
         return out
     picks = {pool_index.keys[r]: s for r, s in chosen}
     where = catalog.query(
-        f"SELECT key, shard FROM samples WHERE key IN ({', '.join('?' for _ in picks)})", list(picks)).to_pylist()
+        f"SELECT key, shard, image_offset FROM samples WHERE key IN ({', '.join('?' for _ in picks)})",
+        list(picks)).to_pylist()
     shard_of = {r["key"]: r["shard"] for r in where}
+    offset_of = {r["key"]: r["image_offset"] for r in where}
     path = ws.shards / "patches" / f"patch-{report.gap_id}.tar"
     now = datetime.now(timezone.utc)
-    samples, rows_out = _collect(picks, shard_of, report, path)
+    samples, rows_out = _collect(picks, shard_of, offset_of, report, path)
     write_shard(samples, path)
     for r in rows_out:
         r["created_at"] = now
@@ -135,19 +137,27 @@ def _patched_elsewhere(catalog: Catalog, gap_id: str) -> set[str]:
     return set(rows["pool_key"].to_pylist())
 
 
-def _collect(picks: dict[str, float], shard_of: dict[str, str], report: GapReport,
+def _collect(picks: dict[str, float], shard_of: dict[str, str], offset_of: dict[str, int], report: GapReport,
              path: Path) -> tuple[list[dict], list[dict]]:
-    """Read the picked samples whole from their pool shards, most similar first."""
-    by_shard: dict[str, set[str]] = defaultdict(set)
+    """Read the picked samples whole from their pool shards, most similar first.
+
+    A sample is found by where its image lies, not by its tar key: the catalog's key may
+    carry ingest's `key_prefix`, and a shard may hold a second copy under the same key
+    that ingest quarantined. The copy read is exactly the one the catalog accepted.
+    """
+    by_shard: dict[str, dict[int, str]] = defaultdict(dict)  # shard -> image offset -> catalog key
     for key in picks:
         if key not in shard_of:
             raise KeyError(f"pool sample {key!r} is in the index but not in the catalog; rebuild the pool index")
-        by_shard[shard_of[key]].add(key)
+        by_shard[shard_of[key]][offset_of[key]] = key
     found: dict[str, dict] = {}
-    for shard, keys in by_shard.items():
+    for shard, wanted in by_shard.items():
         for raw in iter_raw_samples(shard):
-            if raw.key in keys and raw.problem is None:
-                found[raw.key] = raw.fields
+            if raw.problem is not None:
+                continue
+            for offset, _ in raw.offsets.values():
+                if offset in wanted:
+                    found[wanted[offset]] = raw.fields
     missing = sorted(set(picks) - set(found))
     if missing:
         raise FileNotFoundError(f"pool samples {missing[:3]} could not be read back from their shards")

@@ -50,6 +50,14 @@ QUARANTINE = pa.schema(
         # Which stage rejected it: ingest (the shard's own accounting) or a later one, e.g.
         # embed, when an image catalogued earlier can no longer be read. Null in old parts = ingest.
         ("stage", pa.string()),
+        # Where the sample's bytes lie, so a curator (or `dataengine requeue`) can find and
+        # re-read exactly this copy: each member's name, data offset and size (ingest: the
+        # full tar names; embed: the image's field, at the offset the catalog holds). Null
+        # where the stage never saw the members (old parts; a shard that would not open).
+        ("members", pa.list_(pa.string())),
+        ("offsets", pa.list_(pa.int64())),
+        ("sizes", pa.list_(pa.int64())),
+        ("model_id", pa.string()),  # embed: the model whose vector failed (null elsewhere)
     ]
 )
 
@@ -156,7 +164,7 @@ SHARDS = pa.schema(
         ("shard_uid", pa.string()),
         ("url", pa.string()),
         ("split", pa.string()),
-        ("checksum", pa.string()),  # fsspec checksum of the file when ingested
+        ("checksum", pa.string()),  # content hash (local files) or the store's ETag when ingested
         ("bytes", pa.int64()),
         ("read", pa.int64()),  # samples seen
         ("accepted", pa.int64()),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import fsspec
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SOURCE_IMAGE_EXTS = tuple(f"src.{e}" for e in IMAGE_EXTS)
@@ -93,8 +93,15 @@ class RawSample:
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)
     offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # field -> (offset, size)
+    names: dict[str, str] = field(default_factory=dict)  # field -> the member's full tar name
     problem: str | None = None  # the tar's damage cut into this sample: reject it
     damage_after: str | None = None  # the shard breaks right after it (it may be whole)
+
+    def locations(self) -> tuple[list[str], list[int], list[int]]:
+        """(member names, data offsets, sizes) in tar order: where quarantine says the bytes lie."""
+        order = sorted(self.offsets, key=lambda f: self.offsets[f][0])
+        return ([self.names[f] for f in order], [self.offsets[f][0] for f in order],
+                [self.offsets[f][1] for f in order])
 
 
 @dataclass
@@ -115,10 +122,17 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 
 def iter_raw_samples(url: str, scan: ShardScan | None = None) -> Iterator[RawSample]:
-    """Yield the samples of a shard in order; damage ends up in `sample.problem` or `scan.error`.
+    """Yield the samples of a shard in order of first appearance; damage ends up in
+    `sample.problem` or `scan.error`.
 
-    A sample whose key reappears later in the shard is yielded twice; the validator
-    decides what a duplicate means.
+    Members are grouped by key across the whole shard, not only when adjacent: tools that
+    sort members by name or extension (`tar --sort=name` on `k.json k.png k.txt` sorts
+    well, but a sort by extension puts every .json first) still make whole samples. A
+    member whose field its key's sample already has starts a second copy of that sample,
+    which the validator then sees as a duplicate key.
+
+    Two passes: tar headers first (seeks over the data, so cheap), then each sample's
+    members by offset, one sample in memory at a time.
     """
     scan = scan if scan is not None else ShardScan(url)
     try:
@@ -131,46 +145,68 @@ def iter_raw_samples(url: str, scan: ShardScan | None = None) -> Iterator[RawSam
         try:
             tf = tarfile.open(fileobj=fobj, mode="r:*")
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise ShardError(f"{url}: not a readable tar archive: {e}") from e
-        current: RawSample | None = None
-        while True:
-            try:
-                info = tf.next()
-            except (tarfile.ReadError, EOFError, OSError, zlib.error) as e:
-                scan.error = f"truncated or corrupt tar after byte {tf.offset}: {e}"
-                if current is not None:
-                    current.damage_after = scan.error
-                break
-            if info is None:
-                _check_end_marker(tf, scan)
-                break
-            if not info.isfile():
-                continue
-            parts = split_member_name(info.name)
-            if parts is None:
-                continue  # webdataset skips members with no field too
-            key, ext = parts
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = RawSample(key)
-            try:
-                member = tf.extractfile(info)
-                data = member.read() if member is not None else b""
-            except (tarfile.ReadError, EOFError, OSError, zlib.error) as e:
-                current.problem = f"truncated tar: member {info.name} cut short ({e})"
-                scan.error = f"truncated tar inside member {info.name}"
-                break
-            if ext in current.fields:
-                current.problem = current.problem or f"field {ext!r} appears twice"
-            current.fields[ext] = data
-            current.offsets[ext] = (info.offset_data, info.size)
-        if current is not None:
+            raise ShardError(f"{url}: not a readable tar archive: {_clean(e)}") from e
+        groups = _group_members(tf, scan)
+        for n, (key, infos) in enumerate(groups, 1):
+            raw = RawSample(key)
+            for ext, info in infos:
+                try:
+                    member = tf.extractfile(info)
+                    data = member.read() if member is not None else b""
+                    if len(data) != info.size:
+                        raise EOFError(f"{len(data)} of {info.size} bytes")
+                except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                    raw.problem = f"truncated tar: member {info.name} cut short ({_clean(e)})"
+                    scan.error = f"truncated tar inside member {info.name}"
+                    break
+                if ext in raw.fields:
+                    raw.problem = raw.problem or f"field {ext!r} appears twice"
+                raw.fields[ext] = data
+                raw.offsets[ext] = (info.offset_data, info.size)
+                raw.names[ext] = info.name
             # A sample that ends where the archive breaks is kept if it validates: its
             # members were all read in full, only a later optional one may be missing.
-            if scan.error and current.problem is None:
-                current.damage_after = scan.error
-            yield current
+            if scan.error and raw.problem is None and n == len(groups):
+                raw.damage_after = scan.error
+            yield raw
+
+
+def _group_members(tf: tarfile.TarFile, scan: ShardScan) -> list[tuple[str, list[tuple[str, tarfile.TarInfo]]]]:
+    """Walk the headers: [(key, [(field, member), ...]), ...] in order of first appearance."""
+    groups: list[tuple[str, list[tuple[str, tarfile.TarInfo]]]] = []
+    open_group: dict[str, int] = {}  # key -> index of its newest group
+    while True:
+        try:
+            info = tf.next()
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            scan.error = f"truncated or corrupt tar after byte {tf.offset}: {_clean(e)}"
+            break
+        if info is None:
+            _check_end_marker(tf, scan)
+            break
+        if not info.isfile():
+            continue
+        parts = split_member_name(info.name)
+        if parts is None:
+            continue  # webdataset skips members with no field too
+        key, ext = parts
+        i = open_group.get(key)
+        if i is None or any(e == ext for e, _ in groups[i][1]):
+            groups.append((key, []))
+            i = open_group[key] = len(groups) - 1
+        groups[i][1].append((ext, info))
+    return groups
+
+
+_REPR_RE = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _clean(err: BaseException) -> str:
+    """An exception as a quarantine reason: its type where the message is bare, and no
+    Python object reprs (PIL names the BytesIO it read: noise to a curator, and never the
+    same twice, which splits `status`'s reason counts)."""
+    msg = _REPR_RE.sub("the member's bytes", str(err)).strip()
+    return msg or type(err).__name__
 
 
 def _check_end_marker(tf: tarfile.TarFile, scan: ShardScan) -> None:
@@ -214,8 +250,12 @@ def decode_image(data: bytes, field_name: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidSample(f"undecodable image {field_name!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001
+        # PIL's decoders raise whatever their parsing meets on hostile bytes (struct.error,
+        # IndexError, EOFError, TypeError, ...), not only OSError: every one of them means
+        # this image is bad, never that the ingest should stop, so each is quarantined with
+        # its type and message.
+        raise InvalidSample(f"undecodable image {field_name!r}: {type(e).__name__}: {_clean(e)}") from e
     if img.width <= 0 or img.height <= 0:
         raise InvalidSample(f"image {field_name!r} has size {img.width}x{img.height}")
     return img

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dataengine.catalog import Catalog
+from dataengine.ingest import mismatched_shards, orphan_parts
 
 
 @dataclass
@@ -51,18 +52,12 @@ def summarize(catalog: Catalog) -> Summary:
             "GROUP BY kind ORDER BY n DESC, kind").fetchall()
         damaged = con.execute(
             "SELECT url, error FROM shards WHERE error IS NOT NULL ORDER BY url").fetchall()
-        # One grouped pass over each lake table, not a count per shard.
-        per_shard_lake = con.execute(
-            "SELECT sh.url, sh.accepted, sh.quarantined, coalesce(s.n, 0), coalesce(q.n, 0) FROM shards sh "
-            "LEFT JOIN (SELECT shard_uid, count(*) n FROM samples GROUP BY ALL) s USING (shard_uid) "
-            "LEFT JOIN (SELECT shard_uid, count(*) n FROM quarantine "
-            "WHERE coalesce(stage, 'ingest') = 'ingest' GROUP BY ALL) q USING (shard_uid)"
-        ).fetchall()
     problems = []
     for s in splits:
         if s.read != s.accepted + s.quarantined:
             problems.append(f"split {s.split}: read {s.read} != accepted {s.accepted} + quarantined {s.quarantined}")
-    for url, acc, qua, lake_acc, lake_qua in per_shard_lake:
-        if (acc, qua) != (lake_acc, lake_qua):
-            problems.append(f"{url}: catalog says {acc}+{qua}, lake holds {lake_acc}+{lake_qua}")
+    for url, what in mismatched_shards(catalog).items():
+        problems.append(f"{url}: {what}")
+    for part in orphan_parts(catalog):
+        problems.append(f"{part}: lake part of an ingest that never committed (the next ingest removes it)")
     return Summary(str(catalog.ws.root), counts, splits, sources, reasons, damaged, problems)

@@ -49,9 +49,13 @@ class Workspace:
             d.mkdir(parents=True, exist_ok=True)
 
     def split_of(self, shard_url: str) -> str | None:
-        """The split a shard belongs to by where it lies (`.../shards/<split>/...`), if any."""
-        parts = Path(shard_url.split("://", 1)[-1]).parts
-        for i, part in enumerate(parts[:-1]):
-            if part == "shards" and i + 1 < len(parts) - 1:
-                return parts[i + 1]
-        return None
+        """The split of a shard inside this workspace's shards/ folder (`shards/<split>/...`);
+        None for a shard anywhere else, whatever its folders are called (a dataset's own
+        `/data/shards/cc12m/0.tar` says nothing about splits)."""
+        if "://" in shard_url and not shard_url.startswith("file://"):
+            return None
+        try:
+            rel = Path(shard_url.removeprefix("file://")).resolve().relative_to(self.shards)
+        except ValueError:
+            return None
+        return rel.parts[0] if len(rel.parts) > 1 else None

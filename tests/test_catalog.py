@@ -24,7 +24,8 @@ from dataengine.workspace import Workspace
 
 
 def test_every_design_table_is_queryable_by_name_in_the_file(ws):
-    con = duckdb.connect(str(ws.catalog_path), read_only=True)
+    # What a DuckDB shell does: the views name lake paths relative to the workspace.
+    con = duckdb.connect(str(ws.catalog_path), read_only=True, config={"file_search_path": str(ws.root)})
     try:
         for name in ALL_TABLES:
             con.execute(f"SELECT * FROM {name} LIMIT 0")
@@ -131,3 +132,18 @@ def test_four_processes_write_at_once_nothing_lost_or_duplicated(ws, tmp_path):
     assert all(d["reason"].startswith("duplicate key: already ingested from") for d in dup)
     totals = cat.query("SELECT sum(read) r, sum(accepted) a, sum(quarantined) q FROM shards").to_pylist()[0]
     assert totals == {"r": N_PROC * 11, "a": len(keys), "q": N_PROC - 1}
+
+
+def test_a_copied_workspace_reads_its_own_lake(ws, catalog, tmp_path):
+    import shutil
+
+    [url] = write_shards([good_sample(f"k{i}") for i in range(3)], tmp_path / "src", "c", 10)
+    ingest(ws, [url], IngestConfig(use_ray=False), catalog)
+    copy = Workspace.at(tmp_path / "copy")
+    shutil.copytree(ws.root, copy.root)
+    # Change the original after the copy: the copy must not see it.
+    [url2] = write_shards([good_sample(f"n{i}") for i in range(2)], tmp_path / "src2", "d", 10)
+    ingest(ws, [url2], IngestConfig(use_ray=False), catalog)
+    assert Catalog(copy).counts()["samples"] == 3
+    shutil.rmtree(ws.root)
+    assert Catalog(copy).counts()["samples"] == 3
