@@ -45,7 +45,7 @@ ConfigOpt = typer.Option(
 def _setup(workspace: Path, config: Optional[Path], **overrides) -> tuple[Workspace, EngineConfig, Catalog]:
     ws = Workspace.at(workspace)
     try:
-        cfg = load_config(config or ws.config_path, **overrides)
+        cfg = load_config(config or ws.config_path, optional=config is None, **overrides)
     except ConfigError as e:
         console.print(f"[red]config error:[/red] {e}")
         raise typer.Exit(2)
@@ -593,6 +593,11 @@ def demo(
     gap search and patching, and a brief run of each model of the stack."""
     ws, cfg, _ = _setup(workspace, config, ingest=dict(use_ray=ray))
     if fresh and ws.root.exists():
+        if not ws.exists() and any(ws.root.iterdir()):
+            # --fresh deletes a workspace, never a folder that merely got named by mistake.
+            console.print(f"[red]--fresh refuses to delete {ws.root}: it is not a dataengine workspace "
+                          f"(no {ws.catalog_path.name}) and not empty[/red]")
+            raise typer.Exit(2)
         shutil.rmtree(ws.root)
     from flows.demo import demo_flow
 

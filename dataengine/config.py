@@ -46,10 +46,14 @@ def _build(cls, values: dict[str, Any], where: str):
     return cls(**values)
 
 
-def load_config(path: str | Path | None = None, **overrides: dict[str, Any]) -> EngineConfig:
-    """Read `path` (if given and present) and apply per-section overrides (None values ignored)."""
+def load_config(path: str | Path | None = None, optional: bool = False,
+                **overrides: dict[str, Any]) -> EngineConfig:
+    """Read `path` and apply per-section overrides (None values ignored). A missing `path`
+    is an error unless `optional` (the workspace's own dataengine.toml need not exist)."""
     data: dict[str, dict[str, Any]] = {}
-    if path is not None and Path(path).exists():
+    if path is not None and not Path(path).is_file() and not optional:
+        raise ConfigError(f"{path}: no such config file")
+    if path is not None and Path(path).is_file():
         try:
             data = tomllib.loads(Path(path).read_text())
         except tomllib.TOMLDecodeError as e:

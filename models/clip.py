@@ -2,7 +2,8 @@
 
     bundle = load_clip("ws/models/clip/v0001")        # a version saved by save_clip
     bundle = load_clip("dataengine-clip-lite0")       # the default arch, untrained projections
-    bundle = load_clip("ViT-B-32")                     # any open_clip architecture, random weights
+    bundle = load_clip("ViT-B-32@/path/ckpt.pt")       # any open_clip architecture with its weights
+    bundle = load_clip("ViT-B-32@random")              # ... or seeded random ones, asked for by name
     vecs = bundle.encode_images(uint8_nhwc)            # (N, D) float32, L2-normalised
 
 As in open_clip, an architecture is data (a config dict) and weights are loaded apart
@@ -487,12 +488,15 @@ def _load_dir(path: Path, device: str) -> ClipBundle:
     return _bundle(model, f"{base}@{_file_sha256(weights)[:12]}", arch, device, config)
 
 
+RANDOM = "random"  # 'ARCH@random': seeded random weights, asked for by name
+
+
 def load_clip(spec: str, device: str = "cpu") -> ClipBundle:
-    """Load a CLIP by spec: a folder written by save_clip/save_version; an open_clip
-    architecture name (random weights drawn from a fixed seed, except the default arch,
-    which gets its packaged pretrained trunks and seeded fresh projections);
-    "ARCH:pretrained_tag" or "hf-hub:org/name" (downloads: fail offline); or
-    "ARCH@/path/to/checkpoint" (.pt/.bin/.safetensors)."""
+    """Load a CLIP by spec: a folder written by save_clip/save_version; the default arch
+    (its packaged pretrained trunks and seeded fresh projections); "ARCH:pretrained_tag"
+    or "hf-hub:org/name" (downloads: fail offline); "ARCH@/path/to/checkpoint"
+    (.pt/.bin/.safetensors); or "ARCH@random" (weights drawn from a fixed seed). A bare
+    architecture name other than the default is refused: it has no weights."""
     import open_clip
 
     register_default()
@@ -519,6 +523,15 @@ def load_clip(spec: str, device: str = "cpu") -> ClipBundle:
         arch, ckpt = spec.split("@", 1)
         if arch not in open_clip.list_models():
             raise ClipSpecError(f"CLIP spec {spec!r}: unknown architecture {arch!r}")
+        if ckpt == RANDOM:
+            # Asked for by name: speed runs and tests. The id says so, so no vector made
+            # with these weights passes for the architecture's real ones.
+            try:
+                model = _seeded_create(arch, pretrained_image=False, pretrained_text=False,
+                                       force_preprocess_cfg=_preprocess_for(open_clip.get_model_config(arch)))
+            except Exception as e:  # noqa: BLE001 - e.g. an HF text tower whose config needs the hub
+                raise ClipSpecError(f"CLIP spec {spec!r}: could not build it offline: {type(e).__name__}: {e}") from e
+            return _bundle(model, spec, arch, device, None)
         ckpt_path = Path(ckpt).expanduser()
         if not ckpt_path.is_file():
             raise ClipSpecError(f"CLIP spec {spec!r}: no checkpoint file at {ckpt_path}")
@@ -548,12 +561,13 @@ def load_clip(spec: str, device: str = "cpu") -> ClipBundle:
         config = default_config()
         return _bundle(build_default(config), DEFAULT_ARCH, DEFAULT_ARCH, device, config)
     if spec in open_clip.list_models():
-        try:
-            model = _seeded_create(spec, pretrained_image=False, pretrained_text=False,
-                                   force_preprocess_cfg=_preprocess_for(open_clip.get_model_config(spec)))
-        except Exception as e:  # noqa: BLE001 - e.g. an HF text tower whose config needs the hub
-            raise ClipSpecError(f"CLIP spec {spec!r}: could not build it offline: {type(e).__name__}: {e}") from e
-        return _bundle(model, spec, spec, device, None)
+        # A bare architecture has no weights here; embedding with seeded random ones under
+        # the architecture's name would pass noise off as that model's vectors.
+        tags = open_clip.list_pretrained_tags_by_model(spec)
+        raise ClipSpecError(
+            f"CLIP spec {spec!r} names an architecture without weights: give a checkpoint "
+            f"('{spec}@/path/to/ckpt.pt')" + (f", a pretrained tag ('{spec}:{tags[0]}', downloads)" if tags else "")
+            + f", or '{spec}@{RANDOM}' for seeded random weights (speed runs, tests)")
     tried.append("an open_clip architecture name")
     raise ClipSpecError(f"unknown CLIP spec {spec!r}: tried it as {', '.join(tried)}; "
                         f"known architectures include {DEFAULT_ARCH!r}, 'ViT-B-32', 'RN50' "

@@ -51,3 +51,15 @@ def test_clear_errors(tmp_path):
     cfg.write_text("[ingest]\nsplitt = 'x'\n")
     res = runner.invoke(app, ["init", "-w", str(tmp_path / "ws"), "--config", str(cfg)])
     assert res.exit_code == 2 and "splitt" in res.output
+    res = runner.invoke(app, ["init", "-w", str(tmp_path / "ws2"), "--config", str(tmp_path / "typo.toml")])
+    assert res.exit_code == 2 and "typo.toml: no such config file" in " ".join(res.output.split())
+    assert not (tmp_path / "ws2").exists()
+
+
+def test_demo_fresh_refuses_a_folder_that_is_not_a_workspace(tmp_path):
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"not yours to delete")
+    res = runner.invoke(app, ["demo", "-w", str(precious), "--fresh"])
+    assert res.exit_code == 2 and "not a dataengine workspace" in " ".join(res.output.split())
+    assert (precious / "holiday.jpg").read_bytes() == b"not yours to delete"

@@ -41,7 +41,7 @@ def tiny_arch(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("configs") / "dataengine-test-tiny.json"
     path.write_text(json.dumps(TINY))
     open_clip.add_model_config(path)
-    return "dataengine-test-tiny"
+    return "dataengine-test-tiny@random"
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,9 @@ def test_unknown_or_unreachable_specs_say_what_was_tried(tmp_path):
         load_clip(f"ViT-B-32@{tmp_path / 'missing.pt'}")
     with pytest.raises(ClipSpecError, match="no pretrained tag 'nope'"):
         load_clip("ViT-B-32:nope")  # refused before any download is tried
+    # A bare architecture has no weights: never embed with random ones under its name.
+    with pytest.raises(ClipSpecError, match="without weights.*ViT-B-32@random"):
+        load_clip("ViT-B-32")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ClipSpecError, match="not a CLIP folder"):
         load_clip(str(tmp_path / "empty"))

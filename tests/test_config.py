@@ -13,9 +13,14 @@ def test_file_then_flags(tmp_path):
     assert cfg.sceneworld == {"seed": 7}
 
 
-def test_missing_file_gives_defaults(tmp_path):
-    cfg = load_config(tmp_path / "absent.toml")
+def test_missing_optional_file_gives_defaults(tmp_path):
+    cfg = load_config(tmp_path / "absent.toml", optional=True)
     assert cfg.ingest.use_ray is True and cfg.engine.ray_address is None
+
+
+def test_a_named_config_that_is_missing_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="absent.toml: no such config file"):
+        load_config(tmp_path / "absent.toml")
 
 
 @pytest.mark.parametrize("text,needle", [
