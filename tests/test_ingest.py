@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -74,3 +75,111 @@ def test_ray_and_local_ingest_agree(tmp_path):
                             sorted(cat.query("SELECT key FROM samples")["key"].to_pylist()))
     assert results[True] == results[False]
     assert results[True][:4] == (6, 41, 40, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Duplicates across shards: which copy wins, and nothing lost on a re-scan
+# ---------------------------------------------------------------------------------------
+
+
+def _two_shards_sharing_a_key(root):
+    a = write_shards([good_sample("shared", "copy in a"), good_sample("a1")], root, "a", 10)[0]
+    b = write_shards([good_sample("shared", "copy in b"), good_sample("b1")], root, "b", 10)[0]
+    return a, b
+
+
+def test_a_rescan_in_one_batch_with_another_holder_of_the_key_keeps_the_key(ws, catalog, tmp_path):
+    from dataengine.ingest import commit, scan_shard
+
+    a, b = _two_shards_sharing_a_key(tmp_path / "in")
+    ingest(ws, [a], IngestConfig(use_ray=False), catalog)
+    # `a` re-scanned (--force, or changed) and `b` new, committed together as Ray batches them.
+    commit(catalog, [scan_shard(a, "train", "i2"), scan_shard(b, "train", "i2")])
+    rows = catalog.query("SELECT key, caption FROM samples WHERE key = 'shared'").to_pylist()
+    assert rows == [{"key": "shared", "caption": "copy in a"}]
+    q = catalog.query("SELECT shard, reason FROM quarantine").to_pylist()
+    assert len(q) == 1 and q[0]["shard"] == b and q[0]["reason"] == f"duplicate key: already ingested from {a}"
+    assert summarize(catalog).exact
+
+
+def test_the_first_shard_in_url_order_wins_whatever_order_results_arrive_in(ws, catalog, tmp_path):
+    from dataengine.ingest import commit, scan_shard
+
+    a, b = _two_shards_sharing_a_key(tmp_path / "in")
+    commit(catalog, [scan_shard(b, "train", "i"), scan_shard(a, "train", "i")])  # b finished first
+    assert catalog.query("SELECT shard FROM samples WHERE key = 'shared'")["shard"].to_pylist() == [a]
+    q = catalog.query("SELECT key, shard, members, offsets, sizes FROM quarantine").to_pylist()
+    assert [(r["key"], r["shard"]) for r in q] == [("shared", b)]
+    # The quarantined copy says where its bytes lie, so a curator can read it.
+    assert sorted(q[0]["members"]) == ["shared.json", "shared.png", "shared.txt"]
+    data = open(b, "rb").read()
+    i = q[0]["members"].index("shared.txt")
+    assert data[q[0]["offsets"][i]: q[0]["offsets"][i] + q[0]["sizes"][i]] == b"copy in b"
+
+
+# ---------------------------------------------------------------------------------------
+# What the workspace says about itself
+# ---------------------------------------------------------------------------------------
+
+
+def test_change_is_detected_by_content_not_file_metadata(ws, catalog, tmp_path):
+    [url] = write_shards([good_sample("k0", "a red box")], tmp_path / "in", "m", 10)
+    ingest(ws, [url], IngestConfig(use_ray=False), catalog)
+    # Touched or copied (mtime, ctime, inode change), same bytes: nothing to re-scan.
+    copy = url + ".copy"
+    shutil.copyfile(url, copy)
+    os.replace(copy, url)
+    os.utime(url, (time.time() + 60, time.time() + 60))
+    assert ingest(ws, [url], IngestConfig(use_ray=False), catalog).skipped_unchanged == 1
+    # Same size, other bytes, with the old times put back (`cp -p`, a restore): re-scanned.
+    st = os.stat(url)
+    data = open(url, "rb").read().replace(b"a red box", b"a big box")
+    open(url, "wb").write(data)
+    os.utime(url, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = ingest(ws, [url], IngestConfig(use_ray=False), catalog)
+    assert (r.shards, r.skipped_unchanged) == (1, 0)
+    assert catalog.query("SELECT caption FROM samples")["caption"].to_pylist() == ["a big box"]
+
+
+def test_parts_of_a_commit_that_never_happened_are_seen_and_removed(ws, catalog, tmp_path, monkeypatch):
+    from dataengine import lake
+    from dataengine.ingest import scan_shard
+
+    [url] = write_shards([good_sample(f"k{i}") for i in range(3)], tmp_path / "in", "o", 10)
+    # An exception inside the commit: the catalog rolls back and takes the parts with it.
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(Catalog, "upsert", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ingest(ws, [url], IngestConfig(use_ray=False), catalog)
+    monkeypatch.undo()
+    assert _counts(catalog) == {"s": 0, "q": 0} and summarize(catalog).exact
+    # A process killed between writing the parts and committing leaves them behind.
+    r = scan_shard(url, "train", "dead")
+    lake.write_part(ws.lake, "samples", r.samples, part=r.shard_uid)
+    s = summarize(catalog)
+    assert not s.exact and "never committed" in s.problems[0]
+    rep = ingest(ws, [url], IngestConfig(use_ray=False), catalog)
+    assert rep.orphans_removed == 1 and rep.accepted == 3
+    assert _counts(catalog) == {"s": 3, "q": 0} and summarize(catalog).exact
+
+
+def test_a_rescan_that_died_before_its_commit_is_scanned_again(ws, catalog, tmp_path):
+    from dataengine import lake
+    from dataengine.ingest import scan_shard
+
+    [url] = write_shards([good_sample(f"k{i}") for i in range(3)], tmp_path / "in", "r", 10)
+    ingest(ws, [url], IngestConfig(use_ray=False), catalog)
+    r = scan_shard(url, "train", "dead")
+    lake.write_part(ws.lake, "samples", r.samples.slice(0, 1), part=r.shard_uid)  # half a rewrite
+    assert not summarize(catalog).exact
+    rep = ingest(ws, [url], IngestConfig(use_ray=False), catalog)  # unchanged, yet re-scanned
+    assert rep.shards == 1 and _counts(catalog) == {"s": 3, "q": 0} and summarize(catalog).exact
+
+
+def test_split_comes_only_from_the_workspaces_own_shards_folder(ws, catalog, tmp_path):
+    [outside] = write_shards([good_sample("c1")], tmp_path / "data" / "shards" / "cc12m", "x", 10)
+    [inside] = write_shards([good_sample("p1")], ws.shards / "pool", "y", 10)
+    ingest(ws, [outside, inside], IngestConfig(use_ray=False), catalog)
+    rows = {r["key"]: r["split"] for r in catalog.query("SELECT key, split FROM samples").to_pylist()}
+    assert rows == {"c1": "train", "p1": "pool"}

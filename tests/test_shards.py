@@ -147,3 +147,64 @@ def test_img2dataset_layout_and_gzip_and_fsspec_urls(tmp_path, ws):
 def test_missing_shard_is_a_clear_error(tmp_path, ws):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         ingest(ws, [str(tmp_path / "nothing-here-*.tar")], IngestConfig(use_ray=False))
+
+
+def test_members_sorted_by_extension_still_make_whole_samples(tmp_path):
+    png, meta = image_bytes(), {"width": 32, "height": 24}
+    samples = [_members(f"k{i}", png, f"box {i}", meta) for i in range(8)]
+    by_extension = [m for ext in (".json", ".png", ".txt") for s in samples for m in s if m[0].endswith(ext)]
+    r = scan_shard(_tar(tmp_path / "sorted.tar", by_extension), "train", "t")
+    assert r.samples["key"].to_pylist() == [f"k{i}" for i in range(8)]
+    assert r.quarantine.num_rows == 0 and r.read == 8
+    assert r.samples["caption"].to_pylist() == [f"box {i}" for i in range(8)]
+
+
+@pytest.mark.parametrize("error", [__import__("struct").error("unpack requires a buffer of 4 bytes"),
+                                   IndexError("list index out of range"), EOFError(), TypeError("bad")])
+def test_any_decoder_exception_quarantines_the_sample_not_the_ingest(tmp_path, ws, monkeypatch, error):
+    from PIL import Image
+
+    import dataengine.shards as shards
+
+    png, meta = image_bytes(), {"width": 32, "height": 24}
+    evil = png + b"EVIL"
+    real_open = Image.open
+
+    def picky_open(fp, *a, **k):  # PIL raising what its parsers raise on hostile bytes
+        if fp.getvalue().endswith(b"EVIL"):
+            raise error
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(shards.Image, "open", picky_open)
+    url = _tar(tmp_path / "odd.tar", _members("ok1", png, "fine", meta) + _members("odd", evil, "odd", meta)
+               + _members("ok2", png, "fine too", meta))
+    r = ingest(ws, [url], IngestConfig(use_ray=False))
+    assert (r.read, r.accepted, r.quarantined) == (3, 2, 1)
+    from dataengine.catalog import Catalog
+
+    [reason] = Catalog(ws).query("SELECT reason FROM quarantine")["reason"].to_pylist()
+    assert reason.startswith(f"undecodable image 'png': {type(error).__name__}")
+
+
+def test_quarantine_reasons_carry_no_object_reprs(tmp_path):
+    meta = {"width": 32, "height": 24}
+    url = _tar(tmp_path / "junk.tar", _members("junk", b"\x00\x01 definitely not an image", "junk", meta))
+    [reason] = scan_shard(url, "train", "t").quarantine["reason"].to_pylist()
+    assert reason.startswith("undecodable image 'png': UnidentifiedImageError")
+    assert " object at 0x" not in reason
+
+
+def test_compressed_shards_read_back_byte_identical(tmp_path, ws):
+    from dataengine.catalog import Catalog
+    from dataengine.images import iter_images, read_ranges
+
+    png = image_bytes()
+    members = [m for i in range(4) for m in _members(f"g{i}", png, f"box {i}", {"width": 32, "height": 24})]
+    plain = _tar(tmp_path / "p.tar", members)
+    (tmp_path / "c.tar.gz").write_bytes(gzip.compress(open(plain, "rb").read()))
+    ingest(ws, [str(tmp_path / "c.tar.gz")], IngestConfig(use_ray=False))
+    rows = Catalog(ws).query("SELECT key, shard, image_offset, image_size FROM samples ORDER BY key").to_pylist()
+    assert len(rows) == 4
+    blobs = read_ranges(rows[0]["shard"], [(r["image_offset"], r["image_size"]) for r in reversed(rows)])
+    assert blobs == [png] * 4
+    assert all(err is None and arr.shape == (16, 16, 3) for _, arr, err in iter_images(rows, 16))
