@@ -78,6 +78,15 @@ def test_an_unreadable_image_is_quarantined_with_its_reason(small_world):
     assert all(r["reason"].startswith("embed image:") for r in q)
     # Ingest's own accounting is untouched by a later stage's quarantine.
     assert summarize(Catalog(ws)).exact
+    # Each row says which model failed and where the image's bytes lie.
+    rows = Catalog(ws).query("SELECT q.model_id, q.offsets, q.sizes, s.image_offset, s.image_size FROM quarantine q "
+                             "JOIN samples s USING (key) WHERE q.stage = 'embed'").to_pylist()
+    assert all(r["model_id"] == report.model_id and r["offsets"] == [r["image_offset"]]
+               and r["sizes"] == [r["image_size"]] for r in rows)
+    # A failure is recorded once: the next run does not try (and quarantine) them again.
+    again = embed(ws.root, _local(splits=("pool",), kinds=("image",)), progress=False)
+    assert again.failed["image"] == again.embedded["image"] == 0
+    assert Catalog(ws).query("SELECT count(*) n FROM quarantine WHERE stage = 'embed'")["n"][0].as_py() == len(q)
 
 
 @pytest.mark.slow

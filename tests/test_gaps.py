@@ -177,3 +177,26 @@ def test_cli_gaps_and_patch_print_the_evidence(world):
     assert "patch-" in out.output and "samples ->" in out.output
     out = runner.invoke(app, ["gaps", "-w", str(ws.root)])
     assert out.exit_code == 2 and "at least one prompt" in out.output
+
+
+def test_patch_reads_the_accepted_copy_of_a_prefixed_key(tmp_path):
+    """Keys with ingest's key_prefix, and a shard holding a second (quarantined) copy of a
+    key: the patch takes exactly the copy the catalog accepted."""
+    from types import SimpleNamespace
+
+    from conftest import good_sample
+    from dataengine.patch import _collect
+
+    ws = Workspace.at(tmp_path / "ws")
+    catalog = Catalog(ws)
+    catalog.migrate()
+    shard = write_shard([good_sample("d", "the accepted copy"), good_sample("x"),
+                         good_sample("d", "the duplicate ingest quarantined")], tmp_path / "pool.tar")
+    ingest(ws, [shard], IngestConfig(use_ray=False, key_prefix="pfx-", split="pool"), catalog)
+    rows = catalog.query("SELECT key, shard, image_offset FROM samples").to_pylist()
+    assert sorted(r["key"] for r in rows) == ["pfx-d", "pfx-x"]
+    report = SimpleNamespace(feedback_id="fb", gap_id="g" * 16, concept="c", model_id="m")
+    samples, out = _collect({"pfx-d": 0.9, "pfx-x": 0.8}, {r["key"]: r["shard"] for r in rows},
+                            {r["key"]: r["image_offset"] for r in rows}, report, tmp_path / "patch.tar")
+    assert [s["txt"] for s in samples] == [b"the accepted copy", b"a red rectangle, sample x"]
+    assert [r["pool_key"] for r in out] == ["pfx-d", "pfx-x"]
