@@ -125,6 +125,60 @@ def status(workspace: Path = WorkspaceOpt) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def requeue(
+    workspace: Path = WorkspaceOpt,
+    stage: Optional[str] = typer.Option(None, help="Only this stage's quarantine: ingest or embed (default: both)."),
+    reason: Optional[str] = typer.Option(None, help="Only rows whose reason matches this regular expression "
+                                                    "(case-insensitive), e.g. 'undecodable'."),
+    model: str = typer.Option("default", "--model", "-m", help="Embed rows: the model to retry them with "
+                                                                "(rows of other models are left alone)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be requeued, change nothing."),
+) -> None:
+    """Re-run only the quarantined samples (after mending a shard or adding a decoder);
+    nothing else is touched, and the accounting stays exact."""
+    from dataengine.requeue import requeue as run_requeue
+    from dataengine.requeue import select
+    from dataengine.status import summarize
+
+    ws = _existing(workspace)
+    catalog = Catalog(ws)
+    try:
+        rows = select(catalog, stage, reason)
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    if dry_run or rows.num_rows == 0:
+        by = {}
+        for st, why in zip(rows["stage"].to_pylist(), rows["reason"].to_pylist()):
+            k = (st or "ingest", why.split(":")[0])
+            by[k] = by.get(k, 0) + 1
+        for (st, why), n in sorted(by.items()):
+            console.print(f"{st:7s} {n:6d}  {why}")
+        console.print(f"{rows.num_rows} quarantined sample(s) match" + (" (dry run: nothing changed)" if dry_run else ""))
+        return
+    embed_keys, model_id = None, None
+    if "embed" in {s or "ingest" for s in rows["stage"].to_pylist()}:
+        from dataengine.embed import EmbedConfig, model_id_of
+        from dataengine.embed import embed as run_embed
+
+        model_id = model_id_of(ws, model)
+
+        def embed_keys(keys, kind):
+            rep = run_embed(ws.root, EmbedConfig(model=model, kinds=(kind,)), keys=keys)
+            return rep.embedded.get(kind, 0), rep.failed.get(kind, 0)
+
+    report = run_requeue(ws, stage, reason, catalog, embed_keys, model_id)
+    console.print(report.summary())
+    for why, n in sorted(report.reasons.items(), key=lambda x: -x[1]):
+        console.print(f"  still failing: {n} x {why}")
+    summary = summarize(catalog)
+    if not summary.exact:
+        for p in summary.problems:
+            console.print(f"[red]accounting problem:[/red] {p}")
+        raise typer.Exit(1)
+
+
 def print_summary(summary) -> None:
     console.print(f"[bold]workspace[/bold] {summary.root}")
     t = Table(title="tables", show_edge=False)
@@ -404,26 +458,35 @@ def index(
     kind: str = typer.Option("auto", help="auto (Flat when small, IVF family when large) or a faiss factory string."),
     target_recall: float = typer.Option(0.95, help="recall@10 against exact search that tuning must reach."),
     ray: bool = typer.Option(False, "--ray/--no-ray", help="Add vectors in parallel Ray tasks (large sets)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Build afresh instead of growing the saved index."),
+    memory_budget_mb: Optional[int] = typer.Option(None, help="Bound on the memory building takes (vectors stream in chunks)."),
 ) -> None:
-    """Build each split's FAISS index, and the training split's coverage statistics for gap search."""
+    """Grow each split's FAISS index by its new vectors (or build it), and the training split's coverage statistics."""
     from dataengine.gaps import build_workspace_indexes
     from dataengine.index import IndexConfig
 
     ws = _existing(workspace)
     try:
-        built = build_workspace_indexes(ws, model, tuple(splits), IndexConfig(kind=kind, target_recall=target_recall),
-                                        use_ray=ray)
+        cfg = IndexConfig(kind=kind, target_recall=target_recall, memory_budget_mb=memory_budget_mb)
+        built = build_workspace_indexes(ws, model, tuple(splits), cfg, use_ray=ray, rebuild=rebuild)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
     t = Table(title="indexes", show_edge=False)
-    for col in ("split", "vectors", "index", "params", "recall@10", "build s"):
+    for col in ("split", "vectors", "update", "index", "params", "recall@10", "seconds"):
         t.add_column(col)
     for split, b in built.items():
         m = b.meta
-        t.add_row(split, str(m["count"]), m["factory"], str(m.get("params", {})),
-                  f"{m['recall_at_k']:.3f}", f"{m['build_seconds']:.1f}")
+        last = (m.get("history") or [{}])[-1]
+        recall = "-" if m.get("recall_at_k") is None else f"{m['recall_at_k']:.3f}"
+        seconds = "-" if m.get("update") == "up to date" else f"{last.get('seconds', m['build_seconds']):.1f}"
+        t.add_row(split, str(m["count"]), m.get("update", "built"), m["factory"], str(m.get("params", {})),
+                  recall, seconds)
     console.print(t)
+    for split, b in built.items():
+        if b.meta.get("rebuild_proposed"):
+            console.print(f"[yellow]{split}: rebuild proposed: {b.meta['rebuild_reason']} "
+                          "(`dataengine index --rebuild`)[/yellow]")
 
 
 @app.command()

@@ -192,6 +192,11 @@ def resolve_model(ws: Workspace, spec: str) -> str:
     return rows[0]["path"]
 
 
+def model_id_of(ws: Workspace, spec: str) -> str:
+    """The id under which `spec` (as `EmbedConfig.model` takes it) stores its vectors."""
+    return _load(resolve_model(ws, spec), "cpu").model_id
+
+
 def todo(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None,
          keys: Sequence[str] | None = None) -> tuple[pa.Table, int]:
     """Samples with no `kind` vector for `model_id` yet, and how many already have one.

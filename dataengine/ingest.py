@@ -167,7 +167,7 @@ def scan_shard(url: str, split: str, ingest_id: str, key_prefix: str = "",
                     raise InvalidSample("duplicate key within the shard")
                 seen.add(key)
                 ok = validate_sample(raw)
-                row = _sample_row(raw, ok, key, split, url, uid, ingest_id, now)
+                row = sample_row(raw, ok, key, split, url, uid, ingest_id, now)
             except InvalidSample as e:
                 reason = f"{e} (shard damaged right after it: {raw.damage_after})" if raw.damage_after else str(e)
                 bad.append(quarantine_row(url, uid, key, reason, where, ingest_id, now, fields=sorted(raw.fields)))
@@ -191,7 +191,7 @@ def scan_shard(url: str, split: str, ingest_id: str, key_prefix: str = "",
     )
 
 
-def _sample_row(raw, ok, key: str, split: str, url: str, uid: str, ingest_id: str, now) -> dict:
+def sample_row(raw, ok, key: str, split: str, url: str, uid: str, ingest_id: str, now) -> dict:
     offset, size = raw.offsets[ok.image_field]
     return dict(
         key=key, split=split, shard=url, shard_uid=uid, image_field=ok.image_field,

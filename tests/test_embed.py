@@ -126,3 +126,33 @@ def test_bad_config_is_refused():
         EmbedConfig(batch_size=0)
     with pytest.raises(ValueError, match="ray_min_rows"):
         EmbedConfig(ray_min_rows=-1)
+
+
+def test_requeue_retries_only_the_failed_images_once_the_shard_is_back(small_world):
+    from dataengine.requeue import requeue
+
+    ws = small_world
+    cat = Catalog(ws)
+    shard = cat.query("SELECT DISTINCT shard FROM samples WHERE split = 'pool'")["shard"][0].as_py()
+    whole = open(shard, "rb").read()
+    with open(shard, "r+b") as f:
+        f.truncate(2048)  # e.g. a copy still in flight while embed ran
+    first = embed(ws.root, _local(kinds=("image",)), progress=False)
+    assert first.failed["image"] >= 7 and first.embedded["image"] + first.failed["image"] == 32
+    open(shard, "wb").write(whole)  # the copy finished
+
+    calls = []
+
+    def embed_keys(keys, kind):
+        calls.append((sorted(keys), kind))
+        rep = embed(ws.root, _local(kinds=(kind,)), progress=False, keys=keys)
+        return rep.embedded[kind], rep.failed[kind]
+
+    rep = requeue(ws, "embed", None, cat, embed_keys, first.model_id)
+    assert (rep.matched, rep.accepted, rep.still_quarantined) == (first.failed["image"], first.failed["image"], 0)
+    assert len(calls) == 1 and len(calls[0][0]) == first.failed["image"] and calls[0][1] == "image"
+    assert cat.query("SELECT count(*) n FROM quarantine WHERE stage = 'embed'")["n"][0].as_py() == 0
+    keys, _ = load_vectors(cat, first.model_id, "image")
+    assert len(keys) == 32
+    # Rows of another model are left alone.
+    assert requeue(ws, "embed", None, cat, embed_keys, "another-model").matched == 0
