@@ -16,6 +16,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from dataengine.shards import reason_of
+
 
 class ImageReadError(OSError):
     """A catalogued image could not be read back from its shard."""
@@ -102,4 +104,4 @@ def iter_images(rows: Iterable[dict], size: int) -> Iterator[tuple[str, np.ndarr
             try:
                 yield r["key"], to_square(data, size), None
             except Exception as e:  # noqa: BLE001  (PIL raises many types on bad bytes; see shards.decode_image)
-                yield r["key"], None, f"undecodable image: {type(e).__name__}: {e}"
+                yield r["key"], None, f"undecodable image: {type(e).__name__}: {reason_of(e)}"

@@ -145,7 +145,7 @@ def iter_raw_samples(url: str, scan: ShardScan | None = None) -> Iterator[RawSam
         try:
             tf = tarfile.open(fileobj=fobj, mode="r:*")
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise ShardError(f"{url}: not a readable tar archive: {_clean(e)}") from e
+            raise ShardError(f"{url}: not a readable tar archive: {reason_of(e)}") from e
         groups = _group_members(tf, scan)
         for n, (key, infos) in enumerate(groups, 1):
             raw = RawSample(key)
@@ -156,7 +156,7 @@ def iter_raw_samples(url: str, scan: ShardScan | None = None) -> Iterator[RawSam
                     if len(data) != info.size:
                         raise EOFError(f"{len(data)} of {info.size} bytes")
                 except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                    raw.problem = f"truncated tar: member {info.name} cut short ({_clean(e)})"
+                    raw.problem = f"truncated tar: member {info.name} cut short ({reason_of(e)})"
                     scan.error = f"truncated tar inside member {info.name}"
                     break
                 if ext in raw.fields:
@@ -179,7 +179,7 @@ def _group_members(tf: tarfile.TarFile, scan: ShardScan) -> list[tuple[str, list
         try:
             info = tf.next()
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            scan.error = f"truncated or corrupt tar after byte {tf.offset}: {_clean(e)}"
+            scan.error = f"truncated or corrupt tar after byte {tf.offset}: {reason_of(e)}"
             break
         if info is None:
             _check_end_marker(tf, scan)
@@ -201,7 +201,7 @@ def _group_members(tf: tarfile.TarFile, scan: ShardScan) -> list[tuple[str, list
 _REPR_RE = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
-def _clean(err: BaseException) -> str:
+def reason_of(err: BaseException) -> str:
     """An exception as a quarantine reason: its type where the message is bare, and no
     Python object reprs (PIL names the BytesIO it read: noise to a curator, and never the
     same twice, which splits `status`'s reason counts)."""
@@ -255,7 +255,7 @@ def decode_image(data: bytes, field_name: str) -> Image.Image:
         # IndexError, EOFError, TypeError, ...), not only OSError: every one of them means
         # this image is bad, never that the ingest should stop, so each is quarantined with
         # its type and message.
-        raise InvalidSample(f"undecodable image {field_name!r}: {type(e).__name__}: {_clean(e)}") from e
+        raise InvalidSample(f"undecodable image {field_name!r}: {type(e).__name__}: {reason_of(e)}") from e
     if img.width <= 0 or img.height <= 0:
         raise InvalidSample(f"image {field_name!r} has size {img.width}x{img.height}")
     return img
