@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/embed.py
-	$(BIN)/python benchmarks/index.py --n 200000
+	$(BIN)/python benchmarks/index.py --n 1000000
 	$(BIN)/python benchmarks/gaps.py
 
 clean:

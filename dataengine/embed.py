@@ -134,16 +134,33 @@ def _load(spec: str, device: str):
 
 
 class _Encoder:
-    """Holds one model (loaded once per process or actor)."""
+    """Holds one model (loaded once per process or actor).
 
-    def __init__(self, spec: str, device: str = "auto", threads: int | None = None, store_dtype: str = "float16"):
+    `model` is a spec to load, or a bundle the driver already loaded: Ray actors get the
+    driver's (one load, shipped once through the object store; it also reaches nodes that
+    cannot read the workspace's model folder) and only move it to their device.
+    """
+
+    def __init__(self, model, device: str = "auto", threads: int | None = None, store_dtype: str = "float16"):
+        import sys
+
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.bundle = _load(spec, device)
+        ray = sys.modules.get("ray")  # an actor gets the model by Ray reference; a local run never imports Ray
+        if ray is not None and isinstance(model, ray.ObjectRef):
+            model = ray.get(model)
+        if isinstance(model, str):
+            self.bundle = _load(model, device)
+        elif model.device != device:
+            from dataclasses import replace
+
+            self.bundle = replace(model, model=model.model.to(device), device=device)
+        else:
+            self.bundle = model
         # Mixed precision on GPUs; on CPUs float32 is both faster and exact.
         self.autocast = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" else None
         self.dtype = np.float16 if store_dtype == "float16" else np.float32
@@ -240,32 +257,44 @@ def _local_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str) -> It
         yield enc(decode(batch) if kind == "image" else batch)
 
 
-def _pool_size(cfg: EmbedConfig) -> tuple[int, dict[str, float]]:
-    """Actors and the resources of each: one per GPU; without GPUs, one per CPU with half a
-    CPU held back in all for the decode tasks. (A pool that takes every CPU starves the
-    decode tasks and the pipeline stalls; one actor fewer than the CPUs leaves a core
-    nearly idle, since decoding costs ~2 ms an image against ~25 ms in the model.)"""
+def _block_rows(cfg: EmbedConfig) -> int:
+    return cfg.batch_size * 4  # a few batches per Ray block, so decode tasks spread over the cluster
+
+
+def _pool_size(cfg: EmbedConfig, rows: int) -> tuple[int, int, dict[str, float]]:
+    """Actors, torch threads in each, and each one's Ray resources: one actor per GPU;
+    without GPUs, one single-threaded actor per CPU with half a CPU held back in all for
+    the decode tasks; never more actors than blocks of `rows` (an actor with nothing to do
+    still pays its ~7 s start: imports and the model), the CPUs left over going to threads.
+
+    (A pool that takes every CPU starves the decode tasks and the pipeline stalls; one
+    actor fewer than the CPUs leaves a core nearly idle, since decoding costs ~2 ms an
+    image against ~25 ms in the model. One single-threaded replica per core embedded
+    1.2-1.3x the images/s of one replica on both cores of a 2-core machine, which more
+    than pays for the second actor's start from a few thousand images on.)"""
     import ray
 
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    blocks = max(1, -(-rows // _block_rows(cfg)))
     if gpus and cfg.device != "cpu":
-        return cfg.actors or gpus, {"num_gpus": 1, "num_cpus": 1}
-    actors = cfg.actors or max(1, int(cpus))
-    return actors, {"num_cpus": max(0.25, min(1.0, (cpus - 0.5) / actors))}
+        return min(cfg.actors or gpus, blocks), cfg.threads_per_actor or 1, {"num_gpus": 1, "num_cpus": 1}
+    actors = min(cfg.actors or max(1, int(cpus)), blocks)
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=cpus)
+    threads = cfg.threads_per_actor or max(1, int(min(cpus / actors, node_cpus)))
+    return actors, threads, {"num_cpus": max(0.25, min(1.0, (cpus - 0.5) / actors))}
 
 
 def _ray_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str, image_size: int) -> Iterator[dict]:
+    """Decode tasks feeding a model actor pool on Ray Data; yields the actors' output blocks."""
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over the whole job
-    actors, resources = _pool_size(cfg)
-    threads = cfg.threads_per_actor or 1  # one model replica per core beats one replica on many
+    actors, threads, resources = _pool_size(cfg, rows.num_rows)
     cols = ["key", "shard", "image_offset", "image_size"] if kind == "image" else ["key", "caption"]
-    # Blocks of a few batches each, so decode tasks spread over the cluster.
-    block = cfg.batch_size * 4
+    block = _block_rows(cfg)
     ds = ray.data.from_arrow([rows.select(cols).slice(i, block) for i in range(0, rows.num_rows, block)])
     if kind == "image":
         # Half a CPU each: Ray Data fuses consecutive maps with equal resources, which would
@@ -273,9 +302,19 @@ def _ray_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str, image_s
         ds = ds.map_batches(_decode_fn, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size,
                             batch_format="numpy", num_cpus=0.5)
     cls = EmbedImages if kind == "image" else EmbedTexts
-    out = ds.map_batches(cls, fn_constructor_args=(spec, cfg.device, threads, cfg.store_dtype),
+    # The actors take the model the driver loaded for its id (cached by _load) rather than
+    # each loading it again. By reference, as Ray Data asks of large constructor arguments
+    # (held in the UDF, 100+ MB slowed the actors' start).
+    model = ray.put(_load(spec, "cpu"))
+    out = ds.map_batches(cls, fn_constructor_args=(model, cfg.device, threads, cfg.store_dtype),
                          batch_size=cfg.batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=actors), **resources)
+    # Decoding outruns the model ~10x: unbounded, the object store would end up holding the
+    # pixels of every row. A few blocks per actor keep each one fed, and memory stays flat
+    # however many rows there are.
+    row_bytes = 3 * image_size ** 2 if kind == "image" else 1024
+    limits = out.context.execution_options.resource_limits
+    out.context.execution_options.resource_limits = limits.copy(object_store_memory=4 * actors * block * row_bytes)
     yield from out.iter_batches(batch_size=None, batch_format="numpy")
 
 
@@ -326,7 +365,7 @@ def embed(
             from dataengine.cluster import ensure_ray
 
             ensure_ray(cfg.ray_address)
-            report.actors = _pool_size(cfg)[0]
+            report.actors = max(report.actors, _pool_size(cfg, rows.num_rows)[0])
         batches = (_ray_batches(rows, kind, cfg, spec, image_size) if on_ray
                    else _local_batches(rows, kind, cfg, spec))
         with bar(progress, f"embed {kind}s", rows.num_rows) as advance:

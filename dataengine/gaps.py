@@ -42,8 +42,8 @@ import pyarrow as pa
 
 from dataengine import lake
 from dataengine.catalog import Catalog
-from dataengine.embed import load_vectors
-from dataengine.index import BuiltIndex, IndexConfig, build_index
+from dataengine.index import BuiltIndex, IndexConfig, MemoryBudgetError, build_index, config_of, grow_index
+from dataengine.lakevectors import LakeVectors
 from dataengine.schema import GAPS
 from dataengine.workspace import Workspace
 
@@ -91,15 +91,57 @@ def index_dir(ws: Workspace, model_id: str, split: str, kind: str = "image") -> 
 
 
 def build_split_index(ws: Workspace, model_id: str, split: str, kind: str = "image",
-                      cfg: IndexConfig = IndexConfig(), use_ray: bool = False, progress: bool = True) -> BuiltIndex:
-    """Build and save the FAISS index of one split's vectors (the id map holds sample keys)."""
-    keys, vectors = load_vectors(Catalog(ws), model_id, kind, splits=[split])
-    if not keys:
+                      cfg: IndexConfig = IndexConfig(), use_ray: bool = False, progress: bool = True,
+                      rebuild: bool = False) -> BuiltIndex:
+    """Bring the saved FAISS index of one split's vectors up to date (the id map holds
+    sample keys): grow it by the vectors it lacks when it holds no key the split has lost
+    (the cost follows the new vectors), else build it afresh. Vectors are streamed from
+    the lake in chunks. meta["update"] says what was done."""
+    source = LakeVectors(Catalog(ws), model_id, kind, splits=[split])
+    if not len(source):
         raise ValueError(f"no {kind} embeddings of {model_id!r} in split {split!r}; run `dataengine embed` first")
-    built = build_index(vectors, keys, model_id, cfg, use_ray=use_ray, progress=progress)
+    folder = index_dir(ws, model_id, split, kind)
+    saved, why = None, "asked" if rebuild else None
+    if why is None and (folder / "meta.json").exists():
+        try:
+            saved = BuiltIndex.load(folder)
+        except ValueError as e:  # a damaged save is rebuilt, not grown
+            why = f"saved index unreadable: {e}"
+    why = why or _why_rebuild(saved, source, model_id, kind, cfg)
+    if why is None:
+        new = np.array([k not in saved._row_map() for k in source.keys.tolist()], dtype=bool)
+        if not new.any():
+            saved.meta["update"] = "up to date"
+            return saved
+        try:
+            grow_index(saved, source.select(new), cfg=cfg, progress=progress)
+        except MemoryBudgetError as e:
+            # Growth copies the index's store of vectors once; a build streams within the budget.
+            why = f"growth over the memory budget: {e}"
+        else:
+            saved.meta["update"] = f"grew by {int(new.sum())}"
+            saved.save(folder)
+            return saved
+    built = build_index(source, None, model_id, cfg, use_ray=use_ray, progress=progress)
     built.meta["split"], built.meta["kind"] = split, kind
-    built.save(index_dir(ws, model_id, split, kind))
+    built.meta["update"] = f"built ({why})"
+    built.save(folder)
     return built
+
+
+def _why_rebuild(saved: BuiltIndex | None, source: LakeVectors, model_id: str, kind: str,
+                 cfg: IndexConfig) -> str | None:
+    """Why the saved index cannot simply grow to hold `source`; None when it can."""
+    if saved is None:
+        return "no saved index"
+    m, was = saved.meta, config_of(saved.meta)
+    if m.get("model_id") != model_id or m.get("kind", kind) != kind or m.get("dim") != source.dim:
+        return "saved index is of another model, kind or width"
+    if (was.kind, was.target_recall, was.k) != (cfg.kind, cfg.target_recall, cfg.k):
+        return "index settings changed"
+    have = set(source.keys.tolist())
+    lost = sum(1 for k in saved.keys.tolist() if k not in have)
+    return f"{lost} indexed keys are no longer in the split" if lost else None
 
 
 def load_split_index(ws: Workspace, model_id: str, split: str, kind: str = "image") -> BuiltIndex:
@@ -327,14 +369,16 @@ def record_gaps(ws: Workspace, reports: Sequence[GapReport]) -> None:
 
 def build_workspace_indexes(ws: Workspace, model: str = "default", splits: Sequence[str] = ("train", "pool"),
                             index_cfg: IndexConfig = IndexConfig(), gap_cfg: GapConfig = GapConfig(),
-                            use_ray: bool = False, progress: bool = True) -> dict[str, BuiltIndex]:
-    """Image index of each split, plus the gap split's coverage statistics (when both it and
-    its reference split are among `splits`)."""
+                            use_ray: bool = False, progress: bool = True,
+                            rebuild: bool = False) -> dict[str, BuiltIndex]:
+    """Image index of each split, grown by new vectors or built (`rebuild`: always built),
+    plus the gap split's coverage statistics (when both it and its reference split are
+    among `splits`)."""
     from dataengine.embed import resolve_model
     from models.clip import load_clip
 
     encoder = load_clip(resolve_model(ws, model))
-    built = {split: build_split_index(ws, encoder.model_id, split, "image", index_cfg, use_ray, progress)
+    built = {split: build_split_index(ws, encoder.model_id, split, "image", index_cfg, use_ray, progress, rebuild)
              for split in splits}
     if gap_cfg.split in built and gap_cfg.reference_split in built:
         build_coverage(ws, encoder.model_id, encoder, built[gap_cfg.split], built[gap_cfg.reference_split],
