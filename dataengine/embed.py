@@ -355,10 +355,6 @@ def embed(
         report.skipped[kind], report.embedded[kind], report.failed[kind] = done, 0, 0
         if rows.num_rows == 0:
             continue
-        where = dict(zip(rows["key"].to_pylist(), zip(rows["shard"].to_pylist(), rows["shard_uid"].to_pylist(),
-                                                        rows["image_field"].to_pylist(),
-                                                        rows["image_offset"].to_pylist(),
-                                                        rows["image_size"].to_pylist())))
         on_ray = cfg.use_ray and rows.num_rows >= cfg.ray_min_rows
         report.ran_on[kind] = "ray" if on_ray else "local"
         if on_ray:
@@ -374,7 +370,7 @@ def embed(
             for b in batches:
                 bad = np.array([bool(e) for e in b["error"]], bool)
                 if bad.any():
-                    _quarantine(ws, b["key"][bad], b["error"][bad], where, kind, model_id, run_id)
+                    _quarantine(ws, b["key"][bad], b["error"][bad], rows, kind, model_id, run_id)
                     report.failed[kind] += int(bad.sum())
                 pending_k.append(b["key"][~bad])
                 pending_v.append(b["vector"][~bad])
@@ -410,16 +406,22 @@ def store_vectors(ws: Workspace, keys: Sequence[str], vectors: np.ndarray, model
     return len(keys)
 
 
-def _quarantine(ws: Workspace, keys, errors, where: dict, kind: str, model_id: str, run_id: str) -> None:
-    """Record samples this model could not embed, with where the image's bytes lie."""
+def _quarantine(ws: Workspace, keys, errors, todo_rows: pa.Table, kind: str, model_id: str, run_id: str) -> None:
+    """Record samples this model could not embed, with where the image's bytes lie (looked
+    up in the job's rows only when something fails)."""
+    import pyarrow.compute as pc
+
     from dataengine.ingest import quarantine_row
 
     now = datetime.now(timezone.utc)
+    failed = todo_rows.filter(pc.is_in(todo_rows["key"], pa.array(list(keys), pa.string())))
+    where = {r["key"]: r for r in failed.select(
+        ["key", "shard", "shard_uid", "image_field", "image_offset", "image_size"]).to_pylist()}
     rows = []
     for k, e in zip(keys, errors):
-        shard, uid, member, offset, size = where[k]
-        loc = ([member], [offset], [size]) if kind == "image" else None
-        rows.append(quarantine_row(shard, uid, k, f"embed {kind}: {e}", loc, run_id, now,
+        w = where[k]
+        loc = ([w["image_field"]], [w["image_offset"]], [w["image_size"]]) if kind == "image" else None
+        rows.append(quarantine_row(w["shard"], w["shard_uid"], k, f"embed {kind}: {e}", loc, run_id, now,
                                    stage="embed", model_id=model_id))
         log.warning("quarantined %s: embed %s: %s", k, kind, e)
     lake.write_part(ws.lake, "quarantine", pa.Table.from_pylist(rows, schema=QUARANTINE),
@@ -431,12 +433,10 @@ def _quarantine(ws: Workspace, keys, errors, where: dict, kind: str, model_id: s
 # ---------------------------------------------------------------------------------------
 
 
-def load_vectors(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None = None,
-                 sources: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """(keys, float32 (N, D) matrix) of one model and kind, optionally of some splits/sources.
-
-    One vector per key (the newest, should a key have been embedded twice), in key order.
-    """
+def vector_filter(model_id: str, kind: str, splits: Sequence[str] | None = None,
+                  sources: Sequence[str] | None = None) -> tuple[str, list]:
+    """The WHERE clause (over embeddings `e` joined with samples `s`) and its parameters that
+    pick one model's vectors of one kind, optionally of some splits or sources."""
     where, params = ["e.model_id = ?", "e.kind = ?"], [model_id, kind]
     if splits:
         where.append(f"s.split IN ({', '.join('?' for _ in splits)})")
@@ -444,9 +444,19 @@ def load_vectors(catalog: Catalog, model_id: str, kind: str, splits: Sequence[st
     if sources:
         where.append(f"s.source IN ({', '.join('?' for _ in sources)})")
         params += list(sources)
+    return " AND ".join(where), params
+
+
+def load_vectors(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None = None,
+                 sources: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(keys, float32 (N, D) matrix) of one model and kind, optionally of some splits/sources.
+
+    One vector per key (the newest, should a key have been embedded twice), in key order.
+    """
+    where, params = vector_filter(model_id, kind, splits, sources)
     t = catalog.query(
         "SELECT e.key, e.vector FROM embeddings e JOIN samples s USING (key) "
-        f"WHERE {' AND '.join(where)} "
+        f"WHERE {where} "
         "QUALIFY row_number() OVER (PARTITION BY e.key ORDER BY e.created_at DESC) = 1 ORDER BY e.key", params)
     keys = t["key"].to_pylist()
     if not keys:

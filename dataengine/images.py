@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Iterable, Iterator, Sequence
 
 import fsspec
+import fsspec.compression
 import numpy as np
 from PIL import Image
 
@@ -40,11 +41,12 @@ def read_ranges(shard: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
     forward by decompressing and backward only by starting over.
     """
     try:
-        with fsspec.open(shard, "rb") as raw:
-            compression = _compression(raw)
         order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
         out: list[bytes] = [b""] * len(ranges)
-        with fsspec.open(shard, "rb", compression=compression) as f:
+        with fsspec.open(shard, "rb") as raw:
+            compression = _compression(raw)
+            raw.seek(0)
+            f = fsspec.compression.compr[compression](raw, mode="rb") if compression else raw
             for i in order:
                 offset, size = ranges[i]
                 f.seek(offset)

@@ -34,6 +34,7 @@ from dataengine.workspace import Workspace
 DEFAULT_SPLIT = "train"
 
 log = logging.getLogger(__name__)
+_SHARD_PART_RE = re.compile(r"^[0-9a-f]{16}$")  # lake parts named by shard_uid (other stages use prefixes)
 
 
 @dataclass(frozen=True)
@@ -308,9 +309,6 @@ def mismatched_shards(catalog: Catalog) -> dict[str, str]:
             for r in rows if (r["accepted"], r["quarantined"]) != (r["s"], r["q"])}
 
 
-_SHARD_PART_RE = re.compile(r"^[0-9a-f]{16}$")  # parts named by shard_uid (other stages use prefixes)
-
-
 # ---------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------
@@ -374,8 +372,8 @@ def _run_on_ray(jobs: Sequence[tuple[str, str, str]], ingest_id: str, key_prefix
 
     A shard is committed once every shard before it in URL order is, so which copy of a
     key shared by two shards wins is the same as on the in-process path, whatever order
-    the tasks finish in. Results waiting on a slower shard ahead of them are held, at
-    most the in-flight window's worth.
+    the tasks finish in. Results finished behind a slower shard wait in the driver until
+    it is done (their rows, not their images: a ShardResult holds no pixels).
     """
     import ray
 

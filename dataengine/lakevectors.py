@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from dataengine import lake
 from dataengine.catalog import Catalog
+from dataengine.embed import vector_filter
 
 
 class LakeVectors:
@@ -30,17 +31,11 @@ class LakeVectors:
     def __init__(self, catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None = None,
                  sources: Sequence[str] | None = None):
         glob = lake.table_glob(catalog.ws.lake, "embeddings").replace("'", "''")
-        where, params = ["e.model_id = ?", "e.kind = ?"], [model_id, kind]
-        if splits:
-            where.append(f"s.split IN ({', '.join('?' for _ in splits)})")
-            params += list(splits)
-        if sources:
-            where.append(f"s.source IN ({', '.join('?' for _ in sources)})")
-            params += list(sources)
+        where, params = vector_filter(model_id, kind, splits, sources)
         t = catalog.query(
             "SELECT e.key, e.filename AS file, e.file_row_number AS row, len(e.vector) AS d "
             f"FROM read_parquet('{glob}', union_by_name = true, filename = true, file_row_number = true) e "
-            f"JOIN samples s USING (key) WHERE {' AND '.join(where)} "
+            f"JOIN samples s USING (key) WHERE {where} "
             "QUALIFY row_number() OVER (PARTITION BY e.key ORDER BY e.created_at DESC) = 1", params)
         self.model_id, self.kind = model_id, kind
         files = pc.dictionary_encode(t["file"].combine_chunks())

@@ -47,6 +47,9 @@ class RequeueReport:
     skipped: dict[str, int] = field(default_factory=dict)  # why -> rows left as they were
     reasons: dict[str, int] = field(default_factory=dict)  # what the still-quarantined fail on now
 
+    def skip(self, why: str, n: int = 1) -> None:
+        self.skipped[why] = self.skipped.get(why, 0) + n
+
     def summary(self) -> str:
         out = (f"requeued {self.matched}: {self.accepted} accepted, {self.still_quarantined} still quarantined"
                + (f", {self.not_found} no longer readable" if self.not_found else "")
@@ -112,8 +115,7 @@ def _requeue_ingest(ws: Workspace, catalog: Catalog, rows: list[dict], report: R
     for url, qrows in by_shard.items():
         known = shards.get(url)
         if known is None:
-            report.skipped["shard not in the catalog (run ingest)"] = (
-                report.skipped.get("shard not in the catalog (run ingest)", 0) + len(qrows))
+            report.skip("shard not in the catalog (run ingest)", len(qrows))
             continue
         try:
             changed = content_checksum(url) != known["checksum"]
@@ -149,27 +151,27 @@ def _revalidate_shard(ws: Workspace, catalog: Catalog, shard: dict, qrows: list[
     except ShardError:
         pass  # a shard that no longer opens: every row below is "not found"
     accepted_keys = set(catalog.query("SELECT key FROM samples WHERE shard_uid = ?", [uid])["key"].to_pylist())
+    held_elsewhere = {r["key"]: r["shard"] for r in catalog.query(  # one query per shard, not per row
+        "SELECT key, min(shard) AS shard FROM samples WHERE shard_uid <> ? "
+        "AND key IN (SELECT unnest(?::VARCHAR[])) GROUP BY key", [uid, [q["key"] for q in qrows]]).to_pylist()}
     new_samples, kept = [], []
     for q in qrows:
         raw = located.get(id(q))
         if raw is None:
             # Rows written before byte ranges were recorded, or bytes that moved: left
             # as they are, and said so (a forced ingest of the shard re-reads it whole).
-            why = ("quarantined before byte ranges were recorded (ingest the shard with --force)"
-                   if not q["offsets"] else None)
-            if why:
-                report.skipped[why] = report.skipped.get(why, 0) + 1
-            else:
+            if q["offsets"]:
                 report.not_found += 1
+            else:
+                report.skip("quarantined before byte ranges were recorded (ingest the shard with --force)")
             kept.append(q)
             continue
         key = q["key"]
         try:
             if key in accepted_keys:
                 raise InvalidSample("duplicate key within the shard")
-            taken = catalog.query("SELECT shard FROM samples WHERE key = ? AND shard_uid <> ? LIMIT 1", [key, uid])
-            if taken.num_rows:
-                raise InvalidSample(f"duplicate key: already ingested from {taken['shard'][0].as_py()}")
+            if key in held_elsewhere:
+                raise InvalidSample(f"duplicate key: already ingested from {held_elsewhere[key]}")
             ok = validate_sample(raw)
             row = sample_row(raw, ok, key, shard["split"], url, uid, run_id, now)
         except Exception as e:  # noqa: BLE001 - as at ingest: one sample's failure is its own

@@ -159,9 +159,7 @@ def iter_raw_samples(url: str, scan: ShardScan | None = None) -> Iterator[RawSam
                     raw.problem = f"truncated tar: member {info.name} cut short ({reason_of(e)})"
                     scan.error = f"truncated tar inside member {info.name}"
                     break
-                if ext in raw.fields:
-                    raw.problem = raw.problem or f"field {ext!r} appears twice"
-                raw.fields[ext] = data
+                raw.fields[ext] = data  # never twice: _group_members starts a new copy instead
                 raw.offsets[ext] = (info.offset_data, info.size)
                 raw.names[ext] = info.name
             # A sample that ends where the archive breaks is kept if it validates: its
