@@ -517,8 +517,9 @@ def gaps(
 def _print_gap(r) -> None:
     verdict = "[red]GAP[/red]" if r.is_gap else "[green]covered[/green]"
     console.print(f"\n[bold]{r.concept}[/bold] ({r.kind}): {verdict}  gap score {r.gap_score:.3f} "
-                  f"(coverage margin {r.coverage:+.3f} vs the pool, gap below {r.threshold:+.3f}; "
-                  f"covered better than {r.percentile:.1%} of the set's own queries)")
+                  f"(covered better than {r.percentile:.1%} of the set's own queries; a gap below "
+                  f"{r.threshold:.1%})")
+    console.print(f"  coverage against the pool: {r.explain()}")
     c = r.cluster
     console.print(f"  nearest cluster #{c['id']}: {c['size']} images ({c['relative_size']:.2f}x the median "
                   f"{c['median_size']:.0f}), similarity {c['similarity']:.3f}")
@@ -539,7 +540,7 @@ def patch(
 ) -> None:
     """Gap search, then a patch shard of pool samples for each gap (shards/patches/), recorded in the lake."""
     from dataengine.gaps import GapSearcher
-    from dataengine.patch import PatchConfig, patch_gap
+    from dataengine.patch import PatchConfig, patch_found_gap
 
     ws = _existing(workspace)
     try:
@@ -554,7 +555,7 @@ def patch(
         if not (r.is_gap or force):
             console.print("  not a gap: nothing to patch (--force to patch anyway)")
             continue
-        console.print("  patch: " + patch_gap(ws, r, v, searcher.index, searcher.reference, cfg).summary())
+        console.print("  patch: " + patch_found_gap(searcher, r, v, cfg).summary())
 
 
 train_app = typer.Typer(

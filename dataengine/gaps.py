@@ -44,6 +44,7 @@ from dataengine import lake
 from dataengine.catalog import Catalog
 from dataengine.index import BuiltIndex, IndexConfig, MemoryBudgetError, build_index, config_of, grow_index
 from dataengine.lakevectors import LakeVectors
+from dataengine.phrases import PhraseIndex, PhraseMatch, build_phrase_index, phrase_margins, query_phrases
 from dataengine.schema import GAPS
 from dataengine.workspace import Workspace
 
@@ -62,11 +63,13 @@ class GapConfig:
     n_reference: int = 2000  # reference queries sampled from the set
     n_clusters: int | None = None  # k-means clusters; None: about sqrt(n), at least 2
     evidence: int = 5  # nearest training samples shown per query
+    phrase_k: int = 5  # nearest caption phrases whose mean similarity is a phrase's coverage
+    captions: bool = True  # measure caption-side coverage too (needs captions in both splits)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.k < 1 or self.phrase_k < 1:
+            raise ValueError(f"k and phrase_k must be >= 1, got {self.k}, {self.phrase_k}")
         if not 0.0 < self.alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
         if self.n_reference < 20:
@@ -163,29 +166,46 @@ class Coverage:
     reference_split: str
     k: int
     alpha: float
-    ref_text: np.ndarray  # sorted coverage margins of the reference prompts
+    ref_text: np.ndarray  # sorted image-side coverage margins of the reference prompts
     ref_image: np.ndarray  # the same for reference images
     centroids: np.ndarray  # (c, d) normalised
     sizes: np.ndarray  # members per cluster
     captions: dict[str, str] = field(default_factory=dict)  # key -> caption, for evidence
     meta: dict = field(default_factory=dict)
+    # Caption side (absent when the splits have no captions): sorted phrase margins of the
+    # reference prompts, and their combined percentiles (the smaller of the two sides').
+    ref_caption: np.ndarray | None = None
+    ref_combined: np.ndarray | None = None
+    phrase_k: int = 5
+
+    @property
+    def has_captions(self) -> bool:
+        return self.ref_caption is not None and self.ref_combined is not None
 
     def _ref(self, kind: str) -> np.ndarray:
-        return self.ref_text if kind == "text" else self.ref_image
+        return {"text": self.ref_text, "image": self.ref_image, "caption": self.ref_caption,
+                "combined": self.ref_combined}[kind]
 
     def threshold(self, kind: str) -> float:
-        """The coverage margin below which a query of `kind` is a gap (the alpha quantile)."""
+        """The coverage margin below which a query of `kind` is a gap on that side alone
+        (the alpha quantile); for "combined", the percentile below which a text query is."""
         return float(np.quantile(self._ref(kind), self.alpha))
 
     def percentile(self, value: float, kind: str) -> float:
         """Share of the reference queries covered less well than `value`."""
         return float(np.searchsorted(self._ref(kind), value, side="left") / len(self._ref(kind)))
 
+    def combined(self, image_margin: float, caption_margin: float) -> float:
+        """A text query's combined percentile: the less covered of its two sides."""
+        return min(self.percentile(image_margin, "text"), self.percentile(caption_margin, "caption"))
+
     def save(self, directory: Path) -> None:
-        np.savez(directory / COVERAGE_FILE, ref_text=self.ref_text, ref_image=self.ref_image,
-                 centroids=self.centroids, sizes=self.sizes)
+        arrays = dict(ref_text=self.ref_text, ref_image=self.ref_image, centroids=self.centroids, sizes=self.sizes)
+        if self.has_captions:
+            arrays |= dict(ref_caption=self.ref_caption, ref_combined=self.ref_combined)
+        np.savez(directory / COVERAGE_FILE, **arrays)
         meta = dict(self.meta, model_id=self.model_id, split=self.split, reference_split=self.reference_split,
-                    k=self.k, alpha=self.alpha, captions=self.captions)
+                    k=self.k, alpha=self.alpha, captions=self.captions, phrase_k=self.phrase_k)
         tmp = directory / f"{COVERAGE_META}.tmp"
         tmp.write_text(json.dumps(meta))
         tmp.replace(directory / COVERAGE_META)
@@ -200,9 +220,12 @@ class Coverage:
         arrays = np.load(directory / COVERAGE_FILE)
         fixed = {name: meta.pop(name) for name in
                  ("model_id", "split", "reference_split", "k", "alpha", "captions")}
+        phrase_k = int(meta.pop("phrase_k", 5))
         return cls(fixed["model_id"], fixed["split"], fixed["reference_split"], fixed["k"], fixed["alpha"],
                    arrays["ref_text"], arrays["ref_image"], arrays["centroids"],
-                   arrays["sizes"], fixed["captions"], meta)
+                   arrays["sizes"], fixed["captions"], meta,
+                   arrays["ref_caption"] if "ref_caption" in arrays else None,
+                   arrays["ref_combined"] if "ref_combined" in arrays else None, phrase_k)
 
 
 def reference_prompts(captions: Sequence[str]) -> list[str]:
@@ -235,11 +258,15 @@ def coverage_margins(train: BuiltIndex, reference: BuiltIndex, queries: np.ndarr
 
 
 def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, reference: BuiltIndex,
-                   cfg: GapConfig = GapConfig(), progress: bool = True) -> Coverage:
+                   cfg: GapConfig = GapConfig(), progress: bool = True,
+                   phrase_index: PhraseIndex | None = None,
+                   reference_phrases: PhraseIndex | None = None) -> Coverage:
     """Measure how the split covers its own prompts and images against the reference corpus,
     and save it beside the split's index.
 
     `encoder` is a models.clip.ClipBundle of the same model (for the reference prompts).
+    With both phrase indexes, the reference prompts' caption-side margins (each leaving
+    its own caption out) and their combined percentiles are measured too.
     """
     import faiss
 
@@ -255,8 +282,20 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
     k = min(cfg.k, len(keys) - 1, len(reference))
 
     prompts = reference_prompts([caption_of.get(keys[i], "") for i in sample])
-    ref_text = np.sort(coverage_margins(index, reference, encoder.encode_texts(prompts), k, own)[0])
+    image_side = coverage_margins(index, reference, encoder.encode_texts(prompts), k, own)[0]
+    ref_text = np.sort(image_side)
     ref_image = np.sort(coverage_margins(index, reference, index.reconstruct(own), k, own)[0])
+    ref_caption = ref_combined = None
+    if phrase_index is not None and reference_phrases is not None:
+        texts = [query_phrases(p) for p in prompts]
+        vecs = _phrase_vectors(encoder, texts)
+        caption_side, _ = phrase_margins(phrase_index, reference_phrases, texts, vecs, cfg.phrase_k,
+                                         own=[keys[i] for i in sample])
+        ref_caption = np.sort(caption_side)
+        n_ref = len(prompts)
+        pct_image = np.searchsorted(ref_text, image_side, side="left") / n_ref
+        pct_caption = np.searchsorted(ref_caption, caption_side, side="left") / n_ref
+        ref_combined = np.sort(np.minimum(pct_image, pct_caption))
 
     n = len(keys)
     nc = min(n, cfg.n_clusters or max(2, min(1024, int(round(math.sqrt(n))))))
@@ -271,10 +310,25 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
                    {key: caption_of.get(key, "") for key in keys},
                    {"n": n, "n_reference_corpus": len(reference), "n_reference_queries": len(sample),
                     "n_clusters": nc, "reference_prompt_examples": prompts[:5],
-                    "seconds": round(time.perf_counter() - t0, 2)})
+                    "seconds": round(time.perf_counter() - t0, 2)},
+                   ref_caption, ref_combined, cfg.phrase_k)
     cov.meta["threshold_text"], cov.meta["threshold_image"] = cov.threshold("text"), cov.threshold("image")
+    if cov.has_captions:
+        cov.meta["threshold_caption"], cov.meta["threshold_combined"] = (cov.threshold("caption"),
+                                                                         cov.threshold("combined"))
     cov.save(index_dir(ws, model_id, cfg.split))
     return cov
+
+
+def _phrase_vectors(encoder, texts: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """Embed every query's phrases in one batch; one (n_phrases, d) array per query."""
+    flat = [p for ps in texts for p in ps]
+    vecs = np.asarray(encoder.encode_texts(flat), np.float32)
+    out, at = [], 0
+    for ps in texts:
+        out.append(vecs[at:at + len(ps)])
+        at += len(ps)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,20 +349,35 @@ class GapReport:
     concept: str  # the prompt, or the image's path for image queries
     kind: str  # text | image
     model_id: str
-    coverage: float  # coverage margin: k-nearest similarity in train minus in the reference corpus
+    coverage: float  # image-side margin: k-nearest similarity in train minus in the reference corpus
     similarity: float  # mean similarity of the k nearest training images (evidence only)
-    percentile: float  # share of the set's own reference queries covered less well
+    percentile: float  # share of the set's own reference queries covered less well (both sides: the smaller)
     gap_score: float  # 1 - percentile
-    threshold: float  # coverage margin below which a query is a gap (the alpha quantile)
+    threshold: float  # percentile below which a query is a gap (the alpha quantile of the references')
     is_gap: bool
     neighbours: list[Neighbour]
     cluster: dict  # id, size, median_size, relative_size, similarity
     feedback_id: str | None = None
+    caption_coverage: float | None = None  # caption side: the least-covered phrase's margin
+    phrases: list[PhraseMatch] = field(default_factory=list)
+    sides: dict = field(default_factory=dict)  # per side: margin, percentile, its own alpha threshold
 
     def evidence(self) -> dict:
         return {"neighbours": [asdict(n) for n in self.neighbours], "cluster": self.cluster,
-                "coverage": self.coverage, "similarity": self.similarity, "percentile": self.percentile,
-                "threshold": self.threshold}
+                "coverage": self.coverage, "caption_coverage": self.caption_coverage,
+                "similarity": self.similarity, "percentile": self.percentile, "threshold": self.threshold,
+                "sides": self.sides, "phrases": [asdict(m) for m in self.phrases]}
+
+    def explain(self) -> str:
+        """One line a curator can read: which side decided, and the weakest phrase."""
+        parts = [f"{side} {v['margin']:+.3f} (gap below {v['threshold']:+.3f}, {v['percentile']:.1%})"
+                 for side, v in self.sides.items()]
+        if self.phrases:
+            weak = min(self.phrases, key=lambda m: m.margin)
+            parts.append(f"weakest phrase {weak.phrase!r}: nearest in train {weak.train_phrase!r} "
+                         f"{weak.train_similarity:.2f}, in the pool {weak.reference_phrase!r} "
+                         f"{weak.reference_similarity:.2f}")
+        return "; ".join(parts)
 
 
 def gap_id_for(model_id: str, split: str, kind: str, concept: str) -> str:
@@ -317,21 +386,43 @@ def gap_id_for(model_id: str, split: str, kind: str, concept: str) -> str:
 
 def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, concepts: Sequence[str],
                 vectors: np.ndarray, kind: str = "text", evidence: int = 5,
-                feedback_ids: Sequence[str | None] | None = None) -> list[GapReport]:
-    """One report per query vector (text prompts or image embeddings of failed outputs)."""
+                feedback_ids: Sequence[str | None] | None = None,
+                phrase_indexes: tuple[PhraseIndex, PhraseIndex] | None = None,
+                phrase_vectors: Sequence[np.ndarray] | None = None) -> list[GapReport]:
+    """One report per query vector (text prompts or image embeddings of failed outputs).
+
+    Text queries with `phrase_indexes` (train's and the reference corpus's) and their
+    phrases' vectors are judged on both sides: a gap when the smaller of the two sides'
+    percentiles falls below the alpha quantile of the reference prompts' own.
+    """
     if kind not in ("text", "image"):
         raise ValueError(f"kind must be text or image, got {kind!r}")
     vectors = np.asarray(vectors, np.float32)
     if vectors.ndim != 2 or len(vectors) != len(concepts):
         raise ValueError(f"{len(concepts)} concepts but vectors of shape {vectors.shape}")
+    both = kind == "text" and phrase_indexes is not None and coverage.has_captions
+    if both and (phrase_vectors is None or len(phrase_vectors) != len(concepts)):
+        raise ValueError("caption-side search needs one array of phrase vectors per concept")
     margins, near = coverage_margins(index, reference, vectors, coverage.k)
+    cap_margins, matches = (phrase_margins(*phrase_indexes, [query_phrases(c) for c in concepts],
+                                           phrase_vectors, coverage.phrase_k) if both else (None, None))
     sims, rows = index.search(vectors, max(coverage.k, evidence))
     cent_sims = vectors @ coverage.centroids.T
     median = float(np.median(coverage.sizes))
-    thr = coverage.threshold(kind)
     out = []
     for i, concept in enumerate(concepts):
-        pct = coverage.percentile(float(margins[i]), kind)
+        sides = {"image": {"margin": float(margins[i]), "percentile": coverage.percentile(float(margins[i]), kind),
+                           "threshold": coverage.threshold(kind)}}
+        if both:
+            cm = float(cap_margins[i])
+            sides["caption"] = {"margin": cm, "percentile": coverage.percentile(cm, "caption"),
+                                "threshold": coverage.threshold("caption")}
+            pct, thr = coverage.combined(float(margins[i]), cm), coverage.threshold("combined")
+        else:
+            pct, thr = sides["image"]["percentile"], coverage.alpha
+        # A query below every reference has percentile 0; the threshold is never below
+        # the smallest step, so it is a gap. Side margins break ties for the image-only case.
+        is_gap = pct < thr if both else bool(margins[i] < coverage.threshold(kind))
         c = int(np.argmax(cent_sims[i]))
         keys = index.keys_for(rows[i : i + 1, :evidence])[0]
         neighbours = [Neighbour(key, float(s), coverage.captions.get(key, ""))
@@ -340,13 +431,30 @@ def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, co
             gap_id=gap_id_for(coverage.model_id, coverage.split, kind, concept), concept=concept, kind=kind,
             model_id=coverage.model_id, coverage=float(margins[i]),
             similarity=float(near[i]),
-            percentile=pct, gap_score=1.0 - pct, threshold=thr, is_gap=bool(margins[i] < thr),
+            percentile=pct, gap_score=1.0 - pct, threshold=float(thr), is_gap=bool(is_gap),
             neighbours=neighbours,
             cluster={"id": c, "size": int(coverage.sizes[c]), "median_size": median,
                      "relative_size": float(coverage.sizes[c] / median) if median else 0.0,
                      "similarity": float(cent_sims[i, c])},
-            feedback_id=(feedback_ids[i] if feedback_ids else None)))
+            feedback_id=(feedback_ids[i] if feedback_ids else None),
+            caption_coverage=float(cap_margins[i]) if both else None,
+            phrases=matches[i] if both else [], sides=sides))
     return out
+
+
+def missing_phrases(report: GapReport) -> list[PhraseMatch]:
+    """The report's phrases that train lacks: under the caption side's own threshold; when
+    the caption side decided the gap but no phrase is under it alone, the weakest one."""
+    if not report.phrases or "caption" not in report.sides:
+        return []
+    thr = report.sides["caption"]["threshold"]
+    under = [m for m in report.phrases if m.margin < thr]
+    if under:
+        return under
+    side = report.sides["caption"]
+    if report.is_gap and side["percentile"] <= report.sides["image"]["percentile"]:
+        return [min(report.phrases, key=lambda m: m.margin)]
+    return []
 
 
 def record_gaps(ws: Workspace, reports: Sequence[GapReport]) -> None:
@@ -373,7 +481,7 @@ def build_workspace_indexes(ws: Workspace, model: str = "default", splits: Seque
                             rebuild: bool = False) -> dict[str, BuiltIndex]:
     """Image index of each split, grown by new vectors or built (`rebuild`: always built),
     plus the gap split's coverage statistics (when both it and its reference split are
-    among `splits`)."""
+    among `splits`), with the caption side when both splits have captions."""
     from dataengine.embed import resolve_model
     from models.clip import load_clip
 
@@ -381,9 +489,27 @@ def build_workspace_indexes(ws: Workspace, model: str = "default", splits: Seque
     built = {split: build_split_index(ws, encoder.model_id, split, "image", index_cfg, use_ray, progress, rebuild)
              for split in splits}
     if gap_cfg.split in built and gap_cfg.reference_split in built:
+        phrase = (build_phrase_indexes(ws, encoder, (gap_cfg.split, gap_cfg.reference_split), index_cfg, progress)
+                  if gap_cfg.captions else None)
         build_coverage(ws, encoder.model_id, encoder, built[gap_cfg.split], built[gap_cfg.reference_split],
-                       gap_cfg, progress)
+                       gap_cfg, progress, *(phrase or (None, None)))
     return built
+
+
+def build_phrase_indexes(ws: Workspace, encoder, splits: Sequence[str], index_cfg: IndexConfig = IndexConfig(),
+                         progress: bool = False) -> tuple[PhraseIndex, ...] | None:
+    """The caption phrase index of each split, or None when a split has no captions."""
+    catalog = Catalog(ws)
+    out = []
+    for split in splits:
+        rows = catalog.query("SELECT key, caption FROM samples WHERE split = ? AND coalesce(caption, '') <> '' "
+                             "ORDER BY key", [split]).to_pylist()
+        if not rows:
+            return None
+        out.append(build_phrase_index(index_dir(ws, encoder.model_id, split, "phrase"),
+                                      [r["key"] for r in rows], [r["caption"] for r in rows], encoder,
+                                      index_cfg, progress))
+    return tuple(out)
 
 
 class GapSearcher:
@@ -398,6 +524,11 @@ class GapSearcher:
         self.index = load_split_index(ws, self.encoder.model_id, split)
         self.coverage = Coverage.load(index_dir(ws, self.encoder.model_id, split))
         self.reference = load_split_index(ws, self.encoder.model_id, self.coverage.reference_split)
+        self.phrases: tuple[PhraseIndex, PhraseIndex] | None = None
+        if self.coverage.has_captions:
+            self.phrases = (PhraseIndex.load(index_dir(ws, self.encoder.model_id, split, "phrase")),
+                            PhraseIndex.load(index_dir(ws, self.encoder.model_id, self.coverage.reference_split,
+                                                       "phrase")))
         self.evidence = evidence
 
     def prompts(self, prompts: Sequence[str], feedback_ids: Sequence[str | None] | None = None,
@@ -406,7 +537,10 @@ class GapSearcher:
         if not prompts or any(not str(p).strip() for p in prompts):
             raise ValueError("every prompt must be non-empty text")
         vecs = self.encoder.encode_texts(list(prompts))
-        reports = search_gaps(self.coverage, self.index, self.reference, list(prompts), vecs, "text", self.evidence, feedback_ids)
+        phrase_vecs = (_phrase_vectors(self.encoder, [query_phrases(p) for p in prompts])
+                       if self.phrases is not None else None)
+        reports = search_gaps(self.coverage, self.index, self.reference, list(prompts), vecs, "text", self.evidence,
+                              feedback_ids, self.phrases, phrase_vecs)
         if record:
             record_gaps(self.ws, reports)
         return reports, vecs

@@ -1,9 +1,14 @@
 """Patching a confirmed gap: pool samples near the concept -> a patch shard with provenance.
 
-For each gap: search the pool's image index with the query vector, keep candidates
-closer to the query than its k nearest training images are on average (the report's
-`similarity`: a cut-off calibrated per query, since similarity levels differ by query),
-drop near-duplicates of training images and of each other, and write the survivors, whole, to `shards/patches/patch-<gap_id>.tar`.
+For each gap, candidates come from one of two places:
+- caption side, when the gap search found phrases of the prompt that train lacks: pool
+  samples whose captions hold a phrase closer to each missing phrase than any training
+  caption does (the cut-off is per phrase: its nearest training phrase), closest first;
+- image side otherwise: the pool's image index searched with the query vector, keeping
+  candidates closer to the query than its k nearest training images are on average (the
+  report's `similarity`: a cut-off calibrated per query).
+Near-duplicates of training images and of each other are dropped, and the survivors are
+written, whole, to `shards/patches/patch-<gap_id>.tar`.
 Each patch sample gets a new key (keys are global in the catalog) and its json gains a
 `patch` object saying which failure, which gap, which pool shard and key it came from.
 The same rows go to the lake's `patches` table. Patching the same gap again replaces
@@ -18,14 +23,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from dataengine import lake
 from dataengine.catalog import Catalog
-from dataengine.gaps import GapReport
+from dataengine.gaps import GapReport, GapSearcher, missing_phrases
 from dataengine.index import BuiltIndex
+from dataengine.phrases import PhraseIndex
 from dataengine.schema import PATCHES
 from dataengine.shards import iter_raw_samples, write_shard
 from dataengine.workspace import Workspace
@@ -62,10 +69,11 @@ class PatchReport:
     written: int = 0
     shard: str | None = None
     samples: list[dict] = field(default_factory=list)  # pool_key, key, similarity
+    side: str = "image"  # where the candidates came from: image | caption
 
     def summary(self) -> str:
         return (f"{self.concept!r}: {self.written} samples -> {self.shard or '(no shard)'} "
-                f"(considered {self.considered}; below cut-off {self.cutoff:.3f}: {self.below_cutoff}; "
+                f"({self.side} side: considered {self.considered}; below cut-off {self.cutoff:.3f}: {self.below_cutoff}; "
                 f"near-duplicates of train {self.duplicates_of_train}, within patch {self.duplicates_in_patch}; "
                 f"in other patches {self.patched_before})")
 
@@ -76,22 +84,31 @@ def patch_key(gap_id: str, pool_key: str) -> str:
 
 
 def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, train_index: BuiltIndex,
-              pool_index: BuiltIndex, cfg: PatchConfig = PatchConfig()) -> PatchReport:
-    """Write the patch shard for one gap and record it; returns what was kept and dropped."""
-    cutoff = cfg.min_similarity if cfg.min_similarity is not None else report.similarity
-    out = PatchReport(report.gap_id, report.concept, float(cutoff))
+              pool_index: BuiltIndex, cfg: PatchConfig = PatchConfig(),
+              pool_phrases: PhraseIndex | None = None,
+              missing_phrases: Sequence[tuple[np.ndarray, float]] = ()) -> PatchReport:
+    """Write the patch shard for one gap and record it; returns what was kept and dropped.
+
+    `missing_phrases`: (vector, similarity of its nearest training phrase) for each of the
+    prompt's phrases that train lacks; with `pool_phrases` they choose the candidates.
+    """
     catalog = Catalog(ws)
     others = _patched_elsewhere(catalog, report.gap_id)
-
     n = min(cfg.candidates or 8 * cfg.size, len(pool_index))
-    sims, rows = pool_index.search(np.asarray(query, np.float32).reshape(1, -1), n)
-    sims, rows = sims[0], rows[0]
-    ok = rows >= 0
-    sims, rows = sims[ok], rows[ok]
-    out.considered = len(rows)
-    close = sims >= cutoff
-    out.below_cutoff = int((~close).sum())
-    sims, rows = sims[close], rows[close]
+    if pool_phrases is not None and missing_phrases:
+        out = PatchReport(report.gap_id, report.concept, float(min(c for _, c in missing_phrases)), side="caption")
+        rows, sims = _caption_candidates(pool_index, pool_phrases, missing_phrases, n, cfg, out)
+    else:
+        cutoff = cfg.min_similarity if cfg.min_similarity is not None else report.similarity
+        out = PatchReport(report.gap_id, report.concept, float(cutoff))
+        sims, rows = pool_index.search(np.asarray(query, np.float32).reshape(1, -1), n)
+        sims, rows = sims[0], rows[0]
+        ok = rows >= 0
+        sims, rows = sims[ok], rows[ok]
+        out.considered = len(rows)
+        close = sims >= cutoff
+        out.below_cutoff = int((~close).sum())
+        sims, rows = sims[close], rows[close]
 
     chosen: list[tuple[int, float]] = []
     kept_vecs: list[np.ndarray] = []
@@ -130,6 +147,44 @@ def patch_gap(ws: Workspace, report: GapReport, query: np.ndarray, train_index: 
     out.samples = [{"pool_key": r["pool_key"], "key": patch_key(report.gap_id, r["pool_key"]),
                     "similarity": r["similarity"]} for r in rows_out]
     return out
+
+
+def patch_found_gap(searcher: GapSearcher, report: GapReport, query: np.ndarray,
+                    cfg: PatchConfig = PatchConfig()) -> PatchReport:
+    """Patch a gap the searcher reported, from the side that found it: the prompt's
+    missing phrases when there are any, else the query's image neighbourhood."""
+    pool_phrases = searcher.phrases[1] if searcher.phrases is not None else None
+    missing = missing_phrases(report)
+    vectors = searcher.encoder.encode_texts([m.phrase for m in missing]) if missing and pool_phrases else []
+    return patch_gap(searcher.ws, report, query, searcher.index, searcher.reference, cfg, pool_phrases,
+                     [(v, m.train_similarity) for v, m in zip(vectors, missing)])
+
+
+def _caption_candidates(pool_index: BuiltIndex, pool_phrases: PhraseIndex,
+                        missing: Sequence[tuple[np.ndarray, float]], n: int, cfg: PatchConfig,
+                        out: PatchReport) -> tuple[np.ndarray, np.ndarray]:
+    """Pool image rows whose captions state every missing phrase more closely than any
+    training caption does, ordered by their weakest such phrase; and those similarities."""
+    queries = np.stack([np.asarray(v, np.float32) for v, _ in missing])
+    k = min(len(pool_phrases), max(4 * n, 64))  # a caption holds several phrases
+    sims, rows = pool_phrases.index.search(queries, k)
+    best: list[dict[str, float]] = []
+    for (_, cutoff), srow, rrow in zip(missing, sims, rows):
+        mine: dict[str, float] = {}
+        for s, r in zip(srow, rrow):
+            if r < 0:
+                continue
+            owner = pool_phrases.owners[r]
+            mine[owner] = max(mine.get(owner, -1.0), float(s))
+        out.considered = max(out.considered, len(mine))
+        best.append({o: s for o, s in mine.items() if s > cutoff})
+        out.below_cutoff += sum(1 for s in mine.values() if s <= cutoff)
+    owners = set(best[0]).intersection(*best[1:]) if best else set()
+    ranked = sorted(owners, key=lambda o: (-min(b[o] for b in best), o))
+    have = pool_index._row_map()
+    ranked = [o for o in ranked if o in have]  # a caption's sample whose image failed to embed has no row
+    return (np.array([have[o] for o in ranked], np.int64),
+            np.array([min(b[o] for b in best) for o in ranked], np.float32))
 
 
 def _patched_elsewhere(catalog: Catalog, gap_id: str) -> set[str]:

@@ -137,7 +137,7 @@ GAPS = pa.schema(
         ("similarity", pa.float64()),  # mean similarity of the k nearest training images
         ("percentile", pa.float64()),  # among the training set's own reference queries
         ("gap_score", pa.float64()),  # 1 - percentile
-        ("threshold", pa.float64()),  # coverage below which it is a gap
+        ("threshold", pa.float64()),  # percentile below which it is a gap (alpha quantile of the references')
         ("is_gap", pa.bool_()),
         ("evidence", pa.string()),  # JSON: nearest samples, cluster and its size
         ("searched_at", TS),

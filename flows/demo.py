@@ -191,7 +191,7 @@ def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
     """Gap search for the scene world's held-out concepts and a few covered ones; a patch
     shard for each gap, checked against the pool's ground truth."""
     from dataengine.gaps import GapSearcher
-    from dataengine.patch import PatchConfig, patch_gap
+    from dataengine.patch import PatchConfig, patch_found_gap
     from dataengine.sceneworld import SceneWorldConfig, concept_present
 
     ws = Workspace.at(root)
@@ -202,18 +202,24 @@ def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
     reports, vecs = searcher.prompts(held + covered)
     out = []
     for r, v in zip(reports, vecs):
-        line = (f"gap search {r.concept!r}: {'GAP' if r.is_gap else 'covered'} (score {r.gap_score:.2f}, "
-                f"coverage margin {r.coverage:+.3f} vs threshold {r.threshold:+.3f}; nearest "
-                f"{r.neighbours[0].key} {r.neighbours[0].similarity:.3f})")
-        row = {"concept": r.concept, "held_out": r.concept in held, "is_gap": r.is_gap, "score": r.gap_score}
+        is_held = r.concept in held
+        verdict = "GAP" if r.is_gap else "covered"
+        if is_held != r.is_gap:  # the scene world's ground truth says otherwise: a failure, not a finding
+            verdict = (f"FAILED: held out of train but reported covered" if is_held
+                       else "FAILED: shown in train but reported as a gap")
+        line = (f"gap search {r.concept!r}: {verdict} (gap score {r.gap_score:.2f}, gap above "
+                f"{1 - r.threshold:.2f}; {r.explain()})")
+        row = {"concept": r.concept, "held_out": is_held, "is_gap": r.is_gap, "score": r.gap_score}
         if r.is_gap:
-            p = patch_gap(ws, r, v, searcher.index, searcher.reference, PatchConfig(size=32))
+            p = patch_found_gap(searcher, r, v, PatchConfig(size=32))
             colour, shape = r.concept.split()[1:3]
             metas = Catalog(ws).query(
                 f"SELECT meta FROM samples WHERE key IN ({', '.join('?' for _ in p.samples)})",
                 [s["pool_key"] for s in p.samples]).to_pylist() if p.samples else []
             hits = sum(_shows(json.loads(m["meta"]), colour, shape, concept_present) for m in metas)
-            line += f"\n  patch: {p.written} pool samples -> {p.shard}; {hits}/{len(metas)} show {colour} {shape}"
+            share = f"{hits / len(metas):.0%}" if metas else "n/a"
+            line += (f"\n  patch: {p.written} pool samples from the {p.side} side -> {p.shard}; "
+                     f"{hits}/{len(metas)} show {colour} {shape} in the pool's ground truth ({share} on target)")
             row |= {"patched": p.written, "hits": hits}
         print(line)
         out.append(row)

@@ -80,7 +80,10 @@ class ClipTrainConfig:
     holdout_fraction: float = 1 / 3  # of each holdout source's captions
     holdout_sources: tuple[str, ...] = ("tuxpaint",)
     eval_source: str = "sceneworld"  # ... whose `eval` split is the other held-out set
-    train_splits: tuple[str, ...] = ("train", "pool")
+    # Train only: the pool is the corpus gap search compares train with, and its captions
+    # name the very concepts train lacks (training on them flattered the gap figures).
+    train_splits: tuple[str, ...] = ("train",)
+    hard_negatives: bool = True  # attribute-swap negative captions (dataengine/negatives.py) in the loss
     baseline_image_size: int = 224  # the composite baseline's own input size
     baseline: bool = True  # measure the composite baseline's held-out recall (~20% of the run on 2 cores)
     store_vectors: bool = True  # write every featurised sample's vectors to the lake (embed skips them)
@@ -313,17 +316,27 @@ def _project(model: torch.nn.Module, image_pooled: torch.Tensor, text_pooled: to
     return F.normalize(model.visual.head(image_pooled), dim=-1), F.normalize(model.text.proj(text_pooled), dim=-1)
 
 
-def train_projections(model: torch.nn.Module, image_pooled: torch.Tensor, text_pooled: torch.Tensor,
-                      cfg: ClipTrainConfig, bar=None) -> list[float]:
-    """Train the image head, text projection and logit scale with open_clip's ClipLoss
-    on (image, caption) feature pairs; the trunks are not touched. Returns the losses."""
-    from open_clip.loss import ClipLoss
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
+                     negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE; `negatives` (extra caption vectors, one per pair at most)
+    join the texts each image must not pick, as NegCLIP does. Without them this is
+    exactly open_clip's ClipLoss on one process."""
+    labels = torch.arange(len(img))
+    texts = txt if negatives is None or not len(negatives) else torch.cat([txt, negatives])
+    return (F.cross_entropy(scale * img @ texts.T, labels) + F.cross_entropy(scale * txt @ img.T, labels)) / 2
 
+
+def train_projections(model: torch.nn.Module, image_pooled: torch.Tensor, text_pooled: torch.Tensor,
+                      cfg: ClipTrainConfig, bar=None, negative_pooled: torch.Tensor | None = None,
+                      has_negative: torch.Tensor | None = None) -> list[float]:
+    """Train the image head, text projection and logit scale with CLIP's contrastive loss
+    on (image, caption) feature pairs, plus each pair's attribute-swap negative caption
+    where it has one (`negative_pooled[i]` where `has_negative[i]`); the trunks are not
+    touched. Returns the losses."""
     params = [*model.visual.head.parameters(), *model.text.proj.parameters()]
     anchors = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay},
                              {"params": [model.logit_scale], "weight_decay": 0.0}], lr=cfg.lr)
-    loss_fn = ClipLoss()
     rng = torch.Generator().manual_seed(cfg.seed)
     n, batch = len(image_pooled), min(cfg.batch_size, len(image_pooled))
     losses: list[float] = []
@@ -340,7 +353,14 @@ def train_projections(model: torch.nn.Module, image_pooled: torch.Tensor, text_p
         if cfg.feature_dropout:  # the global RNG, seeded (and restored) by the caller
             fi, ti = F.dropout(fi, cfg.feature_dropout), F.dropout(ti, cfg.feature_dropout)
         img, txt = _project(model, fi, ti)
-        loss = loss_fn(img, txt, model.logit_scale.exp())
+        neg = None
+        if negative_pooled is not None:
+            take = idx[has_negative[idx]]
+            if len(take):
+                ni = negative_pooled[take]
+                ni = F.dropout(ni, cfg.feature_dropout) if cfg.feature_dropout else ni
+                neg = F.normalize(model.text.proj(ni), dim=-1)
+        loss = contrastive_loss(img, txt, model.logit_scale.exp(), neg)
         if cfg.anchor and cfg.init == "composite":
             loss = loss + cfg.anchor * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         opt.zero_grad(set_to_none=True)
@@ -353,6 +373,29 @@ def train_projections(model: torch.nn.Module, image_pooled: torch.Tensor, text_p
             bar.update(task, advance=1)
     model.visual.head.eval(), model.text.proj.eval()
     return losses
+
+
+def _negative_features(model: torch.nn.Module, tokenizer, captions: Sequence[str], seed: int,
+                       bar=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Pooled text features of each caption's attribute-swap negative (zeros where it has
+    none), which captions have one, and how many of each kind were made."""
+    import random
+
+    from dataengine.negatives import AttributeWords, attribute_negative
+
+    rng = random.Random(seed)
+    words = AttributeWords.from_captions(captions)
+    made = [attribute_negative(c, words, rng) for c in captions]
+    has = torch.tensor([m is not None for m in made], dtype=torch.bool)
+    kinds: dict[str, int] = {}
+    for m in made:
+        if m is not None:
+            kinds[m[1]] = kinds.get(m[1], 0) + 1
+    feats = torch.zeros(len(captions), model.text.config.hidden_size)
+    if has.any():
+        feats[has] = text_features(model.text, tokenizer, [m[0] for m in made if m is not None], bar=bar,
+                                   label="negative captions")
+    return feats, has, dict(sorted(kinds.items()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,7 +555,12 @@ def _train(catalog, cfg: ClipTrainConfig, progress: bool) -> tuple[torch.nn.Modu
 
         start = measure()
         t = time.perf_counter()
-        losses = train_projections(model, pooled[train_idx], captions[train_idx], cfg, bar=bar)
+        negs, has_neg, neg_kinds = None, None, {}
+        if cfg.hard_negatives:
+            negs, has_neg, neg_kinds = _negative_features(model, tokenizer, [all_rows[i]["caption"] for i in train_idx],
+                                                          cfg.seed, bar)
+        losses = train_projections(model, pooled[train_idx], captions[train_idx], cfg, bar=bar,
+                                   negative_pooled=negs, has_negative=has_neg)
         seconds["train"] = time.perf_counter() - t
         trained = measure()
 
@@ -547,6 +595,7 @@ def _train(catalog, cfg: ClipTrainConfig, progress: bool) -> tuple[torch.nn.Modu
         "image_size": cfg.image_size,
         "embed_dim": cfg.embed_dim,
         "train_pairs": len(train_idx),
+        "hard_negatives": neg_kinds,
         "train_by_source": dict(sorted(by_source.items())),
         "unreadable_images": len(errors),
         "unreadable_examples": errors[:5],
