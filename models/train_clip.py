@@ -57,7 +57,7 @@ from .clip import (
     DEFAULT_ARCH, MODEL_NAME, build_default, default_config, lite0_classifier, save_version, versions,
 )
 
-__all__ = ["ClipTrainConfig", "train_default_clip", "recall_at", "main"]
+__all__ = ["ClipTrainConfig", "train_default_clip", "evaluate_config", "recall_at", "main"]
 
 
 @dataclass
@@ -474,6 +474,18 @@ def train_default_clip(workspace_root: str | Path, cfg: ClipTrainConfig | None =
     if cfg.store_vectors:
         result["stored_vectors"] = _store_vectors(ws, model, features, result["model_id"])
     return result
+
+
+def evaluate_config(workspace_root: str | Path, cfg: ClipTrainConfig, progress: bool = False) -> dict[str, Any]:
+    """Train a model with `cfg` on the workspace's samples and return its metrics, saving
+    nothing (to compare recipes on the same data)."""
+    from dataengine.catalog import Catalog
+    from dataengine.workspace import Workspace
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        _, metrics, _ = _train(Catalog(Workspace.at(workspace_root)), cfg, progress)
+    return metrics
 
 
 @torch.no_grad()
