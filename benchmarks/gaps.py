@@ -248,10 +248,13 @@ def main() -> None:
 
         today = ClipTrainConfig(seed=args.seed, train_splits=("train", "pool"), hard_negatives=False, baseline=False)
         rows["today's recipe"] = evaluate_config(ws.root, today, progress=False)["heldout"]
-    print(f"{'model':<20}{'set':<12}{'N':>5}{'r@1':>7}{'r@10':>7}")
+    print("(swap: share of held-out images closer to their caption than to it with one attribute changed)")
+    print(f"{'model':<20}{'set':<12}{'N':>5}{'r@1':>7}{'r@10':>7}{'swap':>7}{'swap N':>8}")
     for name, held in rows.items():
         for s_, m in held.items():
-            print(f"{name:<20}{s_:<12}{m['candidates']:>5}{m['default']['r@1']:>7.3f}{m['default']['r@10']:>7.3f}")
+            d = m["default"]
+            print(f"{name:<20}{s_:<12}{m['candidates']:>5}{d['r@1']:>7.3f}{d['r@10']:>7.3f}"
+                  f"{d.get('swap_acc', float('nan')):>7.3f}{d.get('swap_n', 0):>8}")
     for s_, m in rows["default (this run)"].items():
         if "composite" in m:
             print(f"{'composite baseline':<20}{s_:<12}{m['candidates']:>5}{m['composite']['r@1']:>7.3f}"

@@ -2,26 +2,33 @@
 
 Raw similarity is no measure of coverage: how similar a text is to images depends on the
 text itself (on the scene world, a prompt's mean top-10 similarity to train images
-correlates 0.13 with how many train images show it, and a held-out concept sat mid-pack,
-52nd of 110). Coverage is therefore relative, a nearest-neighbour density ratio:
+correlates 0.13 with how many train images show it). Coverage is therefore relative, a
+nearest-neighbour density ratio against a reference corpus (the pool: samples not in
+train), measured on two sides:
 
-- `coverage` = mean similarity of the query's k nearest train images minus that of its k
-  nearest images in a reference corpus (the pool: images not in train). A kNN density
-  estimate grows with the neighbours' closeness, so this margin is the log density
-  ratio's analogue in similarity units: near 0 or above where train holds the concept as
-  densely as the corpus, negative where only the corpus has it. (Held-out concept on the
-  scene world: first of 110 concepts from the bottom.)
-- The same margin for the training set's own queries sets the threshold: terse prompts
-  made from train captions (the ends of their degradation chains, the register of a
-  failing user prompt) and train images, each with its own image left out. A gap is a
-  query covered less than all but `alpha` of those, so the threshold comes from the data,
-  per model and per corpus. `gap_score = 1 - percentile`.
-- Evidence: the nearest training samples and their similarities, and a density view:
-  k-means over the training images, the query's nearest cluster and its size against
-  the median cluster.
+- image side: mean similarity of the query's k nearest train images minus that of its k
+  nearest reference images. A kNN density estimate grows with the neighbours' closeness,
+  so this margin is the log density ratio's analogue in similarity units: near 0 or above
+  where train holds the concept as densely as the corpus, negative where only the corpus
+  has it. Pooled image vectors bind attributes to objects loosely, so alone it ranks a
+  held-out colour-shape pair poorly (AUROC 0.69 on benchmarks/gaps.py).
+- caption side (dataengine/phrases.py): the same margin for each of the prompt's phrases
+  against the phrases of train's and the corpus's captions; the prompt is as covered as
+  its least-covered phrase. Phrases keep attributes on their nouns, so "purple triangle"
+  is missing from train even when "purple square" and "pink triangle" are not.
+- The training set's own queries set the threshold: terse prompts made from train
+  captions (the ends of their degradation chains, the register of a failing user prompt)
+  and train images, each with its own sample left out. A text query's percentile is the
+  smaller of its two sides' percentiles among those prompts; a gap is a query under the
+  alpha quantile of the prompts' own combined percentiles, so the threshold comes from
+  the data, per model and per corpus. `gap_score = 1 - percentile`. Image queries (failed
+  outputs) are judged on the image side alone.
+- Evidence: each side's margin, percentile and own threshold; each phrase with its
+  nearest phrase in train and in the corpus; the nearest training samples; and a density
+  view (k-means over the training images, the query's nearest cluster against the median).
 
-Built once per (model, split) under `indexes/<model>/<split>-image/` beside the FAISS
-index, and loaded for every search.
+Built once per (model, split) under `indexes/<model>/<split>-image/` (and
+`<split>-phrase/`) beside the FAISS index, and loaded for every search.
 """
 
 from __future__ import annotations

@@ -13,9 +13,13 @@ into open_clip's own MLP head: its first layer holds the ImageNet classifier (a 
 class logits keeps the classes the image shows), its second the MiniLM embeddings of the
 1,000 class names; the text projection starts as the identity on MiniLM's space. So
 before any step the model matches text to images much as the composite does (a little
-worse: GELU is not softmax); then open_clip's contrastive loss (`ClipLoss`) adapts both
-projections, and the spare hidden units and output dims, to the workspace's captions
-(the scene world plus real captioned photographs), with dropout on the cached features.
+worse: GELU is not softmax); then CLIP's contrastive loss adapts both projections, and
+the spare hidden units and output dims, to the train split's captions (the scene world
+plus real captioned photographs; never the pool, whose captions name what train lacks
+and would flatter gap search), with dropout on the cached features. Each caption that
+states a colour, count or position also brings an attribute-swap negative
+(dataengine/negatives.py) that its image must score below its own caption, as NegCLIP
+does, so that attributes bind to their objects.
 Tried and dropped (chosen on a validation slice of the Tux Paint training captions,
 not on the held-out sets): a random start of the same heads (Tux Paint recall@1 about
 half), an L2 anchor toward the start (no gain at any strength), weight decay, 224 or
@@ -25,7 +29,8 @@ Held out, never trained on: the scene world's `eval` split, and a fixed fraction
 Tux Paint photographs chosen by a hash of the caption (all images sharing a caption fall
 on one side; Tux Paint repeats captions, e.g. "The letter M." four times). Text->image
 recall@1/5/10 is measured on both for the trained model, the composite baseline (at
-224 px, as measured in OFFLINE.md) and chance.
+224 px, as measured in OFFLINE.md) and chance, and swap accuracy: the share of held-out
+images scored closer to their own caption than to it with one attribute changed.
 """
 
 from __future__ import annotations
@@ -554,6 +559,16 @@ def _train(catalog, cfg: ClipTrainConfig, progress: bool) -> tuple[torch.nn.Modu
             init_composite(model, start_names, shift=cfg.class_shift, temperature=cfg.class_temperature, seed=cfg.seed)
         train_idx = sel("train")
 
+        # Attribute binding on held-out pairs: the image's own caption against the same
+        # caption with one attribute changed (the negatives' recipe, a seed of its own).
+        held_negs = {}
+        for s in held:
+            idx = sel(f"heldout_{s}")
+            if len(idx) >= 2:
+                negs_s, has_s, _ = _negative_features(model, tokenizer, [all_rows[i]["caption"] for i in idx],
+                                                      cfg.seed + 1)
+                held_negs[s] = (negs_s, has_s)
+
         def measure() -> dict[str, dict[str, float]]:
             out = {}
             with torch.no_grad():
@@ -563,6 +578,13 @@ def _train(catalog, cfg: ClipTrainConfig, progress: bool) -> tuple[torch.nn.Modu
                         continue
                     image_vecs, text_vecs = _project(model, pooled[idx], captions[idx])
                     out[s] = recall_at(text_vecs, image_vecs)
+                    negs_s, has_s = held_negs[s]
+                    if has_s.any():
+                        neg_vecs = F.normalize(model.text.proj(negs_s[has_s]), dim=-1)
+                        own = (image_vecs[has_s] * text_vecs[has_s]).sum(-1)
+                        swapped = (image_vecs[has_s] * neg_vecs).sum(-1)
+                        out[s] |= {"swap_acc": round(float((own > swapped).float().mean()), 4),
+                                   "swap_n": int(has_s.sum())}
             return out
 
         start = measure()

@@ -244,16 +244,23 @@ def test_training_lowers_the_loss_saves_a_loadable_version_and_runs_once(tiny_wo
     vec_i = torch.from_numpy(bundle.encode_images(np.stack([images[r["key"]] for r in held])))
     vec_t = torch.from_numpy(bundle.encode_texts([r["caption"] for r in held]))
     again_measured = recall_at(vec_t, vec_i)  # a near-tie may flip with batch-size float noise: one rank
-    assert all(abs(again_measured[k] - v) <= 1 / len(held) + 1e-9 for k, v in sw["default"].items())
+    assert all(abs(again_measured[k] - sw["default"][k]) <= 1 / len(held) + 1e-9 for k in again_measured)
+    assert 0.0 <= sw["default"]["swap_acc"] <= 1.0 and sw["default"]["swap_n"] > 0
 
-    # The run stored every featurised sample's vectors: embed has nothing left for them
-    # but the edit samples, and a stored vector is the one the saved model computes.
+    # The run featurised train and the held-out sets, never the pool (its captions name
+    # what train lacks) and stored their vectors: embed skips them and embeds the pool's
+    # gen samples (and the edit samples); a stored vector is the one the saved model computes.
     from dataengine.embed import EmbedConfig, embed, load_vectors
 
-    gen = Catalog(tiny_world).query("SELECT count(*) AS n FROM samples WHERE task = 'gen'").column("n")[0].as_py()
-    assert first["stored_vectors"] == {"image": gen, "text": gen}
+    def count(where: str) -> int:
+        return Catalog(tiny_world).query(f"SELECT count(*) AS n FROM samples WHERE {where}").column("n")[0].as_py()
+
+    seen = count("task = 'gen' AND split <> 'pool'")
+    assert count("task = 'gen' AND split = 'pool'") > 0
+    assert first["stored_vectors"] == {"image": seen, "text": seen}
     report = embed(tiny_world.root, EmbedConfig(use_ray=False, batch_size=16), progress=False)
-    assert report.model_id == first["model_id"] and report.skipped == {"image": gen, "text": gen}
+    assert report.model_id == first["model_id"] and report.skipped == {"image": seen, "text": seen}
+    assert report.embedded["image"] >= count("task = 'gen' AND split = 'pool'")
     keys, stored = load_vectors(Catalog(tiny_world), first["model_id"], "image", splits=("eval",))
     by_key = dict(zip(keys, stored))
     fresh = dict(zip([r["key"] for r in held], vec_i.numpy()))
