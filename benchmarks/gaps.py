@@ -7,7 +7,7 @@ train) -> a patch for every detected gap. Ground truth comes from each sample's 
 
     python benchmarks/gaps.py                 # 10 held-out + 20 covered concepts
     python benchmarks/gaps.py --seed 1        # another draw of held-out concepts
-    python benchmarks/gaps.py --workdir /tmp/g --keep   # reuse that workspace next time
+    python benchmarks/gaps.py --workdir /tmp/g        # keep the workspace; reused next time
 
 Held-out concepts are drawn by --seed from the scene world's vocabulary (the engine's
 code never names it); the search was tuned on seed 0, so other seeds are data it was
