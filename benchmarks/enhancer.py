@@ -1,13 +1,18 @@
 """The prompt enhancer against its baselines on 500 held-out terse prompts of the scene world.
 
 Degrades the rich captions of N train scenes into pairs, trains an enhancer on them,
-then scores three contenders on terse prompts of scenes it never saw: the identity
+then scores four contenders on terse prompts of scenes it never saw: the identity
 baseline (the terse prompt unchanged), the pairs' own targets (the scene's rich caption:
-what a perfect enhancer trained on such pairs would write) and the trained enhancer.
-Intent preservation: share of the attributes the terse prompt names (true of the scene)
-still named and not contradicted. Richness gain: detail categories added.
+what a perfect enhancer trained on such pairs would write), the trained enhancer decoding
+freely (the earlier default) and the same enhancer keeping the prompt's words
+(models/keep_words.py, today's default). Intent preservation: share of the attributes the
+terse prompt names (true of the scene) still named and not contradicted. Richness gain:
+detail categories added. Then the same on real human captions (../shared/data, IIW),
+degraded to their tersest prompts: words kept in order, and richness gain.
 
     python benchmarks/enhancer.py [--scenes 3000] [--size nano] [--steps 800] [--threads 2]
+
+The last line reads `enhancer: intent preserved X, contradicted Y, richness gain Z`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 from dataengine.runtime import apply_offline_defaults
 
@@ -23,10 +29,33 @@ apply_offline_defaults()
 
 import torch  # noqa: E402
 
-from dataengine.degrade import DegradeConfig, pairs_table  # noqa: E402
+from dataengine.degrade import DegradeConfig, degrade_chain, detect, pairs_table  # noqa: E402
 from dataengine.enhance_eval import compare, heldout_terse_prompts, reference_enhancements  # noqa: E402
 from dataengine.sceneworld import caption_for, sample_scene, scene_rngs  # noqa: E402
+from models.keep_words import kept_in_order  # noqa: E402
 from models.train_enhancer import EnhancerTrainConfig, enhance, load_version, train  # noqa: E402
+
+IIW = Path(__file__).resolve().parents[2] / "shared/data/iiw400_captions.jsonl"
+
+
+def real_terse_prompts(n: int) -> list[str]:
+    """The tersest prompt of each of the first `n` IIW human captions' degradation chains."""
+    if not IIW.exists():
+        return []
+    out = []
+    for r in map(json.loads, IIW.read_text().splitlines()[:n]):
+        chain = degrade_chain(r["caption"], DegradeConfig(seed=0), r["id"])
+        if chain:
+            out.append(chain[-1].less)
+    return out
+
+
+def words_and_richness(prompts: list[str], outputs: list[str]) -> tuple[float, float]:
+    """(share of outputs that keep their prompt's words in order, mean categories added)."""
+    kept = sum(kept_in_order(p, o) for p, o in zip(prompts, outputs)) / len(prompts)
+    cats = lambda t: len({s.category for s in detect(t)})  # noqa: E731
+    gain = sum(cats(o) - cats(p) for p, o in zip(prompts, outputs)) / len(prompts)
+    return kept, gain
 
 
 def train_captions(n: int) -> list[tuple[str, str]]:
@@ -46,6 +75,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=500)
+    ap.add_argument("--real", type=int, default=400, help="IIW human captions to degrade and enhance")
     ap.add_argument("--out", help="keep the trained version under this models folder")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,22 +92,46 @@ def main() -> None:
     items = heldout_terse_prompts(args.prompts)
     terse = [p for p, _ in items]
     t0 = time.perf_counter()
-    enhanced = enhance(model, tok, terse, max_new_tokens=160)
-    gen_s = time.perf_counter() - t0
+    free = enhance(model, tok, terse, max_new_tokens=160, keep_words=False)
+    free_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept = enhance(model, tok, terse, max_new_tokens=160)
+    kept_s = time.perf_counter() - t0
+    new_name = "enhancer, keeps words (default)"
     results = compare(items, {"identity (terse unchanged)": terse,
                               "pairs' targets (rich caption)": reference_enhancements(items),
-                              f"enhancer {args.size}, {args.steps} steps": enhanced})
+                              "enhancer, free decoding (earlier)": free,
+                              new_name: kept})
     print(f"\n{args.size}: {metrics['params']:,} params, {metrics['steps']} steps in "
           f"{metrics['train_seconds']:.0f}s ({metrics['tokens_per_s']:.0f} tokens/s), eval loss "
           f"{metrics['eval_loss_initial']:.2f} -> {metrics['eval_loss']:.2f}; {args.prompts} prompts "
-          f"enhanced in {gen_s:.1f}s")
+          f"enhanced in {free_s:.1f}s free, {kept_s:.1f}s keeping words ({kept_s / free_s:.2f}x)")
     cols = ("intent_preservation", "fully_preserved", "intent_contradicted", "richness_gain", "faithful_share")
-    print(f"{'contender':34s}" + "".join(f"{c:>21s}" for c in cols))
+    print(f"{'contender':34s}" + "".join(f"{c:>21s}" for c in cols + ("words_kept",)))
+    outputs = {"identity (terse unchanged)": terse, "pairs' targets (rich caption)": reference_enhancements(items),
+               "enhancer, free decoding (earlier)": free, new_name: kept}
     for name, r in results.items():
-        print(f"{name:34s}" + "".join(f"{'-' if r[c] is None else format(r[c], '.3f'):>21s}" for c in cols))
-    for p, e in list(zip(terse, enhanced))[:3]:
-        print(f"\n  {p}\n  -> {e}")
+        words = words_and_richness(terse, outputs[name])[0]
+        print(f"{name:34s}" + "".join(f"{'-' if r[c] is None else format(r[c], '.3f'):>21s}" for c in cols)
+              + f"{words:>21.3f}")
+    for p, f, e in list(zip(terse, free, kept))[:3]:
+        print(f"\n  {p}\n  free -> {f}\n  kept -> {e}")
 
+    real = real_terse_prompts(args.real)
+    if real:
+        print(f"\nreal human captions (IIW), degraded to their tersest prompts: {len(real)}")
+        print(f"{'contender':34s}{'words_kept':>12s}{'richness_gain':>15s}")
+        for name, outs in (("enhancer, free decoding (earlier)", enhance(model, tok, real, max_new_tokens=160,
+                                                                          keep_words=False)),
+                           (new_name, enhance(model, tok, real, max_new_tokens=160))):
+            k, g = words_and_richness(real, outs)
+            print(f"{name:34s}{k:>12.3f}{g:>15.3f}")
+            print(f"    {real[0]!r} -> {outs[0]!r}")
+    else:
+        print(f"\n(no real captions at {IIW})")
+    r = results[new_name]
+    print(f"\nenhancer: intent preserved {r['intent_preservation']:.3f}, contradicted "
+          f"{r['intent_contradicted']:.3f}, richness gain {r['richness_gain']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -189,9 +189,16 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def enhance(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     max_new_tokens: int = 96, num_beams: int = 1, do_sample: bool = False, batch_size: int = 32,
+    keep_words: bool = True, nudge: float = 2.0,
 ) -> list[str]:
     """The rich prompt generated for each terse prompt (batched, left-padded; the prompt
-    part and special tokens stripped)."""
+    part and special tokens stripped). With `keep_words` (the default) decoding keeps the
+    prompt's words in order and only inserts around them (models/keep_words.py); `nudge`
+    is its pull toward the next owed word."""
+    from transformers import LogitsProcessorList
+
+    from .keep_words import KeepWords
+
     special = uses_special_format(tokenizer)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
@@ -209,10 +216,14 @@ def enhance(
             for r, x in enumerate(ids):
                 input_ids[r, width - len(x):] = torch.tensor(x)
                 mask[r, width - len(x):] = 1
+            processors = LogitsProcessorList()
+            if keep_words:
+                processors.append(KeepWords(tokenizer, prompts[start: start + batch_size], width, max_new_tokens,
+                                            num_beams=num_beams, nudge=nudge))
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, logits_processor=processors,
             )  # (B, width + new)
             for row in generated[:, width:].tolist():
                 if tokenizer.eos_token_id in row:

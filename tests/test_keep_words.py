@@ -1,0 +1,63 @@
+"""Decoding that keeps the user's words (models/keep_words.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.enhancer import build, enhance, train_tokenizer
+from models.keep_words import KeepWords, kept_in_order, prompt_words
+
+TEXTS = [
+    "A large red star with a thin outline at the top left, on a white background.",
+    "Two small blue rings side by side in the centre, lit by soft daylight.",
+    "A woman in a green coat walks a brown dog along a wet street at dusk.",
+    "An old wooden boat rests on the sand beside three grey rocks.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """A random enhancer: left alone it writes noise that keeps nothing."""
+    tok = train_tokenizer(TEXTS, vocab_size=400)
+    torch.manual_seed(0)
+    return build("nano", tok).eval(), tok
+
+
+def test_words_are_read_case_and_punctuation_blind():
+    assert prompt_words("A red-star, isn't it?") == ["a", "red", "star", "isn't", "it"]
+    assert kept_in_order("a red star", "A large RED, shiny star.")
+    assert not kept_in_order("a red star", "A star that is red.")  # order matters
+    assert not kept_in_order("a red star", "A large red starfish.")  # whole words only
+
+
+def test_owed_text_finishes_a_word_or_adds_the_rest(untrained):
+    _, tok = untrained
+    k = KeepWords(tok, ["a red star"], prompt_width=0, max_new_tokens=10)
+    words = prompt_words("a red star")
+    assert k.owed(words, "") == ("a red star", False)
+    assert k.owed(words, "A large r") == ("ed star", False)  # mid-word
+    assert k.owed(words, "A large red") == (" star", False)
+    assert k.owed(words, "A large red st") == ("ar", False)
+    assert k.owed(words, "A large red star") == ("", True)  # may end: the word is whole
+    assert k.owed(words, "A large red starfish") == (" star", False)
+    assert k.owed(words, "A large red star.") == ("", True)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_every_output_keeps_its_prompts_words_within_the_budget(untrained, num_beams):
+    model, tok = untrained
+    prompts = ["a red star", "two blue rings in the centre", "a dog", "an old boat on the sand"]
+    free = enhance(model, tok, prompts, max_new_tokens=24, keep_words=False, num_beams=num_beams)
+    assert not all(kept_in_order(p, o) for p, o in zip(prompts, free))  # noise keeps nothing
+    kept = enhance(model, tok, prompts, max_new_tokens=24, num_beams=num_beams, nudge=0.0)  # the budget alone
+    for p, o in zip(prompts, kept):
+        assert kept_in_order(p, o), (p, o)
+
+
+def test_a_prompt_longer_than_the_budget_cannot_be_kept_and_is_counted(untrained):
+    _, tok = untrained
+    k = KeepWords(tok, ["two blue rings in the centre"], prompt_width=0, max_new_tokens=2)
+    scores = torch.zeros(1, len(tok))
+    out = k(torch.zeros(1, 0, dtype=torch.long), scores)
+    assert k.forced_rows == 1 and torch.isinf(out[0]).sum() == len(tok) - 1  # one token allowed
