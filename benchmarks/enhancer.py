@@ -1,11 +1,12 @@
 """The prompt enhancer against its baselines on 500 held-out terse prompts of the scene world.
 
 Degrades the rich captions of N train scenes into pairs, trains an enhancer on them,
-then scores four contenders on terse prompts of scenes it never saw: the identity
-baseline (the terse prompt unchanged), the pairs' own targets (the scene's rich caption:
-what a perfect enhancer trained on such pairs would write), the trained enhancer decoding
-freely (the earlier default) and the same enhancer keeping the prompt's words
-(models/keep_words.py, today's default). Intent preservation: share of the attributes the
+then scores on terse prompts of scenes it never saw: the identity baseline (the terse
+prompt unchanged), the pairs' own targets (the scene's rich caption: what a perfect
+enhancer trained on such pairs would write), today's enhancer (the insertion format:
+targets mark the words they copy, decoding writes them, models/keep_words.py), and the
+earlier recipe (plain targets, free decoding) trained on the same pairs in the same run,
+also decoded with the word-keeping constraint alone. Intent preservation: share of the attributes the
 terse prompt names (true of the scene) still named and not contradicted. Richness gain:
 detail categories added. Then the same on real human captions (../shared/data, IIW),
 degraded to their tersest prompts: words kept in order, and richness gain.
@@ -83,53 +84,59 @@ def main() -> None:
     counters: dict[str, int] = {}
     pairs = pairs_table(train_captions(args.scenes), DegradeConfig(seed=0), counters=counters)
     print(f"degraded {counters.get('captions')} captions -> {pairs.num_rows} pairs")
-    cfg = EnhancerTrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
-                              num_threads=args.threads, progress=False)
-    record = train(pairs, args.out or tempfile.mkdtemp(prefix="bench-enh-"), cfg)
-    metrics = json.loads(record["metrics"])
-    model, tok = load_version(record["path"])
-
     items = heldout_terse_prompts(args.prompts)
     terse = [p for p, _ in items]
-    t0 = time.perf_counter()
-    free = enhance(model, tok, terse, max_new_tokens=160, keep_words=False)
-    free_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kept = enhance(model, tok, terse, max_new_tokens=160)
-    kept_s = time.perf_counter() - t0
-    new_name = "enhancer, keeps words (default)"
-    results = compare(items, {"identity (terse unchanged)": terse,
-                              "pairs' targets (rich caption)": reference_enhancements(items),
-                              "enhancer, free decoding (earlier)": free,
-                              new_name: kept})
-    print(f"\n{args.size}: {metrics['params']:,} params, {metrics['steps']} steps in "
-          f"{metrics['train_seconds']:.0f}s ({metrics['tokens_per_s']:.0f} tokens/s), eval loss "
-          f"{metrics['eval_loss_initial']:.2f} -> {metrics['eval_loss']:.2f}; {args.prompts} prompts "
-          f"enhanced in {free_s:.1f}s free, {kept_s:.1f}s keeping words ({kept_s / free_s:.2f}x)")
+    real = real_terse_prompts(args.real)
+
+    # Two recipes, the same pairs, steps and seed: today's insertion format and the earlier
+    # plain targets; the plain model is also decoded with the word-keeping constraint alone.
+    runs = {"insertion": True, "plain": False}
+    outputs: dict[str, list[str]] = {}
+    real_out: dict[str, list[str]] = {}
+    for name, copy in runs.items():
+        cfg = EnhancerTrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
+                                  num_threads=args.threads, progress=False, copy_markers=copy)
+        record = train(pairs, args.out if (args.out and copy) else tempfile.mkdtemp(prefix="bench-enh-"), cfg)
+        m = json.loads(record["metrics"])
+        model, tok = load_version(record["path"])
+        modes = {"insertion format (default)": True} if copy else {"earlier: plain, free decoding": False,
+                                                                  "plain + keep-words decoding": True}
+        for label, keep in modes.items():
+            t0 = time.perf_counter()
+            outputs[label] = enhance(model, tok, terse, max_new_tokens=160, keep_words=keep)
+            spent = time.perf_counter() - t0
+            if real:
+                real_out[label] = enhance(model, tok, real, max_new_tokens=160, keep_words=keep)
+            print(f"{label}: {m['params']:,} params, {m['steps']} steps in {m['train_seconds']:.0f}s, eval loss "
+                  f"{m['eval_loss_initial']:.2f} -> {m['eval_loss']:.2f}; {len(terse)} prompts in {spent:.1f}s")
+
+    contenders = {"identity (terse unchanged)": terse, "pairs' targets (rich caption)": reference_enhancements(items)}
+    contenders |= outputs
+    results = compare(items, contenders)
     cols = ("intent_preservation", "fully_preserved", "intent_contradicted", "richness_gain", "faithful_share")
-    print(f"{'contender':34s}" + "".join(f"{c:>21s}" for c in cols + ("words_kept",)))
-    outputs = {"identity (terse unchanged)": terse, "pairs' targets (rich caption)": reference_enhancements(items),
-               "enhancer, free decoding (earlier)": free, new_name: kept}
+    print(f"\n{'scene world, held-out terse prompts':34s}" + "".join(f"{c:>21s}" for c in cols + ("words_kept",)))
     for name, r in results.items():
-        words = words_and_richness(terse, outputs[name])[0]
+        words = words_and_richness(terse, contenders[name])[0]
         print(f"{name:34s}" + "".join(f"{'-' if r[c] is None else format(r[c], '.3f'):>21s}" for c in cols)
               + f"{words:>21.3f}")
-    for p, f, e in list(zip(terse, free, kept))[:3]:
-        print(f"\n  {p}\n  free -> {f}\n  kept -> {e}")
+    for i in range(3):
+        print(f"\n  {terse[i]}")
+        for label, outs in outputs.items():
+            print(f"  {label} -> {outs[i]}")
 
-    real = real_terse_prompts(args.real)
     if real:
         print(f"\nreal human captions (IIW), degraded to their tersest prompts: {len(real)}")
         print(f"{'contender':34s}{'words_kept':>12s}{'richness_gain':>15s}")
-        for name, outs in (("enhancer, free decoding (earlier)", enhance(model, tok, real, max_new_tokens=160,
-                                                                          keep_words=False)),
-                           (new_name, enhance(model, tok, real, max_new_tokens=160))):
+        for label, outs in real_out.items():
             k, g = words_and_richness(real, outs)
-            print(f"{name:34s}{k:>12.3f}{g:>15.3f}")
-            print(f"    {real[0]!r} -> {outs[0]!r}")
+            print(f"{label:34s}{k:>12.3f}{g:>15.3f}")
+        for i in range(2):
+            print(f"\n  {real[i]}")
+            for label, outs in real_out.items():
+                print(f"  {label} -> {outs[i]}")
     else:
         print(f"\n(no real captions at {IIW})")
-    r = results[new_name]
+    r = results["insertion format (default)"]
     print(f"\nenhancer: intent preserved {r['intent_preservation']:.3f}, contradicted "
           f"{r['intent_contradicted']:.3f}, richness gain {r['richness_gain']:.2f}")
 

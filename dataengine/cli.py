@@ -350,21 +350,27 @@ def train_enhancer(
 def enhance(
     prompts: List[str] = typer.Argument(..., help="Terse prompts to enrich."),
     workspace: Path = WorkspaceOpt,
-    model: Optional[str] = typer.Option(None, help="A saved version folder or local causal LM; default: the workspace's newest enhancer."),
+    model: Optional[str] = typer.Option(None, help="A saved version folder (phase one or two) or local causal LM; "
+                                                   "default: the workspace's newest promoted enhancer, phase two included."),
     max_new_tokens: int = typer.Option(160),
+    keep_words: bool = typer.Option(True, help="Keep the prompt's words in order and only insert detail."),
 ) -> None:
     """Print the enhanced (rich) prompt for each terse prompt."""
-    from models.enhancer import enhance as run_enhance, load, versions
+    from models.enhancer import enhance as run_enhance
+    from models.enhancer_rl import load_enhancer, resolve_enhancer
 
     path = model
     if path is None:
-        found = versions(Workspace.at(workspace).models)
-        if not found:
+        try:
+            found, name, status = resolve_enhancer(workspace)
+        except FileNotFoundError:
             console.print("[red]no enhancer in the workspace[/red]; run `dataengine train-enhancer` or pass --model")
             raise typer.Exit(2)
-        path = str(Workspace.at(workspace).models / "enhancer" / found[-1])
-    lm, tok = load(path)
-    for prompt, rich in zip(prompts, run_enhance(lm, tok, list(prompts), max_new_tokens=max_new_tokens)):
+        console.print(f"[dim]{name} {found.name} ({status})[/dim]")
+        path = str(found)
+    lm, tok = load_enhancer(path)
+    for prompt, rich in zip(prompts, run_enhance(lm, tok, list(prompts), max_new_tokens=max_new_tokens,
+                                                 keep_words=keep_words)):
         console.print(f"[bold]{prompt}[/bold]\n  -> {rich}")
 
 

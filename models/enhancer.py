@@ -40,13 +40,17 @@ from transformers import (
 
 BOS, SEP, EOS, PAD = "<|bos|>", "<|sep|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, SEP, EOS, PAD)
+# The insertion format: in a target, <|copy|> comes before each word taken from the prompt,
+# so the model learns WHERE the user's next word goes, and decoding writes the word itself.
+COPY = "<|copy|>"
 
 # The template for causal LMs without our special tokens (a user's pretrained model).
 PLAIN_PROMPT = "Prompt: {terse}\nDetailed:"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `texts`, with <|bos|> <|sep|> <|eos|> <|pad|> as ids 0-3."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, copy: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, with <|bos|> <|sep|> <|eos|> <|pad|> as ids 0-3,
+    and <|copy|> as id 4 when `copy` (the insertion format)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -55,19 +59,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedT
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS) + ([COPY] if copy else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, sep_token=SEP, eos_token=EOS, pad_token=PAD,
         clean_up_tokenization_spaces=False, model_max_length=1024,
+        **({"extra_special_tokens": [COPY]} if copy else {}),
     )
 
 
 def uses_special_format(tokenizer: PreTrainedTokenizerBase) -> bool:
     """True when `tokenizer` is ours (has <|bos|> <|sep|> <|eos|>), False for a foreign one."""
     return (tokenizer.bos_token, tokenizer.sep_token, tokenizer.eos_token) == (BOS, SEP, EOS)
+
+
+def copy_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id of <|copy|> when `tokenizer` has the insertion format, else None."""
+    tid = tokenizer.get_vocab().get(COPY)
+    return int(tid) if tid is not None and uses_special_format(tokenizer) else None
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -139,18 +150,86 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, terse: str) -> list[int]:
     return bos + enc(PLAIN_PROMPT.format(terse=terse))
 
 
-def target_ids(tokenizer: PreTrainedTokenizerBase, rich: str) -> list[int]:
-    """Token ids of the target part: `rich <|eos|>` (a leading space in the plain template)."""
-    text = rich if uses_special_format(tokenizer) else " " + rich
+def copy_segments(terse: str, rich: str) -> list[tuple[str, bool]]:
+    """The insertion-format target: `rich` cut into (text, copied) segments, each word of
+    the terse prompt a copied segment of its own (with the space before it), in order.
+
+    Prompt words are placed on a longest common subsequence of the two word lists (case
+    aside). Degradation only deletes, so for its pairs every word is found and the
+    segments join back into `rich` exactly. A prompt word the caption lacks is inserted
+    after the previous one: the target must hold every word the decoder will write, or a
+    <|copy|> would stand for a different word in training than at generation. Segments
+    start at word boundaries, so tokenising them one by one gives the tokens of the whole
+    (byte-level BPE splits before a space)."""
+    from .keep_words import WORD
+
+    surface = WORD.findall(terse)
+    need = [w.lower() for w in surface]
+    spans = list(WORD.finditer(rich))
+    have = [m.group().lower() for m in spans]
+    # lcs[i][j]: the longest common subsequence of need[i:] and have[j:]
+    lcs = [[0] * (len(have) + 1) for _ in range(len(need) + 1)]
+    for i in range(len(need) - 1, -1, -1):
+        for j in range(len(have) - 1, -1, -1):
+            lcs[i][j] = lcs[i + 1][j + 1] + 1 if need[i] == have[j] else max(lcs[i + 1][j], lcs[i][j + 1])
+    found: dict[int, re.Match] = {}
+    i = j = 0
+    while i < len(need) and j < len(have):
+        if need[i] == have[j] and lcs[i][j] == lcs[i + 1][j + 1] + 1:
+            found[i] = spans[j]
+            i, j = i + 1, j + 1
+        elif lcs[i + 1][j] >= lcs[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    out: list[tuple[str, bool]] = []
+
+    def add(text: str, copied: bool) -> None:
+        if out and out[-1][0][-1:].isalnum() and text[:1].isalnum():  # two words never fuse
+            text = " " + text
+        out.append((text, copied))
+
+    at = 0
+    for i, word in enumerate(surface):
+        m = found.get(i)
+        if m is None:  # not in the caption: written where the previous word ended
+            add(word, True)
+            continue
+        start = m.start() - 1 if m.start() > 0 and rich[m.start() - 1] == " " else m.start()
+        if start > at:
+            add(rich[at:start], False)
+        add(rich[start:m.end()], True)
+        at = m.end()
+    if at < len(rich):
+        add(rich[at:], False)
+    return out
+
+
+def insertion_target(terse: str, rich: str) -> str:
+    """The text an insertion-format enhancer learns to write for (terse, rich): `rich`
+    itself whenever `terse` is a deletion of it."""
+    return "".join(text for text, _ in copy_segments(terse, rich))
+
+
+def target_ids(tokenizer: PreTrainedTokenizerBase, rich: str, terse: str | None = None) -> list[int]:
+    """Token ids of the target part: `rich <|eos|>` (a leading space in the plain template);
+    in the insertion format, given the `terse` prompt, <|copy|> before each copied word."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return tokenizer.encode(text, add_special_tokens=False) + eos
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    cid = copy_id(tokenizer)
+    if cid is not None and terse is not None:
+        ids: list[int] = []
+        for text, copied in copy_segments(terse, rich):
+            ids += ([cid] if copied else []) + enc(text)
+        return ids + eos
+    return enc(rich if uses_special_format(tokenizer) else " " + rich) + eos
 
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, less: str, more: str, max_len: int) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): labels are -100 on the prompt part and equal the ids
     on the target part. Long prompts keep their start (at most half of `max_len`); long
     targets are cut (and lose their <|eos|>) so the whole fits in `max_len`."""
-    p, t = prompt_ids(tokenizer, less), target_ids(tokenizer, more)
+    p, t = prompt_ids(tokenizer, less), target_ids(tokenizer, more, less)
     truncated = False
     if len(p) > max_len // 2:
         p, truncated = p[: max_len // 2], True
@@ -197,7 +276,7 @@ def enhance(
     is its pull toward the next owed word."""
     from transformers import LogitsProcessorList
 
-    from .keep_words import KeepWords
+    from .keep_words import CopyWords, KeepWords
 
     special = uses_special_format(tokenizer)
     pad = pad_id(tokenizer)
@@ -217,9 +296,12 @@ def enhance(
                 input_ids[r, width - len(x):] = torch.tensor(x)
                 mask[r, width - len(x):] = 1
             processors = LogitsProcessorList()
-            if keep_words:
-                processors.append(KeepWords(tokenizer, prompts[start: start + batch_size], width, max_new_tokens,
-                                            num_beams=num_beams, nudge=nudge))
+            batch = prompts[start: start + batch_size]
+            if copy_id(tokenizer) is not None:  # the insertion format: the model says where, we copy
+                processors.append(CopyWords(tokenizer, batch, width, max_new_tokens, num_beams=num_beams,
+                                            free=not keep_words))
+            elif keep_words:
+                processors.append(KeepWords(tokenizer, batch, width, max_new_tokens, num_beams=num_beams, nudge=nudge))
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,

@@ -66,6 +66,7 @@ __all__ = [
     "EnhancerRLConfig", "Candidates", "Rollouts", "TersePrompt", "Renderer", "EnhancerRLJob", "train_enhancer_rl",
     "train_job", "load_enhancer_rl", "sample_rollouts", "token_log_probs", "group_advantages", "k3_kl",
     "grpo_token_loss", "terse_prompts", "split_prompts", "weighted_reward", "intent_kept", "MODEL_NAME",
+    "resolve_enhancer", "load_enhancer",
 ]
 
 MODEL_NAME = "enhancer-rl"
@@ -690,6 +691,38 @@ def newest_phase_one(models_root: str | Path) -> Path | None:
 
     found = versions(models_root)
     return Path(models_root) / PHASE_ONE / found[-1] if found else None
+
+
+def resolve_enhancer(workspace_root: str | Path) -> tuple[Path, str, str]:
+    """(version folder, model name, status) of the enhancer a workspace serves: the newest
+    promoted version of phase one or phase two (the catalog's model_versions), else the
+    newest registered version of either, else the newest phase-one folder on disk."""
+    from dataengine.catalog import Catalog
+    from dataengine.workspace import Workspace
+
+    ws = Workspace.at(workspace_root)
+    rows = []
+    if ws.exists():
+        rows = Catalog(ws).query(
+            "SELECT model, path, status FROM model_versions WHERE model IN (?, ?) "
+            "ORDER BY status = 'promoted' DESC, created_at DESC, version DESC", [PHASE_ONE, MODEL_NAME]).to_pylist()
+    for r in rows:
+        if Path(r["path"]).is_dir():
+            return Path(r["path"]), r["model"], r["status"]
+    found = newest_phase_one(ws.models)
+    if found is None:
+        raise FileNotFoundError(f"{workspace_root}: no enhancer version; run `dataengine train-enhancer` first")
+    return found, PHASE_ONE, "unregistered"
+
+
+def load_enhancer(path: str | Path):
+    """(model, tokenizer) of any enhancer version folder, phase one or two, or a causal LM."""
+    path = Path(path)
+    if (path / "model").is_dir() or not (path / "weights.safetensors").is_file():
+        from .enhancer import load
+
+        return load(path)
+    return load_enhancer_rl(path)
 
 
 def workspace_reward(workspace_root: str | Path) -> RewardFn:

@@ -16,6 +16,12 @@ state, so beams and reordered rows need nothing special):
 Between those, the model inserts freely; `nudge` adds to the logit of the token that
 would continue the next owed word, so that the words come where the model would put
 them rather than all at the end.
+
+`CopyWords` is the same guarantee for an enhancer trained in the insertion format
+(models/enhancer.py: <|copy|> before each word a target takes from its prompt). The model
+only decides where the user's next word goes, by emitting <|copy|>; the processor then
+writes that word's tokens. End-of-sequence waits for the last word, <|copy|> is masked
+once every word is out, and near the budget <|copy|> is forced.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["KeepWords", "prompt_words", "kept_in_order"]
+__all__ = ["CopyWords", "KeepWords", "WORD", "prompt_words", "kept_in_order"]
 
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters/digits, with inner apostrophes
+WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters/digits, with inner apostrophes
 
 
 def prompt_words(text: str) -> list[str]:
     """The words of `text` as the constraint reads them: lower-case, punctuation dropped."""
-    return [w.lower() for w in _WORD.findall(text)]
+    return [w.lower() for w in WORD.findall(text)]
 
 
 def kept_in_order(prompt: str, output: str) -> bool:
@@ -76,7 +82,7 @@ class KeepWords:
         The last word of `text` may still grow (the next token can continue it): it counts
         as the next owed word only if the row ends here or a non-word token follows."""
         found = prompt_words(text)
-        open_word = bool(text) and bool(_WORD.fullmatch(text[-1:] or "")) and bool(found)
+        open_word = bool(text) and bool(WORD.fullmatch(text[-1:] or "")) and bool(found)
         done = found[:-1] if open_word else found
         j = _matched(words, done)
         rest = list(words[j:])
@@ -124,4 +130,61 @@ class KeepWords:
                     self.forced_rows += 1
             elif self.nudge:
                 out[r, ids[0]] += self.nudge
+        return out
+
+
+class CopyWords:
+    """Writes each prompt word after the model's <|copy|>, in order; `free` leaves ending
+    and copying to the model (no end mask, no forcing), for measuring it bare."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], prompt_width: int, max_new_tokens: int,
+                 num_beams: int = 1, free: bool = False):
+        from .enhancer import copy_id
+
+        self.copy = copy_id(tokenizer)
+        if self.copy is None:
+            raise ValueError("CopyWords needs a tokenizer with <|copy|> (the insertion format)")
+        self.tok, self.width, self.budget, self.free = tokenizer, prompt_width, max_new_tokens, free
+        self.eos = tokenizer.eos_token_id
+        # The user's own words (their case kept), each as it reads after text and at the start.
+        words = [WORD.findall(p) for p in prompts for _ in range(num_beams)]
+        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+        self.words = [[(enc(" " + w), enc(w)) for w in ws] for ws in words]
+        self.forced_rows = 0
+        self._forced: set[int] = set()
+
+    def _only(self, row: torch.Tensor, tid: int) -> None:
+        row.fill_(float("-inf"))
+        row[tid] = 0.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        left = self.budget - (input_ids.shape[1] - self.width)
+        out = scores.clone()
+        for r in range(input_ids.shape[0]):
+            gen = input_ids[r, self.width:].tolist()
+            words = self.words[r]
+            copies = [i for i, t in enumerate(gen) if t == self.copy]
+            n = len(copies)
+            if n > len(words):  # free mode let the model copy past the end: nothing to write
+                continue
+            if n:  # inside the n-th copied word: write its next token
+                last = copies[-1]
+                after, first = words[n - 1]
+                want = after if any(t != self.copy for t in gen[:last]) else first
+                tail = gen[last + 1:]
+                if len(tail) < len(want):
+                    self._only(out[r], want[len(tail)])
+                    continue
+            if n == len(words):
+                out[r, self.copy] = float("-inf")
+                continue
+            if self.free:
+                continue
+            out[r, self.eos] = float("-inf")
+            need = sum(1 + len(a) for a, _ in words[n:])
+            if left <= need:  # just enough room for the words still owed
+                self._only(out[r], self.copy)
+                if r not in self._forced:
+                    self._forced.add(r)
+                    self.forced_rows += 1
         return out

@@ -62,6 +62,9 @@ class EnhancerTrainConfig:
     # Also train on each chain's ends (its tersest prompt -> its full caption): the pairs
     # teach one detail at a time, users ask for all of it at once.
     chain_ends: bool = True
+    # The insertion format (models/enhancer.py): targets mark the words they copy from the
+    # prompt, and decoding writes those words itself. False: plain targets, free decoding.
+    copy_markers: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in ENHANCER_SIZES:
@@ -207,7 +210,7 @@ def _train(pairs, models_root: Path, cfg: EnhancerTrainConfig, tokenizer_texts, 
     # Tokenizer and model
     if base is None:
         texts = tokenizer_texts if tokenizer_texts is not None else [t for r in train_rows for t in r[1:]]
-        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, copy=cfg.copy_markers)
         model = build(cfg.size, tokenizer)
     else:
         model, tokenizer = load(base)
@@ -300,8 +303,11 @@ def _train(pairs, models_root: Path, cfg: EnhancerTrainConfig, tokenizer_texts, 
     }
     config = asdict(cfg) | {"base": base, "tokenizer": "trained" if base is None else base}
     version, path = save_version(models_root, model, tokenizer, config, metrics)
+    # The trainer's rule for every model: a first version is promoted, later ones wait as
+    # candidates for a gate that beats the current one.
+    first = path.parent.name == MODEL_NAME and len([d for d in path.parent.iterdir() if d.name.startswith("v")]) == 1
     return {
-        "model": MODEL_NAME, "version": version, "path": str(path), "status": "candidate",
+        "model": MODEL_NAME, "version": version, "path": str(path), "status": "promoted" if first else "candidate",
         "metrics": json.dumps(metrics, sort_keys=True), "job_id": None,
         "created_at": datetime.now(timezone.utc),
     }

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from dataengine.degrade import degrade_chain
 from dataengine.enhance_eval import (
     evaluate, extract_attributes, heldout_terse_prompts, reference_enhancements, true_of,
 )
@@ -17,8 +18,9 @@ from dataengine.schema import MODEL_VERSIONS, conform
 from dataengine.sceneworld import Group, Scene, caption_for, sample_scene
 from models.enhancer import (
     BOS, EOS, IGNORE, PAD, SEP, build, collate, encode_pair, enhance, load, load_version,
-    prompt_ids, save_version, train_tokenizer, uses_special_format, versions,
+    copy_id, copy_segments, insertion_target, prompt_ids, save_version, train_tokenizer, uses_special_format, versions,
 )
+from models.keep_words import kept_in_order, prompt_words
 from models.train_enhancer import EnhancerTrainConfig, train
 
 
@@ -74,7 +76,15 @@ def test_loss_masks_exactly_the_prompt_part():
     assert labels[: len(p)] == [IGNORE] * len(p)  # no loss on bos, terse prompt, sep
     assert labels[len(p):] == ids[len(p):]  # loss on every target token ...
     assert ids[-1] == tok.eos_token_id  # ... through eos
-    assert tok.decode(ids[len(p):-1]) == rich
+    # The insertion format: the target is the rich caption with <|copy|> before each word
+    # it takes from the prompt; for a degradation pair (deletions only) exactly the caption.
+    assert tok.decode(ids[len(p):-1], skip_special_tokens=True) == insertion_target(terse, rich)
+    less = degrade_chain(rich)[-1].less
+    ids_d = encode_pair(tok, less, rich, max_len=512)[0]
+    assert ids_d[len(prompt_ids(tok, less)):].count(copy_id(tok)) == len(prompt_words(less))
+    assert tok.decode(ids_d[len(prompt_ids(tok, less)):-1], skip_special_tokens=True) == rich
+    plain = train_tokenizer([terse, rich], copy=False)
+    assert copy_id(plain) is None and plain.decode(encode_pair(plain, terse, rich, 512)[0][len(p):-1]) == rich
 
     # Padding never carries loss; a long target is cut to max_len.
     short = encode_pair(tok, terse, "A star.", max_len=512)
@@ -85,6 +95,19 @@ def test_loss_masks_exactly_the_prompt_part():
     cut_ids, cut_labels, cut = encode_pair(tok, terse, rich, max_len=2 * len(p))
     assert cut and len(cut_ids) == 2 * len(p) and cut_labels[: len(p)] == [IGNORE] * len(p)
     assert tok.eos_token_id not in cut_ids  # a cut target does not teach the model to stop
+
+
+def test_copy_segments_join_back_and_mark_the_prompts_words_in_order():
+    rich = "A watercolor painting of a single little black star, at the bottom left."
+    segs = copy_segments("A black star at the left", rich)
+    assert "".join(t for t, _ in segs) == rich
+    assert [t for t, c in segs if c] == ["A", " black", " star", " at", " the", " left"]
+    assert [t for t, c in segs if c] == [t for t, c in copy_segments("a BLACK star at the left", rich) if c]
+    # A word missing from the caption does not stop the words after it being found; it is
+    # put in after the word before it, so the target holds every prompt word in order.
+    assert [t for t, c in copy_segments("A tiny black star", rich) if c] == ["A", " tiny", " black", " star"]
+    assert insertion_target("A tiny black star", rich) == "A tiny watercolor painting of a single little black star, at the bottom left."
+    assert insertion_target("a purple heart", rich).startswith("A purple heart watercolor painting")
 
 
 def foreign_tokenizer(texts):
@@ -159,12 +182,17 @@ def test_nano_overfits_a_handful_of_pairs_and_reproduces_them(overfit):
     assert m["skipped_pairs"] == 1 and m["train_pairs"] == 4 and m["steps"] == 100
     assert m["params"] > 100_000 and m["tokens_per_s"] > 0
     model, tok = load_version(rec["path"])
-    assert enhance(model, tok, [r[0] for r in rows], max_new_tokens=80) == [r[1] for r in rows]
+    # Terse and short captions are written apart (not a deletion), so the target it learns
+    # is the short caption with the terse words it lacks put in: every user word kept.
+    want = [insertion_target(r[0], r[1]) for r in rows]
+    assert enhance(model, tok, [r[0] for r in rows], max_new_tokens=80) == want
+    assert all(kept_in_order(r[0], w) for r, w in zip(rows, want))
 
 
 def test_training_record_is_a_model_versions_row(overfit):
     rec, _, root = overfit
-    assert rec["model"] == "enhancer" and rec["version"] == "v0001" and rec["status"] == "candidate"
+    # The trainer's rule: a first version is promoted, the next ones wait as candidates.
+    assert rec["model"] == "enhancer" and rec["version"] == "v0001" and rec["status"] == "promoted"
     table = conform(pa.Table.from_pylist([rec]), MODEL_VERSIONS, "model_versions")
     assert table.num_rows == 1
     saved = root / "enhancer" / "v0001"
