@@ -138,13 +138,15 @@ class CopyWords:
     and copying to the model (no end mask, no forcing), for measuring it bare."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], prompt_width: int, max_new_tokens: int,
-                 num_beams: int = 1, free: bool = False):
+                 num_beams: int = 1, free: bool = False, insert_bias: float = 0.0, end_bias: float = 0.0):
         from .enhancer import copy_id
 
         self.copy = copy_id(tokenizer)
         if self.copy is None:
             raise ValueError("CopyWords needs a tokenizer with <|copy|> (the insertion format)")
         self.tok, self.width, self.budget, self.free = tokenizer, prompt_width, max_new_tokens, free
+        self.insert_bias = insert_bias  # taken off <|copy|>'s logit: more detail before each word
+        self.end_bias = end_bias  # taken off end-of-sequence once every word is out: detail after them
         self.eos = tokenizer.eos_token_id
         # The user's own words (their case kept), each as it reads after text and at the start.
         words = [WORD.findall(p) for p in prompts for _ in range(num_beams)]
@@ -177,7 +179,9 @@ class CopyWords:
                     continue
             if n == len(words):
                 out[r, self.copy] = float("-inf")
+                out[r, self.eos] -= self.end_bias
                 continue
+            out[r, self.copy] -= self.insert_bias
             if self.free:
                 continue
             out[r, self.eos] = float("-inf")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import io
 import tarfile
 
@@ -15,9 +17,13 @@ runner = CliRunner()
 
 
 def test_help_lists_the_commands():
-    out = runner.invoke(app, ["--help"]).output
-    for cmd in ("demo", "init", "ingest", "status", "sceneworld", "import-real"):
-        assert cmd in out
+    out = runner.invoke(app, ["--help"], terminal_width=200).output
+    # A command's row starts with its name after the box border: "│ ingest   Scan ...".
+    listed = {m.group(1) for m in re.finditer(r"^[│|] +([a-z][a-z-]*) {2,}\S", out, re.M)}
+    registered = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+    registered |= {g.name for g in app.registered_groups}
+    assert {"demo", "init", "ingest", "status", "sceneworld", "import-real", "enhance", "gaps"} <= registered
+    assert registered <= listed, registered - listed
 
 
 def test_init_ingest_status(tmp_path):

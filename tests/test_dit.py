@@ -328,7 +328,15 @@ def test_dit_job_trains_resumes_saves_and_scores_fidelity(scene_ws, tmp_path):
     m = record["metrics"]
     assert m["steps"] == 4 and m["eval"]["eval_loss"] > 0
     fid = m["eval"]["fidelity"]
-    assert fid["n_prompts"] == 3 and 0.0 <= fid["accuracy"] <= 1.0
+    assert fid["n_prompts"] == 3
+    # The headline is the samples' checker accuracy, the mean of its attributes' (each
+    # image's accuracy averages them), beside the real images and their reconstructions.
+    from dataengine.sceneworld.checker import ATTRIBUTES
+
+    assert set(fid) >= {"samples", "reconstructions", "real"} and fid["accuracy"] == fid["samples"]["accuracy"]
+    for figures in (fid["samples"], fid["reconstructions"], fid["real"]):
+        assert figures["accuracy"] == pytest.approx(sum(figures[a] for a in ATTRIBUTES) / len(ATTRIBUTES), abs=2e-4)
+    assert fid["ms_per_image"] > 0 and fid["sample_steps"] == cfg.sample_steps
     assert {"samples", "reconstructions", "real"} <= set(fid)
 
     model = load_dit(record["path"])
