@@ -352,3 +352,24 @@ def test_missing_vae_says_how_to_get_one(ws):
         resolve_vae(ws.root, None)
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_vae(ws.root, "vae/v0042")
+
+
+def test_the_default_text_limit_covers_95_percent_of_rich_captions():
+    """Enhanced prompts are as long as rich captions: the DiT must read at least 95% of
+    them whole (token counts of the frozen text encoder, special tokens included)."""
+    import random
+
+    import numpy as np
+
+    from dataengine.sceneworld import caption_for, sample_scene
+    from models.dit import DiTConfig
+    from models.frozen import Frozen
+    from models.train_dit import DiTTrainConfig
+
+    frozen = Frozen.load()
+    rng = random.Random(3)
+    rich = [caption_for(sample_scene(rng, 256, 256), rng, detail="rich") for _ in range(400)]
+    _, mask = frozen.text_tokens(rich, max_len=10_000)
+    p95 = float(np.percentile(mask.sum(1).numpy(), 95))
+    assert DiTTrainConfig().max_text_len >= p95 and DiTConfig().max_text_len >= p95, p95
+    assert mask.shape[1] > DiTTrainConfig().max_text_len  # some are longer: the limit is not vacuous
