@@ -70,9 +70,9 @@ class DiTConfig:
     latent_channels: int = 16
     patch: int = 1  # latent pixels per token side (the f16 VAE already compresses 16x)
     text_dim: int = 384  # width of the frozen text encoder's states (MiniLM: 384)
-    # Text tokens the DiT reads (the frozen tokenizer's, CLS and SEP included): 96 covers 95%
-    # of rich scene-world captions, the enhancer's targets (benchmarks/text_lengths.py).
-    max_text_len: int = 96
+    # Text tokens the DiT reads (the frozen tokenizer's, CLS and SEP included): 104 covers 95%
+    # of rich scene-world captions (p95 95-97 across draws), the enhancer's targets (benchmarks/text_lengths.py).
+    max_text_len: int = 104
     ffn: str = "swiglu"  # | "gelu" (4x MLP, the baseline)
     modulation: str = "scale"  # | "shift_scale" (the baseline)
     qk_norm: bool = True
