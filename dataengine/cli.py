@@ -624,7 +624,7 @@ def _train_command(name: str, what: str):
             return
         ws = _existing(workspace)
         loop = default_loop(name, **{k: v for k, v in dict(steps=steps, lr=lr).items() if v is not None},
-                            seed=seed, ckpt_every=ckpt_every, device=device)
+                            seed=seed, ckpt_every=ckpt_every, device=device, resume=resume)
         try:
             record = train_model(name, ws.root, overrides, loop)
         except (FileNotFoundError, ValueError) as e:  # a missing prerequisite version or bad data

@@ -57,6 +57,7 @@ class LoopConfig:
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:1 ...
     num_threads: int | None = None  # torch CPU threads for the run; None: all cores
     progress: bool = True
+    resume: bool = True  # pick up a checkpointed run of the same config (not part of its identity)
 
     def __post_init__(self) -> None:
         for name in ("steps", "ckpt_every"):
@@ -252,8 +253,9 @@ def _fmt(value: float) -> str:
 
 
 def train(job: TrainJob, models_root: str | Path, loop: LoopConfig | None = None, catalog=None,
-          resume: bool = True, stop_after: int | None = None, job_id: str | None = None) -> dict[str, Any]:
-    """Run `job` for loop.steps steps (resuming a checkpointed run of the same config),
+          resume: bool | None = None, stop_after: int | None = None, job_id: str | None = None) -> dict[str, Any]:
+    """Run `job` for loop.steps steps (resuming a checkpointed run of the same config unless
+    `resume`, default `loop.resume`, is False),
     save its exported modules as the next version of `job.name` and register it in
     `catalog` (the first version of a model is promoted, later ones are candidates).
     Returns the version's record with `metrics` as a dict and `resumed_from`."""
@@ -263,7 +265,8 @@ def train(job: TrainJob, models_root: str | Path, loop: LoopConfig | None = None
     torch.set_num_threads(loop.num_threads or os.cpu_count() or 1)
     try:
         with torch.random.fork_rng(devices=[]):
-            return _train(job, models_root, loop, catalog, resume, stop_after, job_id)
+            return _train(job, models_root, loop, catalog, loop.resume if resume is None else resume, stop_after,
+                          job_id)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -275,7 +278,7 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog, resume: 
     torch.manual_seed(loop.seed)
     job.loop, job.device = loop, device_of(loop.device)
     job.setup()
-    config = {"job": job.config(), "loop": {k: v for k, v in asdict(loop).items() if k != "progress"}}
+    config = {"job": job.config(), "loop": {k: v for k, v in asdict(loop).items() if k not in ("progress", "resume")}}
     run_dir = _run_dir(models_root, job.name, config)
     start, history, seconds = 0, [], 0.0
     restored = _restore(run_dir, job) if resume else None

@@ -84,6 +84,15 @@ def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path):
     assert train(LinearJob(), tmp_path, loop(), resume=False)["resumed_from"] is None
 
 
+def test_the_loop_config_says_whether_to_resume_and_is_not_part_of_the_runs_identity(tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train(LinearJob(), tmp_path, loop(), stop_after=12)
+    assert train(LinearJob(), tmp_path, loop(resume=False))["resumed_from"] is None  # --no-resume
+    with pytest.raises(TrainingInterrupted):
+        train(LinearJob(), tmp_path, loop(resume=False), stop_after=12)
+    assert train(LinearJob(), tmp_path, loop())["resumed_from"] == 10  # the same run, picked up
+
+
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     class Nan(LinearJob):
         def step(self, step):
