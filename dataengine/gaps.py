@@ -11,7 +11,7 @@ train), measured on two sides:
   so this margin is the log density ratio's analogue in similarity units: near 0 or above
   where train holds the concept as densely as the corpus, negative where only the corpus
   has it. Pooled image vectors bind attributes to objects loosely, so alone it ranks a
-  held-out colour-shape pair poorly (AUROC 0.69 on benchmarks/gaps.py).
+  held-out colour-shape pair poorly (AUROC 0.36-0.65 over benchmarks/gaps.py's seeds 0-2).
 - caption side (dataengine/phrases.py): the same margin for each of the prompt's phrases
   against the phrases of train's and the corpus's captions; the prompt is as covered as
   its least-covered phrase. Phrases keep attributes on their nouns, so "purple triangle"

@@ -268,8 +268,7 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def enhance(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     max_new_tokens: int = 96, num_beams: int = 1, do_sample: bool = False, batch_size: int = 32,
-    keep_words: bool = True, nudge: float = 2.0, insert_bias: float = 0.0, end_bias: float = 0.0,
-    no_repeat_ngram_size: int = 0,
+    keep_words: bool = True, nudge: float = 2.0,
 ) -> list[str]:
     """The rich prompt generated for each terse prompt (batched, left-padded; the prompt
     part and special tokens stripped). With `keep_words` (the default) decoding keeps the
@@ -300,14 +299,13 @@ def enhance(
             batch = prompts[start: start + batch_size]
             if copy_id(tokenizer) is not None:  # the insertion format: the model says where, we copy
                 processors.append(CopyWords(tokenizer, batch, width, max_new_tokens, num_beams=num_beams,
-                                            free=not keep_words, insert_bias=insert_bias, end_bias=end_bias))
+                                            free=not keep_words))
             elif keep_words:
                 processors.append(KeepWords(tokenizer, batch, width, max_new_tokens, num_beams=num_beams, nudge=nudge))
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, logits_processor=processors,
-                no_repeat_ngram_size=no_repeat_ngram_size,
             )  # (B, width + new)
             for row in generated[:, width:].tolist():
                 if tokenizer.eos_token_id in row:

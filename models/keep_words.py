@@ -73,8 +73,6 @@ class KeepWords:
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ValueError("KeepWords needs a tokenizer with an end-of-sequence token")
-        self.forced_rows = 0  # rows that reached the budget with words owed (reported, not hidden)
-        self._forced: set[int] = set()
 
     def owed(self, words: Sequence[str], text: str) -> tuple[str, bool]:
         """(the text that would complete the owed words, whether the row may end now).
@@ -125,9 +123,6 @@ class KeepWords:
                 keep = out[r, ids[0]].clone()
                 out[r] = float("-inf")
                 out[r, ids[0]] = keep if torch.isfinite(keep) else 0.0
-                if r not in self._forced:
-                    self._forced.add(r)
-                    self.forced_rows += 1
             elif self.nudge:
                 out[r, ids[0]] += self.nudge
         return out
@@ -138,22 +133,18 @@ class CopyWords:
     and copying to the model (no end mask, no forcing), for measuring it bare."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], prompt_width: int, max_new_tokens: int,
-                 num_beams: int = 1, free: bool = False, insert_bias: float = 0.0, end_bias: float = 0.0):
+                 num_beams: int = 1, free: bool = False):
         from .enhancer import copy_id
 
         self.copy = copy_id(tokenizer)
         if self.copy is None:
             raise ValueError("CopyWords needs a tokenizer with <|copy|> (the insertion format)")
         self.tok, self.width, self.budget, self.free = tokenizer, prompt_width, max_new_tokens, free
-        self.insert_bias = insert_bias  # taken off <|copy|>'s logit: more detail before each word
-        self.end_bias = end_bias  # taken off end-of-sequence once every word is out: detail after them
         self.eos = tokenizer.eos_token_id
         # The user's own words (their case kept), each as it reads after text and at the start.
         words = [WORD.findall(p) for p in prompts for _ in range(num_beams)]
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
         self.words = [[(enc(" " + w), enc(w)) for w in ws] for ws in words]
-        self.forced_rows = 0
-        self._forced: set[int] = set()
 
     def _only(self, row: torch.Tensor, tid: int) -> None:
         row.fill_(float("-inf"))
@@ -179,16 +170,11 @@ class CopyWords:
                     continue
             if n == len(words):
                 out[r, self.copy] = float("-inf")
-                out[r, self.eos] -= self.end_bias
                 continue
-            out[r, self.copy] -= self.insert_bias
             if self.free:
                 continue
             out[r, self.eos] = float("-inf")
             need = sum(1 + len(a) for a, _ in words[n:])
             if left <= need:  # just enough room for the words still owed
                 self._only(out[r], self.copy)
-                if r not in self._forced:
-                    self._forced.add(r)
-                    self.forced_rows += 1
         return out

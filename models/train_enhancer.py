@@ -32,7 +32,7 @@ import torch
 
 from .enhancer import (
     ENHANCER_SIZES, MODEL_NAME, build, collate, encode_pair, enhance, load, load_version, n_params,
-    pad_id, save_version, target_loss, train_tokenizer, uses_special_format,
+    pad_id, save_version, target_loss, train_tokenizer, uses_special_format, versions,
 )
 
 __all__ = ["EnhancerTrainConfig", "train", "enhance", "load_version"]
@@ -305,7 +305,7 @@ def _train(pairs, models_root: Path, cfg: EnhancerTrainConfig, tokenizer_texts, 
     version, path = save_version(models_root, model, tokenizer, config, metrics)
     # The trainer's rule for every model: a first version is promoted, later ones wait as
     # candidates for a gate that beats the current one.
-    first = path.parent.name == MODEL_NAME and len([d for d in path.parent.iterdir() if d.name.startswith("v")]) == 1
+    first = versions(models_root) == [version]
     return {
         "model": MODEL_NAME, "version": version, "path": str(path), "status": "promoted" if first else "candidate",
         "metrics": json.dumps(metrics, sort_keys=True), "job_id": None,

@@ -253,9 +253,9 @@ def _fmt(value: float) -> str:
 
 
 def train(job: TrainJob, models_root: str | Path, loop: LoopConfig | None = None, catalog=None,
-          resume: bool | None = None, stop_after: int | None = None, job_id: str | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, job_id: str | None = None) -> dict[str, Any]:
     """Run `job` for loop.steps steps (resuming a checkpointed run of the same config unless
-    `resume`, default `loop.resume`, is False),
+    `loop.resume` is False),
     save its exported modules as the next version of `job.name` and register it in
     `catalog` (the first version of a model is promoted, later ones are candidates).
     Returns the version's record with `metrics` as a dict and `resumed_from`."""
@@ -265,13 +265,12 @@ def train(job: TrainJob, models_root: str | Path, loop: LoopConfig | None = None
     torch.set_num_threads(loop.num_threads or os.cpu_count() or 1)
     try:
         with torch.random.fork_rng(devices=[]):
-            return _train(job, models_root, loop, catalog, loop.resume if resume is None else resume, stop_after,
-                          job_id)
+            return _train(job, models_root, loop, catalog, stop_after, job_id)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog, resume: bool,
+def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
            stop_after: int | None, job_id: str | None) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -281,7 +280,7 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog, resume: 
     config = {"job": job.config(), "loop": {k: v for k, v in asdict(loop).items() if k not in ("progress", "resume")}}
     run_dir = _run_dir(models_root, job.name, config)
     start, history, seconds = 0, [], 0.0
-    restored = _restore(run_dir, job) if resume else None
+    restored = _restore(run_dir, job) if loop.resume else None
     if restored is not None:
         start, history, seconds = restored
     resumed_from = start if restored is not None else None

@@ -81,7 +81,6 @@ def test_a_changed_config_does_not_resume_someone_elses_run(tmp_path):
     with pytest.raises(TrainingInterrupted):
         train(LinearJob(), tmp_path, loop(), stop_after=12)
     assert train(LinearJob(), tmp_path, loop(lr=0.01))["resumed_from"] is None
-    assert train(LinearJob(), tmp_path, loop(), resume=False)["resumed_from"] is None
 
 
 def test_the_loop_config_says_whether_to_resume_and_is_not_part_of_the_runs_identity(tmp_path):
