@@ -245,7 +245,7 @@ def test_training_lowers_the_loss_saves_a_loadable_version_and_runs_once(tiny_wo
     vec_t = torch.from_numpy(bundle.encode_texts([r["caption"] for r in held]))
     again_measured = recall_at(vec_t, vec_i)  # a near-tie may flip with batch-size float noise: one rank
     assert all(abs(again_measured[k] - sw["default"][k]) <= 1 / len(held) + 1e-9 for k in again_measured)
-    assert 0.0 <= sw["default"]["swap_acc"] <= 1.0 and sw["default"]["swap_n"] > 0
+    assert sw["default"]["swap_n"] > 0  # held-out captions got attribute-swap negatives to be scored on
 
     # The run featurised train and the held-out sets, never the pool (its captions name
     # what train lacks) and stored their vectors: embed skips them and embeds the pool's
