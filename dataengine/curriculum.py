@@ -7,6 +7,11 @@ divided by `scale` (the embedded default trains at 1/8: 32 to 256 px), and
 step's stage fixes the resolution and the chance that the step is an editing batch
 (source, instruction, target) instead of a generation batch (caption, image).
 
+With `buckets`, a batch is drawn from one aspect bucket (1:1, 4:3, 3:4, 16:9, 9:16, by
+each sample's catalogued width and height) and decoded to that bucket's shape at about
+the stage's pixel count, so wide and tall images train whole instead of centre-cropped
+to a square.
+
 A batch depends only on (seed, step), never on what came before, so a resumed run
 draws exactly the batches the uninterrupted one would have. Images are read by their
 catalogued byte offsets, decoded to the stage's square size (centre crop, as the
@@ -26,10 +31,11 @@ import fsspec
 import numpy as np
 
 from .catalog import Catalog
-from .images import read_ranges, to_square
+from .images import read_ranges, to_shape
 from .workspace import Workspace
 
-__all__ = ["Stage", "REPORT_STAGES", "stages", "Batch", "CurriculumSampler", "NoTrainingData"]
+__all__ = ["Stage", "REPORT_STAGES", "ASPECTS", "stages", "bucket_of", "bucket_shape", "Batch",
+           "CurriculumSampler", "NoTrainingData"]
 
 
 class NoTrainingData(ValueError):
@@ -70,6 +76,27 @@ def stages(scale: int = 1, multiple: int = 16, max_resolution: int | None = None
             res = min(res, max(multiple, max_resolution // multiple * multiple))
         out.append(Stage(s.name, res, s.edit_fraction, s.share))
     return out
+
+
+# Aspect buckets, width:height. A sample goes to the nearest in log ratio; one batch holds
+# one bucket, so its tensors stack.
+ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16)
+
+
+def bucket_of(width: int | None, height: int | None) -> int:
+    """Index into ASPECTS of the bucket nearest width:height (square when unknown)."""
+    if not width or not height:
+        return 0
+    r = np.log(width / height)
+    return int(np.argmin([abs(r - np.log(a)) for a in ASPECTS]))
+
+
+def bucket_shape(resolution: int, bucket: int, multiple: int = 16) -> tuple[int, int]:
+    """(height, width) of `bucket` with about resolution^2 pixels, each a multiple of `multiple`."""
+    a = ASPECTS[bucket]
+    w = max(multiple, round(resolution * a ** 0.5 / multiple) * multiple)
+    h = max(multiple, round(resolution / a ** 0.5 / multiple) * multiple)
+    return h, w
 
 
 @dataclass
@@ -124,22 +151,23 @@ def _members(shard: str) -> dict[str, tuple[int, int]]:
         return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
 
 
-def _read(shard: str, ranges: list[tuple[int, int]], size: int) -> list[np.ndarray]:
-    """Decode the images at `ranges` of one shard to (size, size, 3) uint8, through the cache."""
-    out: list[np.ndarray | None] = [_CACHE.get((shard, o, n, size)) for o, n in ranges]
+def _read(shard: str, ranges: list[tuple[int, int]], shape: tuple[int, int]) -> list[np.ndarray]:
+    """Decode the images at `ranges` of one shard to (height, width, 3) uint8, through the cache."""
+    h, w = shape
+    out: list[np.ndarray | None] = [_CACHE.get((shard, o, n, h, w)) for o, n in ranges]
     missing = [i for i, a in enumerate(out) if a is None]
     if missing:
         for i, data in zip(missing, read_ranges(shard, [ranges[i] for i in missing])):
-            out[i] = to_square(data, size)
-            _CACHE.put((shard, *ranges[i], size), out[i])
+            out[i] = to_shape(data, w, h)
+            _CACHE.put((shard, *ranges[i], h, w), out[i])
     return out  # type: ignore[return-value]
 
 
 def _to_tensor(arrays: Sequence[np.ndarray]):
     import torch
 
-    x = torch.from_numpy(np.stack(arrays))  # (B, S, S, 3) uint8
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, S, S) in [-1, 1]
+    x = torch.from_numpy(np.stack(arrays))  # (B, H, W, 3) uint8
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,23 +179,25 @@ class CurriculumSampler:
     """Batches over a workspace's catalogued samples, following the curriculum.
 
     `resolution` fixes one size for every stage (a run that should not grow); otherwise
-    the stages' own resolutions apply. Editing batches need editing samples: where the
-    splits hold none, every batch is a generation batch (and `edit_batches` says 0)."""
+    the stages' own resolutions apply, capped at `max_resolution`. With `buckets`, each
+    batch comes from one aspect bucket at about the stage's pixel count (shapes are
+    multiples of `multiple`); without, every batch is square. Editing batches need
+    editing samples: where the splits hold none, every batch is a generation batch."""
 
     COLUMNS = ("key", "split", "shard", "image_offset", "image_size", "caption", "task", "instruction",
-               "source_image_field", "source", "meta")
+               "source_image_field", "source", "meta", "width", "height")
 
     def __init__(self, workspace_root: str | Path, batch_size: int, total_steps: int,
                  stage_list: Sequence[Stage] | None = None, seed: int = 0,
                  splits: Sequence[str] = ("train", "patches"), resolution: int | None = None,
-                 scale: int = 8):
+                 scale: int = 8, max_resolution: int | None = None, buckets: bool = False, multiple: int = 16):
         if batch_size < 1 or total_steps < 1:
             raise ValueError(f"batch_size and total_steps must be >= 1, got {batch_size}, {total_steps}")
         self.ws = Workspace.at(workspace_root)
         if not self.ws.exists():
             raise FileNotFoundError(f"no workspace at {self.ws.root}")
         self.batch_size, self.total_steps, self.seed = batch_size, total_steps, seed
-        self.stages = list(stage_list) if stage_list is not None else stages(scale)
+        self.stages = list(stage_list) if stage_list is not None else stages(scale, multiple, max_resolution)
         if resolution is not None:
             self.stages = [Stage(s.name, resolution, s.edit_fraction, s.share) for s in self.stages]
         shares = np.array([s.share for s in self.stages], dtype=float)
@@ -177,6 +207,8 @@ class CurriculumSampler:
         self.rows = self._rows(self.splits)
         self.gen = [i for i, r in enumerate(self.rows) if r["task"] != "edit"]
         self.edit = [i for i, r in enumerate(self.rows) if r["task"] == "edit" and r["source_image_field"]]
+        self.buckets, self.multiple = buckets, multiple
+        self.bucket = [bucket_of(r["width"], r["height"]) if buckets else 0 for r in self.rows]
         if not self.gen and not self.edit:
             raise NoTrainingData(f"{self.ws.root}: no samples in splits {list(self.splits)}; "
                                  "ingest shards first (`dataengine ingest`)")
@@ -208,8 +240,15 @@ class CurriculumSampler:
         if not pool:
             raise NoTrainingData(f"{self.ws.root}: no {task} samples in splits {list(self.splits)}")
         rng = np.random.default_rng([self.seed, step, 2])
+        res = self.stage_at(step).resolution
+        if self.buckets:  # a bucket with the odds of its size: the bucket of one sample drawn at random
+            b = self.bucket[pool[int(rng.integers(len(pool)))]]
+            pool = [i for i in pool if self.bucket[i] == b]
+            shape = bucket_shape(res, b, self.multiple)
+        else:
+            shape = (res, res)
         idx = rng.choice(len(pool), size=self.batch_size, replace=len(pool) < self.batch_size)
-        return self._load([self.rows[pool[i]] for i in idx], task, self.stage_at(step).resolution)
+        return self._load([self.rows[pool[i]] for i in idx], task, shape)
 
     def images(self, n: int, split: str = "eval", resolution: int = 64, task: str = "gen",
                source: str | None = None) -> Batch:
@@ -223,12 +262,12 @@ class CurriculumSampler:
         if not rows:
             raise NoTrainingData(f"{self.ws.root}: no {task} samples in split {split!r}"
                                  + (f" from {source}" if source else ""))
-        return self._load(rows[:n], task, resolution)
+        return self._load(rows[:n], task, (resolution, resolution))
 
-    def _load(self, rows: list[dict], task: str, size: int) -> Batch:
+    def _load(self, rows: list[dict], task: str, shape: tuple[int, int]) -> Batch:
         import json
 
-        targets = self._decode([(r["shard"], r["image_offset"], r["image_size"]) for r in rows], size)
+        targets = self._decode([(r["shard"], r["image_offset"], r["image_size"]) for r in rows], shape)
         sources = instructions = None
         if task == "edit":
             ranges = []
@@ -238,20 +277,20 @@ class CurriculumSampler:
                 if found is None:
                     raise FileNotFoundError(f"{r['shard']}: edit sample {r['key']} has no member {name}")
                 ranges.append((r["shard"], *found))
-            sources = _to_tensor(self._decode(ranges, size))
+            sources = _to_tensor(self._decode(ranges, shape))
             instructions = [r["instruction"] or "" for r in rows]
         return Batch(images=_to_tensor(targets), captions=[r["caption"] or "" for r in rows], task=task,
                      sources=sources, instructions=instructions,
                      meta=[json.loads(r["meta"]) if r["meta"] else {} for r in rows], keys=[r["key"] for r in rows])
 
     @staticmethod
-    def _decode(ranges: list[tuple[str, int, int]], size: int) -> list[np.ndarray]:
+    def _decode(ranges: list[tuple[str, int, int]], shape: tuple[int, int]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(ranges)
         by_shard: dict[str, list[int]] = {}
         for i, (shard, _, _) in enumerate(ranges):
             by_shard.setdefault(shard, []).append(i)
         for shard, idx in by_shard.items():
-            for i, arr in zip(idx, _read(shard, [ranges[i][1:] for i in idx], size)):
+            for i, arr in zip(idx, _read(shard, [ranges[i][1:] for i in idx], shape)):
                 out[i] = arr
         return out  # type: ignore[return-value]
 

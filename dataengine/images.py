@@ -69,8 +69,14 @@ def to_square(data: bytes, size: int) -> np.ndarray:
     Transparent images are laid on white first, as a viewer shows them (Tux Paint
     cut-outs would otherwise turn black).
     """
+    return to_shape(data, size, size)
+
+
+def to_shape(data: bytes, width: int, height: int) -> np.ndarray:
+    """Decode image bytes to a (height, width, 3) uint8 array: scaled to cover the box, then
+    centre-cropped to it (an aspect bucket's shape; `to_square` is the square case)."""
     img = Image.open(io.BytesIO(data))
-    img.draft("RGB", (size, size))  # JPEG: let the decoder downscale, much cheaper than resizing
+    img.draft("RGB", (width, height))  # JPEG: let the decoder downscale, much cheaper than resizing
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -78,11 +84,11 @@ def to_square(data: bytes, size: int) -> np.ndarray:
     else:
         img = img.convert("RGB")
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
     img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
 
 
 def iter_images(rows: Iterable[dict], size: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:

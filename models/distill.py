@@ -159,25 +159,30 @@ class Judge:
         return sum(w * scores[k].float() for k, w in weights.items())
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, prompts: Prompts) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def per_sample(self, latents: torch.Tensor, prompts: Prompts) -> dict[str, torch.Tensor]:
+        """The figures of each sample (N,): checker accuracy ("accuracy", "acc_<attr>"), each
+        head's score ("reward_<head>") and the optimised sum ("reward")."""
+        out: dict[str, torch.Tensor] = {}
         meta = prompts.meta or []
         scenes = [m["scene"] for m in meta] if meta and all("scene" in m for m in meta) else None
         if self.checker is not None and self.decode is not None and scenes:
             images = torch.cat([self.decode(latents[i: i + self.batch_size]).float().clamp(-1, 1).cpu()
                                 for i in range(0, len(latents), self.batch_size)])
             res = self.checker.check(images, scenes)
-            out |= {"accuracy": float(res["accuracy"].mean())}
-            out |= {f"acc_{k}": float(v.mean()) for k, v in res.items() if k not in ("accuracy",)}
+            out |= {"accuracy": res["accuracy"].float()}
+            out |= {f"acc_{k}": v.float() for k, v in res.items() if k not in ("accuracy",)}
         if self.reward is not None:
             scores: dict[str, list[torch.Tensor]] = {}
             for i in range(0, len(latents), self.batch_size):
                 for k, v in self.reward(latents[i: i + self.batch_size], prompts[i: i + self.batch_size]).items():
                     scores.setdefault(k, []).append(v.float().cpu())
             cat = {k: torch.cat(v) for k, v in scores.items()}
-            out |= {f"reward_{k}": float(v.mean()) for k, v in cat.items()}
-            out["reward"] = float(self.weighted(cat).mean())
+            out |= {f"reward_{k}": v for k, v in cat.items()}
+            out["reward"] = self.weighted(cat)
         return out
+
+    def __call__(self, latents: torch.Tensor, prompts: Prompts) -> dict[str, float]:
+        return {k: float(v.float().mean()) for k, v in self.per_sample(latents, prompts).items()}
 
 
 Sampler = Callable[[Prompts, torch.Tensor], torch.Tensor]  # (prompts, noise) -> latents
@@ -185,9 +190,11 @@ Sampler = Callable[[Prompts, torch.Tensor], torch.Tensor]  # (prompts, noise) ->
 
 @torch.no_grad()
 def compare_samplers(samplers: dict[str, Sampler], prompts: Prompts, noise: torch.Tensor, judge: Judge | None,
-                     batch_size: int = 16) -> dict[str, dict[str, float]]:
+                     batch_size: int = 16, samples: dict[str, dict[str, torch.Tensor]] | None = None
+                     ) -> dict[str, dict[str, float]]:
     """Every sampler on the same prompts and noise: the judge's figures and the wall time
-    per image of sampling (latents only; decoding is the same for all and left out)."""
+    per image of sampling (latents only; decoding is the same for all and left out).
+    Pass a dict as `samples` to get each sampler's per-sample figures in it too."""
     out = {}
     for name, fn in samplers.items():
         fn(prompts[:1], noise[:1])  # warm-up: first-call allocations are not the sampler's cost
@@ -199,7 +206,10 @@ def compare_samplers(samplers: dict[str, Sampler], prompts: Prompts, noise: torc
         z = torch.cat(latents)
         out[name] = {"ms_per_image": 1e3 * seconds / len(prompts), "latent_std": float(z.std())}
         if judge is not None:
-            out[name] |= judge(z, prompts)
+            each = judge.per_sample(z, prompts)
+            out[name] |= {k: float(v.float().mean()) for k, v in each.items()}
+            if samples is not None:
+                samples[name] = each
     return out
 
 

@@ -337,10 +337,42 @@ class RLJob(TrainJob):
         gen = torch.Generator().manual_seed(self.eval_seed)
         noise = torch.randn(len(p), *self.latent_shape, generator=gen).to(self.device)
         judge = self.judge or Judge(reward=self.reward, weights=c.reward_weights)
+        each: dict[str, dict[str, torch.Tensor]] = {}
         figures = compare_samplers({"before": ode_sampler(self.reference, c.sample_steps, c.cfg_scale, c.shift),
                                     "after": ode_sampler(self.policy, c.sample_steps, c.cfg_scale, c.shift)},
-                                   p, noise, judge)
-        return {"samplers": figures, "n_prompts": len(p)}
+                                   p, noise, judge, samples=each)
+        return {"samplers": figures, "n_prompts": len(p),
+                "verdict": verdict(each["before"], each["after"], tuple(c.reward_weights))}
+
+
+def verdict(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], optimised_heads: tuple[str, ...],
+            z: float = 2.0) -> dict[str, Any]:
+    """Did RL help? The optimised reward's change beside every measure it did not optimise
+    (the checker's accuracy, the heads outside the reward's weights), each as a paired mean
+    change over the same prompts and noise with its standard error.
+
+    A measure "rose" or "fell" when its change is beyond `z` standard errors. The run is
+    flagged `reward_hacking` when the optimised reward rose while a held-out measure fell:
+    the policy found what the reward likes that the other judges do not."""
+    held = [k for k in before if k in after and k not in ("reward",)
+            and (k == "accuracy" or (k.startswith("reward_") and k[len("reward_"):] not in optimised_heads))]
+
+    def change(k: str) -> dict[str, Any]:
+        d = after[k].float() - before[k].float()
+        se = float(d.std(unbiased=True) / len(d) ** 0.5) if len(d) > 1 else float("inf")
+        mean = float(d.mean())
+        moved = "rose" if mean > z * se else "fell" if mean < -z * se else "flat"
+        return {"before": round(float(before[k].float().mean()), 4), "after": round(float(after[k].float().mean()), 4),
+                "change": round(mean, 4), "se": round(se, 4), "moved": moved}
+
+    opt = change("reward") if "reward" in before and "reward" in after else None
+    measures = {k: change(k) for k in held}
+    fell = sorted(k for k, v in measures.items() if v["moved"] == "fell")
+    rose = sorted(k for k, v in measures.items() if v["moved"] == "rose")
+    hacked = bool(opt and opt["moved"] == "rose" and fell)
+    return {"optimised": opt, "heldout": measures, "heldout_fell": fell, "heldout_rose": rose,
+            "reward_hacking": hacked, "helped": bool(opt and opt["moved"] == "rose" and not fell and rose),
+            "z": z}
 
 
 # ---------------------------------------------------------------------------------------

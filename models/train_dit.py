@@ -41,7 +41,8 @@ class DiTTrainConfig:
     ffn: str = "swiglu"  # | gelu
     modulation: str = "scale"  # | shift_scale
     patch: int = 1
-    resolution: int | None = 64  # px of every batch; None: the curriculum's growing stages
+    resolution: int | None = None  # px of every (square) batch; None: the curriculum's stages and aspect buckets
+    max_resolution: int = 64  # cap on the stages' resolutions (the embedded default trains on a CPU)
     batch_size: int = 16
     cond_drop: float = 0.1  # caption dropout (trains the null text for CFG)
     weight_decay: float = 0.0
@@ -62,8 +63,9 @@ class DiTTrainConfig:
         for name in ("batch_size", "max_text_len", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.resolution is not None and self.resolution < 16:
-            raise ValueError(f"resolution must be >= 16 px, got {self.resolution}")
+        for name in ("resolution", "max_resolution"):
+            if getattr(self, name) is not None and getattr(self, name) < 16:
+                raise ValueError(f"{name} must be >= 16 px, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -96,22 +98,22 @@ def resolve_vae(workspace_root: str | Path, spec: str | None) -> Path:
 
 
 class LatentCache:
-    """VAE latents by (sample key, resolution), kept on the CPU for the run."""
+    """VAE latents by (sample key, image shape), kept on the CPU for the run."""
 
     def __init__(self, vae, device: torch.device):
         self.vae, self.device = vae, device
-        self.items: dict[tuple[str, int], torch.Tensor] = {}
+        self.items: dict[tuple[str, int, int], torch.Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, keys: list[str], images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images of `keys` -> (B, C, H/f, W/f) latents on the device."""
-        res = images.shape[-1]
-        missing = [i for i, k in enumerate(keys) if (k, res) not in self.items]
+        res = tuple(images.shape[-2:])
+        missing = [i for i, k in enumerate(keys) if (k, *res) not in self.items]
         if missing:
             z = self.vae.encode(images[missing].to(self.device)).float().cpu()  # (M, C, h, w)
             for i, zi in zip(missing, z):
-                self.items[(keys[i], res)] = zi
-        return torch.stack([self.items[(k, res)] for k in keys]).to(self.device)
+                self.items[(keys[i], *res)] = zi
+        return torch.stack([self.items[(k, *res)] for k in keys]).to(self.device)
 
 
 class TextCache:
@@ -199,9 +201,8 @@ class DiTJob(TrainJob):
         grad_norm = self.clip(self.model.parameters())
         self.opt.step()
         stats = {"loss": float(loss.detach()), "grad_norm": grad_norm, "edit": float(batch.task == "edit")}
-        if self.cfg.resolution is None:  # the curriculum grows it
-            stats["resolution"] = float(batch.images.shape[-1])
-        return stats
+        h, w = batch.images.shape[-2:]
+        return stats | {"resolution": float((h * w) ** 0.5), "aspect": float(w / h)}
 
     # Evaluation -------------------------------------------------------------------------
 
@@ -299,6 +300,8 @@ def train_dit(workspace_root: str | Path, cfg: DiTTrainConfig | None = None, loo
         raise ValueError(f"resolution {cfg.resolution} is not a multiple of the VAE's factor {vae.factor}")
     text_spec = cfg.text_encoder or workspace_clip_spec(ws.root)
     frozen = Frozen.load(text_spec)
-    sampler = CurriculumSampler(ws.root, cfg.batch_size, loop.steps, seed=loop.seed, resolution=cfg.resolution)
+    sampler = CurriculumSampler(ws.root, cfg.batch_size, loop.steps, seed=loop.seed, resolution=cfg.resolution,
+                                max_resolution=cfg.max_resolution, buckets=cfg.resolution is None,
+                                multiple=vae.factor * cfg.patch)  # latents must split into whole patches
     job = DiTJob(sampler, vae, frozen, cfg, info={"vae": str(vae_path), "text_encoder": str(text_spec)})
     return train(job, ws.models, loop, catalog=Catalog(ws))

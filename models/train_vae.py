@@ -4,7 +4,8 @@
     python -m models.train_vae -w ws --factor 8 --no-align --steps 300
 
 Loss per step, on the images of `CurriculumSampler.batch(step)` (edit batches add their
-source images) at one fixed resolution:
+source images): the curriculum's stages set the resolution (capped at `max_resolution`)
+and the gen:edit mix, and each batch is one aspect bucket; `resolution` pins one square size:
 
     L1(x_hat, x) + w_p * perceptual(x_hat, x) + w_align(step) * (mcos + mdms) + w_kl * KL
 
@@ -55,7 +56,8 @@ class VAETrainConfig:
     size: str = "tiny"  # a key of VAE_SIZES
     factor: int = 16  # 16 | 8 (the baseline, same parameter budget)
     latent_channels: int | None = None  # None: 16 for f16, 4 for f8 (same numbers per image)
-    resolution: int = 64  # px of every training batch
+    resolution: int | None = None  # px of every (square) batch; None: the curriculum's stages and aspect buckets
+    max_resolution: int = 64  # cap on the stages' resolutions (the embedded default trains on a CPU)
     batch_size: int = 16
     align: bool = True  # VA-VAE's alignment to the frozen model's features
     align_start: float = 1.0  # alignment weight at step 0, cosine-decayed to...
@@ -71,8 +73,10 @@ class VAETrainConfig:
 
     def __post_init__(self) -> None:
         self.model_config()  # validates size, factor, latent channels
-        if self.resolution % self.factor or self.resolution < self.factor:
-            raise ValueError(f"resolution {self.resolution} must be a positive multiple of the factor {self.factor}")
+        for name in ("resolution", "max_resolution"):
+            px = getattr(self, name)
+            if px is not None and (px % self.factor or px < self.factor):
+                raise ValueError(f"{name} {px} must be a positive multiple of the factor {self.factor}")
         for name in ("batch_size", "eval_images", "scale_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -204,9 +208,16 @@ class VAEJob(TrainJob):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"vae": self.opt}
 
+    @property
+    def eval_resolution(self) -> int:
+        """Held-out figures are taken square at the run's final resolution."""
+        return self.cfg.resolution or self.sampler.stages[-1].resolution
+
     def images(self, step: int) -> torch.Tensor:
         """The step's images: targets, plus sources for an editing batch."""
-        batch = self.sampler.batch(step)
+        return self._stack(self.sampler.batch(step))
+
+    def _stack(self, batch) -> torch.Tensor:
         x = batch.images if batch.sources is None else torch.cat([batch.images, batch.sources])
         return x.to(self.device)
 
@@ -231,13 +242,17 @@ class VAEJob(TrainJob):
         return {"loss": loss} | terms
 
     def step(self, step: int) -> dict[str, float]:
-        x = self.images(step)
+        batch = self.sampler.batch(step)
+        x = self._stack(batch)
         terms = self.losses(x, step)
+        h, w = x.shape[-2:]
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = self.clip(p for g in self.opt.param_groups for p in g["params"])
         self.opt.step()
-        return {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": grad_norm, "images": len(x)}
+        return {k: float(v.detach()) for k, v in terms.items()} | {
+            "grad_norm": grad_norm, "images": len(x), "resolution": float((h * w) ** 0.5), "aspect": float(w / h),
+            "edit": float(batch.task == "edit")}
 
     @torch.no_grad()
     def set_scale(self) -> float:
@@ -245,16 +260,16 @@ class VAEJob(TrainJob):
         means, n, s = [], 0, 0
         while n < self.cfg.scale_images:
             x = self.images(s)
-            means.append(self.vae.posterior(x)[0].cpu())
+            means.append(self.vae.posterior(x)[0].cpu().flatten(1))  # buckets differ in shape
             n, s = n + len(x), s + 1
-        return self.vae.set_scale(torch.cat(means)[: self.cfg.scale_images])
+        return self.vae.set_scale(torch.cat([m.flatten() for m in means]))
 
     def evaluate(self) -> dict[str, Any]:
         self.vae.eval()
         scale = self.set_scale()
         from dataengine.curriculum import NoTrainingData
 
-        res, n = self.cfg.resolution, self.cfg.eval_images
+        res, n = self.eval_resolution, self.cfg.eval_images
         try:
             scene = self.sampler.images(n, split="eval", resolution=res, source=SCENEWORLD).images
         except NoTrainingData:  # a workspace of real images only: no scene-world eval split
@@ -270,7 +285,7 @@ class VAEJob(TrainJob):
         if self.heldout_real is None:
             return None
         split, n = self.heldout_real
-        return self.sampler.images(n, split=split, resolution=self.cfg.resolution, source="!" + SCENEWORLD).images
+        return self.sampler.images(n, split=split, resolution=self.eval_resolution, source="!" + SCENEWORLD).images
 
 
 def _hold_out_real(sampler, n: int) -> tuple[str, int] | None:
@@ -307,7 +322,9 @@ def make_job(workspace_root: str | Path, cfg: VAETrainConfig, loop: LoopConfig) 
 
     spec = cfg.features or workspace_clip_spec(workspace_root)
     frozen = Frozen.load(spec, device=str(device_of(loop.device)))
-    sampler = CurriculumSampler(workspace_root, cfg.batch_size, loop.steps, seed=loop.seed, resolution=cfg.resolution)
+    sampler = CurriculumSampler(workspace_root, cfg.batch_size, loop.steps, seed=loop.seed, resolution=cfg.resolution,
+                                max_resolution=cfg.max_resolution, buckets=cfg.resolution is None,
+                                multiple=cfg.factor)
     return VAEJob(sampler, frozen, cfg, info={"features": spec})
 
 

@@ -311,6 +311,8 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
             if (step + 1) % loop.ckpt_every == 0 and step + 1 < loop.steps:
                 _save_checkpoint(run_dir, job, step + 1, history, seconds)
 
+    if start < loop.steps:  # the trained weights are safe before evaluation, which can fail
+        _save_checkpoint(run_dir, job, loop.steps, history, seconds)
     t0 = time.perf_counter()
     evaluation = job.evaluate()
     tail = history[-max(1, len(history) // 10):]

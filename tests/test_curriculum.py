@@ -65,3 +65,75 @@ def test_held_out_images_come_from_eval_in_key_order(scene_ws):
 def test_a_workspace_without_samples_is_a_clear_error(ws):
     with pytest.raises(NoTrainingData, match="ingest"):
         CurriculumSampler(ws.root, batch_size=2, total_steps=10)
+
+
+@pytest.fixture(scope="module")
+def mixed_ws(tmp_path_factory):
+    """Scene-world squares plus scikit-image's real photos, several of them wide or tall."""
+    from connectors import skimage_samples
+    from dataengine.catalog import Catalog
+    from dataengine.ingest import IngestConfig, ingest
+
+    from conftest import make_scene_workspace
+
+    ws = make_scene_workspace(tmp_path_factory.mktemp("mixed") / "ws", n_train=32, n_eval=8)
+    skimage_samples.write_shards(ws.shards / "train")  # the folder names the split
+    ingest(ws, [str(ws.shards / "train")], IngestConfig(use_ray=False), Catalog(ws))
+    return ws
+
+
+def test_bucket_shapes_keep_the_pixel_count_and_the_aspect():
+    from dataengine.curriculum import ASPECTS, bucket_of, bucket_shape
+
+    assert bucket_of(640, 427) == ASPECTS.index(4 / 3) and bucket_of(300, 600) == ASPECTS.index(9 / 16)
+    assert bucket_of(None, None) == 0 and bucket_of(512, 512) == 0
+    for res in (64, 256):
+        for b, a in enumerate(ASPECTS):
+            h, w = bucket_shape(res, b)
+            assert h % 16 == 0 and w % 16 == 0
+            assert abs(h * w / res**2 - 1) < 0.3 and abs(w / h / a - 1) < 0.35
+
+
+def test_buckets_give_wide_and_tall_batches_whole(mixed_ws):
+    from dataengine.curriculum import bucket_of
+
+    sampler = CurriculumSampler(mixed_ws.root, batch_size=2, total_steps=400, resolution=64, buckets=True)
+    shapes = {tuple(sampler.batch(s).images.shape[-2:]) for s in range(400)}
+    assert (64, 64) in shapes and any(w > h for h, w in shapes) and any(h > w for h, w in shapes)
+    for s in range(40):  # every sample of a batch is in the batch's bucket
+        b = sampler.batch(s)
+        rows = {r["key"]: r for r in sampler.rows}
+        assert len({bucket_of(rows[k]["width"], rows[k]["height"]) for k in b.keys}) == 1
+
+
+@pytest.mark.slow
+def test_the_stage_schedule_changes_what_a_vae_job_receives(mixed_ws, tmp_path):
+    """A real VAE run on the curriculum's defaults, its steps' stats recorded: the first
+    stage at 32 px with few edit batches, the last stages at the 64 px cap with more, and
+    wide or tall buckets among the squares."""
+    from models.train_vae import VAETrainConfig, make_job
+    from models.trainer import LoopConfig, train
+
+    steps = 200
+    cfg = VAETrainConfig(size="tiny", factor=16, batch_size=1, max_resolution=64, align=False,
+                         eval_images=2, scale_images=2)
+    loop = LoopConfig(steps=steps, ckpt_every=1000, progress=False, num_threads=1)
+    job = make_job(mixed_ws.root, cfg, loop)
+    assert [r["resolution"] for r in job.sampler.describe()] == [32, 64, 64, 64, 64, 64]
+    seen, real_step = [], job.step
+
+    def recorded(step):
+        stats = real_step(step)
+        seen.append((job.sampler.stage_at(step).name, stats))
+        return stats
+
+    job.step = recorded
+    train(job, tmp_path / "models", loop)
+    early = [st for name, st in seen if name == "s1"]
+    late = [st for name, st in seen if name in ("s5", "s6")]
+    assert len(seen) == steps and early and late
+    assert {round(st["resolution"] / 16) * 16 for st in early} == {32}
+    assert {round(st["resolution"] / 16) * 16 for st in late} == {64}
+    share = lambda sts: sum(st["edit"] for st in sts) / len(sts)  # noqa: E731
+    assert share(early) < 0.2 < share(late)
+    assert any(st["aspect"] != 1.0 for _, st in seen)  # wide or tall buckets were drawn

@@ -243,3 +243,38 @@ def test_config_validation_and_resolution():
     student = RLConfig().resolved(student_steps=4)
     assert (student.sample_steps, student.cfg_scale, student.k) == (4, 1.0, 2)
     assert math.isclose(RLConfig(sample_steps=8, cfg_scale=2.0).resolved(4).cfg_scale, 2.0)
+
+
+def test_a_run_whose_reward_rises_while_a_held_out_measure_falls_is_flagged(tmp_path):
+    """RL optimises brightness; a held-out head that prefers dark images must fall, and the
+    run must say so. A held-out head that agrees with the reward rises: that run helped."""
+    fixed = prompts(2)
+    heldout = Prompts(fixed.captions * 4, fixed.text.repeat(4, 1, 1), fixed.mask.repeat(4, 1))
+
+    def judged(x0, p):
+        b = x0.flatten(1).mean(1)
+        return {"brightness": b, "darkness": -b, "also_bright": 2 * b}
+
+    def run(weights, root):
+        job = RLJob(nano(perturb=0.0), lambda step: fixed, judged, (C, H, H),
+                    small_cfg(updates_per_step=2, kl_beta=0.01, reward_weights=weights), heldout=heldout)
+        loop = LoopConfig(steps=8, lr=1e-2, warmup_steps=0, progress=False, num_threads=1)
+        return train(job, root, loop)["metrics"]["eval"]["verdict"]
+
+    hacked = run({"brightness": 1.0}, tmp_path / "a")
+    assert hacked["optimised"]["moved"] == "rose"
+    assert "reward_darkness" in hacked["heldout_fell"] and "reward_also_bright" in hacked["heldout_rose"]
+    assert "reward_brightness" not in hacked["heldout"]  # the optimised head is not its own check
+    assert hacked["reward_hacking"] and not hacked["helped"]
+
+
+def test_verdict_needs_changes_beyond_their_standard_error():
+    before = {"reward": torch.zeros(8), "reward_other": torch.zeros(8), "accuracy": torch.full((8,), 0.5)}
+    noisy = {"reward": torch.ones(8), "reward_other": torch.tensor([1., -1.] * 4) - 0.01,
+             "accuracy": torch.full((8,), 0.75)}
+    v = rl_mod.verdict(before, noisy, ("main",))
+    assert v["heldout"]["reward_other"]["moved"] == "flat"  # a mean of -0.01 inside its noise
+    assert v["heldout"]["accuracy"]["moved"] == "rose" and v["helped"] and not v["reward_hacking"]
+    worse = noisy | {"accuracy": torch.tensor([0.5, 0.25] * 4)}
+    v = rl_mod.verdict(before, worse, ("main",))
+    assert v["heldout_fell"] == ["accuracy"] and v["reward_hacking"]

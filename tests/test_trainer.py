@@ -106,3 +106,26 @@ def test_schedule_warms_up_then_decays():
     assert lr_scale(0, cfg) == pytest.approx(0.1) and lr_scale(9, cfg) == pytest.approx(1.0)
     assert lr_scale(99, cfg) == pytest.approx(0.1, abs=0.01)
     assert all(lr_scale(s, cfg) >= lr_scale(s + 1, cfg) for s in range(10, 99))
+
+
+def test_a_run_whose_evaluation_fails_keeps_its_last_step_and_reruns_only_the_evaluation(tmp_path):
+    class FailsOnce(LinearJob):
+        fail, steps_run = True, 0
+
+        def step(self, step):
+            FailsOnce.steps_run += 1
+            return super().step(step)
+
+        def evaluate(self):
+            if FailsOnce.fail:
+                FailsOnce.fail = False
+                raise RuntimeError("the evaluation set went away")
+            return super().evaluate()
+
+    with pytest.raises(RuntimeError, match="went away"):
+        train(FailsOnce(), tmp_path, loop(ckpt_every=1000))  # no periodic checkpoint at all
+    assert FailsOnce.steps_run == 30
+    rec = train(FailsOnce(), tmp_path, loop(ckpt_every=1000))
+    assert rec["resumed_from"] == 30 and FailsOnce.steps_run == 30  # nothing trained twice
+    whole = load_weights(train(LinearJob(), tmp_path / "b", loop(ckpt_every=1000))["path"])[0]["net"]
+    assert torch.equal(load_weights(rec["path"])[0]["net"]["weight"], whole["weight"])

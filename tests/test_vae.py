@@ -75,7 +75,7 @@ class FixedSampler:
     def batch(self, step):
         from types import SimpleNamespace
 
-        return SimpleNamespace(images=self.x, sources=None)
+        return SimpleNamespace(images=self.x, sources=None, task="gen")
 
     def images(self, n, split="eval", resolution=32, source=None):
         from types import SimpleNamespace
