@@ -7,14 +7,16 @@ steps, KL to the start model. Then, on held-out scene-world captions with one fi
 per caption, the start model ("before") and the tuned one ("after") generate with the
 deployed sampler (Euler ODE, CFG) and are scored on the optimised reward and on the
 scene-world checker's attribute accuracy against each caption's ground truth, which RL
-never sees. Reward hacking shows as the first going up while the second goes down.
+never sees. Reward hacking shows as the first going up while the second goes down: the
+run's verdict line says so, from paired changes beyond two standard errors.
 
 With -w the workspace's own versions are used (the tuned model is saved there as the next
 `rl` version). Without it a temporary scene-world workspace is built and a tiny VAE, DiT
 and reward heads are trained briefly through the stack's train entry first.
 
-    flock /tmp/plan/heavy.lock .venv/bin/python benchmarks/rl.py             # ~7 min, 2 cores
-    flock /tmp/plan/heavy.lock .venv/bin/python benchmarks/rl.py -w ws --steps 60
+    .venv/bin/python benchmarks/rl.py                # ~25 min on 2 cores (the reward heads take ~10)
+    .venv/bin/python benchmarks/rl.py --reward-from /tmp/bench-rewards-*/spatial/reward/v0001
+    .venv/bin/python benchmarks/rl.py -w ws --steps 60
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ def build_workspace(root: Path, args) -> Workspace:
     for name, steps, overrides in (("vae", args.vae_steps, {"resolution": args.resolution}),
                                    ("dit", args.dit_steps, {"resolution": args.resolution, "fidelity": False}),
                                    ("reward", args.reward_steps, {})):
+        if name == "reward" and args.reward_from:  # heads trained elsewhere (benchmarks/rewards.py)
+            shutil.copytree(args.reward_from, ws.models / "reward" / "v0001")
+            log(f"[build] reward copied from {args.reward_from}")
+            continue
         t0 = time.perf_counter()
         loop = default_loop(name, steps=steps, seed=args.seed, num_threads=args.threads, progress=False)
         train_model(name, ws.root, overrides, loop, progress=False)
@@ -109,6 +115,12 @@ def table(ev: dict, cfg: RLConfig, record: dict, loop: LoopConfig) -> str:
                f"update(s)/step; train {m['train_seconds']:.0f}s, eval {m['eval_seconds']:.0f}s; train reward "
                f"{first.get('reward', nan):.4f} -> {last.get('reward', nan):.4f} (first step -> mean of last 10%), "
                f"KL {last.get('kl', nan):.4g}, clip frac {last.get('clip_frac', nan):.3f}")
+    v = ev["verdict"]
+    moved = ", ".join(f"{k} {m['change']:+.4f} (se {m['se']:.4f}, {m['moved']})" for k, m in v["heldout"].items())
+    out.append(f"verdict: optimised reward {v['optimised']['change']:+.4f} (se {v['optimised']['se']:.4f}, "
+               f"{v['optimised']['moved']}); held out: {moved}; "
+               + ("REWARD HACKING: the optimised reward rose while " + ", ".join(v["heldout_fell"]) + " fell"
+                  if v["reward_hacking"] else "helped" if v["helped"] else "no held-out measure moved with it"))
     return "\n".join(out)
 
 
@@ -136,7 +148,9 @@ def main() -> int:
     ap.add_argument("--scenes", type=int, default=400)
     ap.add_argument("--vae-steps", type=int, default=150)
     ap.add_argument("--dit-steps", type=int, default=300)
-    ap.add_argument("--reward-steps", type=int, default=150)
+    ap.add_argument("--reward-steps", type=int, default=1500)
+    ap.add_argument("--reward-from", type=Path, default=None,
+                    help="a saved reward version folder to use instead of training one (e.g. from benchmarks/rewards.py)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary workspace (its path goes to stderr)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -266,7 +266,7 @@ HEADLINES: dict[str, tuple[str, ...]] = {
     "dit": ("eval_loss", "fidelity.samples.accuracy", "fidelity.reconstructions.accuracy"),
     "reward": ("heldout.*.accuracy",),
     "distill": ("samplers.*.accuracy", "samplers.*.ms_per_image", "speedup"),
-    "rl": ("samplers.*.reward", "samplers.*.accuracy"),
+    "rl": ("samplers.*.reward", "samplers.*.accuracy", "verdict.reward_hacking", "verdict.helped"),
     "enhancer-rl": ("contenders.*.reward", "contenders.*.accuracy"),
 }
 
@@ -334,8 +334,13 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
         print(f"index {split}: {meta['count']} vectors, {meta['factory']}, recall@10 {meta['recall_at_k']:.3f}")
     find_and_patch_gaps(workspace, cfg.sceneworld)
     if train_stack:
+        from models.rl import UntrustedReward
+
         for name, overrides, steps in STACK_DEMO:
-            print(_stack_line(train_stack_model(workspace, name, overrides, steps)))
+            try:
+                print(_stack_line(train_stack_model(workspace, name, overrides, steps)))
+            except UntrustedReward as e:  # the gate working: RL does not optimise a head at chance
+                print(f"{name}: not run: {e}")
     return summarize_workspace(workspace)
 
 

@@ -403,44 +403,18 @@ MODEL_NAME = "clip"
 
 def versions(models_root: str | Path) -> list[str]:
     """The saved versions under `models_root/clip/`, oldest first."""
-    root = Path(models_root) / MODEL_NAME
-    if not root.is_dir():
-        return []
-    found = [(int(d.name[1:]), d.name) for d in root.iterdir()
-             if d.is_dir() and d.name[:1] == "v" and d.name[1:].isdigit() and (d / CONFIG_FILE).is_file()]
-    return [name for _, name in sorted(found)]
+    from .versions import versions as _versions
+
+    return _versions(models_root, MODEL_NAME)
 
 
 def save_version(models_root: str | Path, model: torch.nn.Module, config: dict, meta: dict,
                  metrics: dict | None = None) -> tuple[str, Path]:
-    """Save as the next version under `models_root/clip/` (atomically, as the enhancer
-    does); returns (version, path). `metrics` also goes to metrics.json."""
-    import errno
+    """Save as the next version under `models_root/clip/` (models.versions: atomic, like
+    every model's); returns (version, path). `metrics` also goes to metrics.json."""
+    from .versions import save_version as _save
 
-    root = Path(models_root) / MODEL_NAME
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        _write(tmp, model, config, meta)
-        if metrics is not None:
-            (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        done = versions(models_root)
-        number = int(done[-1][1:]) + 1 if done else 1
-        for _ in range(1000):
-            version, number = f"v{number:04d}", number + 1
-            if (root / version).exists():
-                continue
-            try:
-                os.rename(tmp, root / version)  # fails if a concurrent trainer took the number
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                continue
-            return version, root / version
-        raise RuntimeError(f"no free version number under {root}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return _save(models_root, MODEL_NAME, lambda folder: _write(folder, model, config, meta), metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------

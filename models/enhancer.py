@@ -19,12 +19,7 @@ Sections: tokenizer, sizes and model, sequence format, generation, saved version
 
 from __future__ import annotations
 
-import errno
-import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -324,21 +319,13 @@ def enhance(
 # ---------------------------------------------------------------------------------------
 
 MODEL_NAME = "enhancer"
-_VERSION = re.compile(r"^v(\d{4,})$")
 
 
 def versions(models_root: str | Path) -> list[str]:
     """The saved versions under `models_root/enhancer/`, oldest first."""
-    root = Path(models_root) / MODEL_NAME
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), d.name) for d in root.iterdir() if d.is_dir() and (m := _VERSION.match(d.name))]
-    return [name for _, name in sorted(found)]
+    from .versions import versions as _versions
 
-
-def _next_version(root: Path) -> str:
-    done = versions(root.parent)
-    return f"v{(int(done[-1][1:]) + 1 if done else 1):04d}"
+    return _versions(models_root, MODEL_NAME)
 
 
 def save_version(
@@ -346,33 +333,14 @@ def save_version(
     config: dict[str, Any], metrics: dict[str, Any],
 ) -> tuple[str, Path]:
     """Write a new version (the model and tokenizer in `model/`, `config.json`,
-    `metrics.json`) and return (version, path). It is written into a hidden temporary
-    folder and renamed into place, so a failure never leaves a partial version."""
-    root = Path(models_root) / MODEL_NAME
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        for _ in range(1000):
-            version = _next_version(root)
-            try:
-                # Renaming onto an existing non-empty folder fails; so does a concurrent
-                # trainer that took this number first: then take the next one.
-                if (root / version).exists():
-                    continue
-                os.rename(tmp, root / version)
-                return version, root / version
-            except OSError as e:
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-        raise RuntimeError(f"no free version number under {root}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    `metrics.json`) through models.versions (atomic); returns (version, path)."""
+    from .versions import save_version as _save
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+
+    return _save(models_root, MODEL_NAME, write, config, metrics)
 
 
 def load_version(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,11 +60,11 @@ from .distill import (
     workspace_judge,
 )
 from .dit import config_dict, timesteps
-from .trainer import LoopConfig, TrainJob, train
+from .trainer import LoopConfig, TrainJob, latest, train
 
 __all__ = [
-    "RLConfig", "Trajectory", "RLJob", "rl", "sde_sigma", "sde_step", "gaussian_log_prob",
-    "sample_trajectories", "group_advantages", "grpo_loss", "cond_and_guided",
+    "RLConfig", "Trajectory", "RLJob", "rl", "verdict", "default_weights", "UntrustedReward", "sde_sigma",
+    "sde_step", "gaussian_log_prob", "sample_trajectories", "group_advantages", "grpo_loss", "cond_and_guided",
 ]
 
 MODEL_NAME = "rl"
@@ -90,9 +90,11 @@ class RLConfig:
     shift: float = 1.0  # timestep shift of the sampling grid
     lr: float | None = None  # None: the loop's lr
     weight_decay: float = 0.0
-    # The optimised reward: a weighted sum over the reward heads' keys. The held-out reward
-    # (the scene-world checker's attribute accuracy) is never optimised, only reported.
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"fidelity": 1.0})
+    # The optimised reward: a weighted sum over the reward heads' keys; None: equal weights
+    # on the generation heads whose held-out accuracy clears its bar (rewards.trusted), so
+    # RL never optimises a head that judges at chance. The checker's accuracy and the heads
+    # left out are never optimised, only reported (the run's verdict).
+    reward_weights: dict[str, float] | None = None
     resolution: int = 64  # image side in px (latent side = resolution / VAE factor)
     eval_prompts: int = 32  # held-out eval captions for before/after
     start: str = "dit"  # start from the newest "dit" or the newest "distill" (the student)
@@ -342,7 +344,8 @@ class RLJob(TrainJob):
                                     "after": ode_sampler(self.policy, c.sample_steps, c.cfg_scale, c.shift)},
                                    p, noise, judge, samples=each)
         return {"samplers": figures, "n_prompts": len(p),
-                "verdict": verdict(each["before"], each["after"], tuple(c.reward_weights))}
+                "verdict": verdict(each["before"], each["after"], tuple(c.reward_weights or (
+                    k[len("reward_"):] for k in each["before"] if k.startswith("reward_"))))}
 
 
 def verdict(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], optimised_heads: tuple[str, ...],
@@ -380,6 +383,32 @@ def verdict(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], opt
 # ---------------------------------------------------------------------------------------
 
 
+class UntrustedReward(ValueError):
+    """No reward head passed its held-out bar, so there is nothing RL may optimise by default."""
+
+
+def default_weights(workspace_root: str | Path) -> dict[str, float]:
+    """Equal weights on the newest reward version's generation heads that passed their
+    held-out bars; a clear error when none did."""
+    from dataengine.workspace import Workspace
+
+    from .rewards import GEN_HEADS, HELDOUT_BARS, trusted
+    from .trainer import load_weights
+
+    path = latest(Workspace.at(workspace_root).models, "reward")
+    if path is None:
+        raise FileNotFoundError(f"{workspace_root}: no reward version to optimise; "
+                                "train one first (`dataengine train reward`)")
+    metrics = load_weights(path)[2]
+    ok = trusted(metrics, GEN_HEADS)
+    if not ok:
+        held = {h: v["accuracy"] for h, v in metrics.get("eval", {}).get("heldout", {}).items()}
+        raise UntrustedReward(f"{path}: no generation head passes its held-out bar (accuracies {held}, bars "
+                         f"{HELDOUT_BARS}); train the heads longer or on more scenes, or name the heads to "
+                         "optimise with reward_weights")
+    return {h: 1.0 / len(ok) for h in ok}
+
+
 def rl(workspace_root: str | Path, cfg: RLConfig | None = None, loop: LoopConfig | None = None,
        progress: bool = True) -> dict[str, Any]:
     """Flow-GRPO from the workspace's newest DiT (or distilled student, cfg.start) on the
@@ -396,6 +425,8 @@ def rl(workspace_root: str | Path, cfg: RLConfig | None = None, loop: LoopConfig
     cfg = cfg.resolved(student_steps)
     if stack.vae is None:
         raise FileNotFoundError(f"{ws.root}: no VAE version; rewards judge decoded images (`dataengine train vae`)")
+    if cfg.reward_weights is None:
+        cfg = replace(cfg, reward_weights=default_weights(ws.root))
     judge = workspace_judge(ws.root, stack, cfg.reward_weights, progress=progress)
     if judge.reward is None:
         raise FileNotFoundError(f"{ws.root}: no reward version to optimise; "

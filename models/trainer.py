@@ -30,12 +30,14 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import versions as _versions
+
 __all__ = ["LoopConfig", "TrainJob", "TrainingInterrupted", "train", "load_weights", "latest",
            "versions", "device_of", "lr_scale"]
 
 WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
+CONFIG_FILE = _versions.CONFIG_FILE
+METRICS_FILE = _versions.METRICS_FILE
 CHECKPOINT_FILE = "last.pt"
 
 
@@ -129,40 +131,24 @@ def lr_scale(step: int, loop: LoopConfig) -> float:
 
 
 def versions(models_root: str | Path, name: str) -> list[str]:
-    """Saved versions of `name`, oldest first (only complete ones: metrics written last)."""
-    root = Path(models_root) / name
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.glob("v[0-9][0-9][0-9][0-9]") if (p / METRICS_FILE).is_file())
+    """Saved versions of `name`, oldest first (`models.versions`, shared by every model)."""
+    return _versions.versions(models_root, name)
 
 
 def latest(models_root: str | Path, name: str) -> Path | None:
-    """The newest complete version folder of `name`, or None."""
-    found = versions(models_root, name)
-    return Path(models_root) / name / found[-1] if found else None
-
-
-def _next_version(models_root: Path, name: str) -> Path:
-    root = models_root / name
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[1:]) for p in root.glob("v[0-9][0-9][0-9][0-9]")]
-    return root / f"v{max(taken, default=0) + 1:04d}"
+    """The newest version folder of `name`, or None."""
+    return _versions.latest(models_root, name)
 
 
 def _save_version(models_root: Path, name: str, modules: dict[str, torch.nn.Module], config: dict,
                   metrics: dict) -> Path:
-    """Write a version atomically: a temp folder renamed into place, metrics last."""
-    path = _next_version(models_root, name)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {f"{m}.{k}": v.detach().cpu().contiguous()
-               for m, mod in modules.items() for k, v in mod.state_dict().items()}
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"modules": json.dumps(sorted(modules))})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+    """Save `modules` as one safetensors file in the next version of `name` (atomically)."""
+    def write(folder: Path) -> None:
+        tensors = {f"{m}.{k}": v.detach().cpu().contiguous()
+                   for m, mod in modules.items() for k, v in mod.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"modules": json.dumps(sorted(modules))})
+
+    return _versions.save_version(models_root, name, write, config, metrics)[1]
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:

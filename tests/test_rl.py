@@ -278,3 +278,19 @@ def test_verdict_needs_changes_beyond_their_standard_error():
     worse = noisy | {"accuracy": torch.tensor([0.5, 0.25] * 4)}
     v = rl_mod.verdict(before, worse, ("main",))
     assert v["heldout_fell"] == ["accuracy"] and v["reward_hacking"]
+
+
+def test_the_default_reward_is_the_heads_that_passed_their_held_out_bars(ws):
+    from models.rewards import EmbeddedRewards, RewardConfig
+
+    def save(accuracies):
+        held = {h: {"accuracy": a, "pairs": 100, "by_kind": {}} for h, a in accuracies.items()}
+        EmbeddedRewards(RewardConfig(hidden=8, spatial=())).save(ws.models, {"eval": {"heldout": held}})
+
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        rl_mod.default_weights(ws.root)
+    save({"aesthetics": 0.6, "fidelity": 0.55, "portrait": 0.7, "instruction": 0.99})
+    with pytest.raises(rl_mod.UntrustedReward, match="fidelity"):  # an edit head cannot stand in
+        rl_mod.default_weights(ws.root)
+    save({"aesthetics": 0.95, "fidelity": 0.85, "portrait": 0.7})  # the newest version decides
+    assert rl_mod.default_weights(ws.root) == {"aesthetics": 0.5, "fidelity": 0.5}
