@@ -443,6 +443,7 @@ def _phase_one_heldout(pairs, version: Path) -> set[str]:
     from .train_enhancer import _rows, _split  # the same rule, so the two sides agree
 
     cfg = json.loads((version / "config.json").read_text()) if (version / "config.json").is_file() else {}
+    cfg = cfg.get("job", cfg)  # the trainer's layout: {"job": the run's config, "loop": ...}
     if "eval_fraction" not in cfg or "seed" not in cfg:
         return set()
     rows, _ = _rows(pairs)

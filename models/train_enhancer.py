@@ -2,8 +2,8 @@
 
     python -m models.train_enhancer --pairs ws/lake/pairs --models-root ws/models --size nano --steps 600
 
-One plain PyTorch loop: AdamW, linear warmup then cosine decay, gradient clipping, bf16
-autocast on a GPU. Pairs are split into train and held-out eval by `source_id` (every
+The shared loop of models/trainer.py (checkpoints, exact resume, versions): AdamW, linear
+warmup then cosine decay, gradient clipping, bf16 autocast on a GPU. Pairs are split into train and held-out eval by `source_id` (every
 degradation step of one caption lands on the same side), so the eval loss is measured
 on captions the model never saw. Deterministic on CPU for a given seed.
 """
@@ -17,13 +17,12 @@ if __name__ == "__main__":  # the CLI edge: offline defaults before transformers
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,10 +31,12 @@ import torch
 
 from .enhancer import (
     ENHANCER_SIZES, MODEL_NAME, build, collate, encode_pair, enhance, load, load_version, n_params,
-    pad_id, save_version, target_loss, train_tokenizer, uses_special_format, versions,
+    pad_id, target_loss, train_tokenizer, uses_special_format,
 )
+from .trainer import LoopConfig, TrainJob
+from .trainer import train as run_job
 
-__all__ = ["EnhancerTrainConfig", "train", "enhance", "load_version"]
+__all__ = ["EnhancerTrainConfig", "EnhancerJob", "train", "enhance", "load_version"]
 
 
 @dataclass
@@ -56,6 +57,7 @@ class EnhancerTrainConfig:
     seed: int = 0
     eval_fraction: float = 0.05  # share of source captions held out for the eval loss
     eval_every: int = 0  # also evaluate every N steps (0: only before and after training)
+    ckpt_every: int = 200  # steps between resumable checkpoints (models/trainer.py)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:1 ...
     num_threads: int | None = None  # torch CPU threads during the run; None leaves it as is
     progress: bool = True
@@ -131,26 +133,6 @@ def _split(rows: list[tuple[str, str, str]], fraction: float, seed: int) -> tupl
     return [r for r in rows if r[0] not in held], [r for r in rows if r[0] in held]
 
 
-def _lr_at(step: int, cfg: EnhancerTrainConfig, total: int) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio."""
-    warm = min(cfg.warmup_steps, max(total - 1, 0))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-# ---------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def _eval_loss(model, examples, pad: int, batch_size: int, device, autocast) -> float | None:
     """Mean cross-entropy per target token over `examples` (None when there are none)."""
@@ -178,139 +160,155 @@ def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
             for i in range(0, len(losses), size)]
 
 
+class EnhancerJob(TrainJob):
+    """Phase one as a `models.trainer` job: checkpoints, exact resume and versions like
+    every other model; the version folder is a transformers model with its tokenizer.
+
+    A step's batch depends only on (seed, step): epochs are seeded permutations of the
+    training pairs laid end to end, so a resumed run sees exactly the batches the
+    unbroken one would have."""
+
+    name = MODEL_NAME
+
+    def __init__(self, pairs: pa.Table, cfg: EnhancerTrainConfig, tokenizer_texts: Iterable[str] | None = None,
+                 base: str | None = None):
+        self.cfg, self.base = cfg, base
+        rows, self.skipped = _rows(pairs)
+        if cfg.chain_ends:
+            rows += _chain_end_rows(pairs)
+        self.train_rows, self.eval_rows = _split(rows, cfg.eval_fraction, cfg.seed)
+        self.tokenizer_texts = list(tokenizer_texts) if tokenizer_texts is not None else None
+        self.steps = math.ceil(cfg.epochs * len(self.train_rows) / cfg.batch_size) if cfg.epochs else cfg.steps
+        digest = hashlib.sha256(json.dumps([self.train_rows, self.eval_rows]).encode()).hexdigest()[:16]
+        self.identity = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "num_threads", "device")} | {
+            "base": base, "tokenizer": "trained" if base is None else base, "pairs": digest}
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if self.base is None:
+            texts = self.tokenizer_texts if self.tokenizer_texts is not None else [
+                t for r in self.train_rows for t in r[1:]]
+            self.tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, copy=cfg.copy_markers)
+            self.model = build(cfg.size, self.tokenizer)
+        else:
+            self.model, self.tokenizer = load(self.base)
+        self.model.to(self.device).train()
+        on_gpu = self.device.type == "cuda"
+        self.pad = pad_id(self.tokenizer)
+        encoded = [encode_pair(self.tokenizer, a, b, cfg.max_len) for _, a, b in self.train_rows]
+        self.truncated = sum(t for _, _, t in encoded)
+        self.train_ex = [(ids, lab) for ids, lab, _ in encoded]
+        self.eval_ex = [encode_pair(self.tokenizer, a, b, cfg.max_len)[:2] for _, a, b in self.eval_rows]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Decay matrices only (not norms' gains).
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=self.loop.lr, betas=(0.9, 0.95), fused=on_gpu or None)
+        self.eval_initial = self._eval()
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _eval(self) -> float | None:
+        return _eval_loss(self.model, self.eval_ex, self.pad, self.cfg.batch_size, self.device, self.autocast)
+
+    def config(self) -> dict:
+        return self.identity
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"enhancer": self.model}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"enhancer": self.opt}
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The training examples of `step`: positions step*B .. step*B+B-1 of the seeded
+        epoch permutations laid end to end."""
+        n, b = len(self.train_ex), self.cfg.batch_size
+        out = []
+        for pos in range(step * b, step * b + b):
+            epoch, i = divmod(pos, n)
+            out.append(self._epoch(epoch)[i])
+        return out
+
+    def _epoch(self, epoch: int) -> list[int]:
+        cached = getattr(self, "_perm", None)
+        if cached is None or cached[0] != epoch:
+            perm = list(range(len(self.train_ex)))
+            random.Random(f"{self.cfg.seed}/{epoch}").shuffle(perm)
+            self._perm = cached = (epoch, perm)
+        return cached[1]
+
+    def step(self, step: int) -> dict[str, float]:
+        b = {k: v.to(self.device) for k, v in collate([self.train_ex[i] for i in self.batch_indices(step)],
+                                                        self.pad).items()}
+        with self.autocast():
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss_sum, n = target_loss(logits, b["labels"])
+        loss = loss_sum / n.clamp(min=1)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = self.clip(p for g in self.opt.param_groups for p in g["params"])
+        self.opt.step()
+        stats = {"loss": loss.item(), "tokens": float(b["attention_mask"].sum()), "grad_norm": grad_norm}
+        every = self.cfg.eval_every
+        if every and (step + 1) % every == 0 and step + 1 < self.loop.steps:
+            stats["eval_loss"] = self._eval()
+        return stats
+
+    def evaluate(self) -> dict[str, Any]:
+        return {"eval_loss_initial": self.eval_initial, "eval_loss": self._eval()}
+
+    def save(self, folder: Path) -> None:
+        self.model.save_pretrained(folder / "model")
+        self.tokenizer.save_pretrained(folder / "model")
+
+    def summary(self, metrics: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+        cfg, losses = self.cfg, [h["loss"] for h in history]
+        tail = losses[-max(1, len(losses) // 10):]
+        tokens = int(sum(h.get("tokens", 0) for h in history))
+        return metrics | {
+            "size": cfg.size if self.base is None else None,
+            "base": self.base,
+            "params": n_params(self.model),
+            "vocab": len(self.tokenizer),
+            "format": "special" if uses_special_format(self.tokenizer) else "plain",
+            "epochs": round(self.loop.steps * cfg.batch_size / len(self.train_ex), 3),
+            "train_pairs": len(self.train_ex),
+            "eval_pairs": len(self.eval_ex),
+            "skipped_pairs": self.skipped,
+            "truncated_pairs": self.truncated,
+            "train_loss_first": round(losses[0], 4),
+            "train_loss_last": round(sum(tail) / len(tail), 4),  # mean of the last 10% of steps
+            "train_loss_min": round(min(losses), 4),
+            "train_loss_curve": _curve(losses),
+            "eval_loss_initial": self.eval_initial,
+            "eval_loss": metrics["eval"]["eval_loss"],
+            "eval_curve": [[i + 1, h["eval_loss"]] for i, h in enumerate(history) if "eval_loss" in h],
+            "tokens": tokens,
+            "tokens_per_s": round(tokens / max(metrics["train_seconds"], 1e-9), 1),
+        }
+
+
 def train(
     pairs: pa.Table, models_root: str | Path, cfg: EnhancerTrainConfig | None = None,
-    tokenizer_texts: Iterable[str] | None = None, base: str | None = None,
+    tokenizer_texts: Iterable[str] | None = None, base: str | None = None, resume: bool = True,
 ) -> dict[str, Any]:
-    """Train an enhancer on `pairs` (schema.PAIRS) and save it as the next version under
-    `models_root/enhancer/`; returns its `model_versions` record. With `base` (a saved
-    version, a local causal LM folder or a cached hub name) fine-tune that model and its
-    tokenizer; otherwise train a tokenizer on `tokenizer_texts` (default: the pairs' texts)
-    and build a fresh model of `cfg.size`."""
+    """Train an enhancer on `pairs` (schema.PAIRS) through `models.trainer` and save it as
+    the next version under `models_root/enhancer/`; returns its `model_versions` record
+    (metrics as JSON). With `base` (a saved version, a local causal LM folder or a cached
+    hub name) fine-tune that model and its tokenizer; otherwise train a tokenizer on
+    `tokenizer_texts` (default: the pairs' texts) and build a fresh model of `cfg.size`.
+    A run that died part-way resumes from its checkpoint unless `resume` is False."""
     cfg = cfg or EnhancerTrainConfig()
-    threads_before = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        return _train(pairs, Path(models_root), cfg, tokenizer_texts, base)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _train(pairs, models_root: Path, cfg: EnhancerTrainConfig, tokenizer_texts, base) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    rows, skipped = _rows(pairs)
-    if cfg.chain_ends:
-        rows += _chain_end_rows(pairs)
-    train_rows, eval_rows = _split(rows, cfg.eval_fraction, cfg.seed)
-
-    # Tokenizer and model
-    if base is None:
-        texts = tokenizer_texts if tokenizer_texts is not None else [t for r in train_rows for t in r[1:]]
-        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size, copy=cfg.copy_markers)
-        model = build(cfg.size, tokenizer)
-    else:
-        model, tokenizer = load(base)
-    device = _device(cfg.device)
-    model.to(device).train()
-    on_gpu = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
-
-    # Data
-    pad = pad_id(tokenizer)
-    encoded = [encode_pair(tokenizer, a, b, cfg.max_len) for _, a, b in train_rows]
-    truncated = sum(t for _, _, t in encoded)
-    train_ex = [(ids, lab) for ids, lab, _ in encoded]
-    eval_ex = [encode_pair(tokenizer, a, b, cfg.max_len)[:2] for _, a, b in eval_rows]
-    steps = math.ceil(cfg.epochs * len(train_ex) / cfg.batch_size) if cfg.epochs else cfg.steps
-
-    # Optimiser: decay matrices only (not norms' gains)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=on_gpu or None)
-
-    # Loop
-    order_rng = random.Random(cfg.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    evals: list[list[float]] = []
-    tokens = 0
-    eval_initial = _eval_loss(model, eval_ex, pad, cfg.batch_size, device, autocast)
-    train_seconds = 0.0
-    columns = (TextColumn("enhancer {task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, disable=not cfg.progress) as bar:
-        task = bar.add_task(f"{cfg.size if base is None else base}", total=steps, loss="-")
-        for step in range(steps):
-            t0 = time.perf_counter()
-            while len(order) < cfg.batch_size:  # epochs of shuffled indices, end to end
-                perm = list(range(len(train_ex)))
-                order_rng.shuffle(perm)
-                order += perm
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-            b = {k: v.to(device) for k, v in collate([train_ex[i] for i in idx], pad).items()}
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg, steps)
-            with autocast():
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum, n = target_loss(logits, b["labels"])
-            loss = loss_sum / n.clamp(min=1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            losses.append(loss.item())
-            tokens += int(b["attention_mask"].sum())
-            train_seconds += time.perf_counter() - t0
-            bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-                evals.append([step + 1, _eval_loss(model, eval_ex, pad, cfg.batch_size, device, autocast)])
-    eval_final = _eval_loss(model, eval_ex, pad, cfg.batch_size, device, autocast)
-    model.to("cpu")
-    model.eval()
-
-    tail = losses[-max(1, len(losses) // 10):]
-    metrics = {
-        "size": cfg.size if base is None else None,
-        "base": base,
-        "params": n_params(model),
-        "vocab": len(tokenizer),
-        "format": "special" if uses_special_format(tokenizer) else "plain",
-        "device": str(device),
-        "steps": steps,
-        "epochs": round(steps * cfg.batch_size / len(train_ex), 3),
-        "train_pairs": len(train_ex),
-        "eval_pairs": len(eval_ex),
-        "skipped_pairs": skipped,
-        "truncated_pairs": truncated,
-        "train_loss_first": round(losses[0], 4),
-        "train_loss_last": round(sum(tail) / len(tail), 4),  # mean of the last 10% of steps
-        "train_loss_min": round(min(losses), 4),
-        "train_loss_curve": _curve(losses),
-        "eval_loss_initial": eval_initial,
-        "eval_loss": eval_final,
-        "eval_curve": evals,
-        "train_seconds": round(train_seconds, 2),
-        "seconds": round(time.perf_counter() - started, 2),
-        "tokens": tokens,
-        "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1),
-    }
-    config = asdict(cfg) | {"base": base, "tokenizer": "trained" if base is None else base}
-    version, path = save_version(models_root, model, tokenizer, config, metrics)
-    # The trainer's rule for every model: a first version is promoted, later ones wait as
-    # candidates for a gate that beats the current one.
-    first = versions(models_root) == [version]
-    return {
-        "model": MODEL_NAME, "version": version, "path": str(path), "status": "promoted" if first else "candidate",
-        "metrics": json.dumps(metrics, sort_keys=True), "job_id": None,
-        "created_at": datetime.now(timezone.utc),
-    }
+    job = EnhancerJob(pairs, cfg, tokenizer_texts, base)
+    loop = LoopConfig(steps=job.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                      grad_clip=cfg.grad_clip, seed=cfg.seed, ckpt_every=cfg.ckpt_every, device=cfg.device,
+                      num_threads=cfg.num_threads, progress=cfg.progress, resume=resume)
+    record = run_job(job, Path(models_root), loop)
+    metrics = record["metrics"]
+    return {k: record[k] for k in ("model", "version", "path", "status", "job_id", "created_at")} | {
+        "metrics": json.dumps(metrics, sort_keys=True, default=str)}  # metrics["resumed_from"] says if it resumed
 
 
 # ---------------------------------------------------------------------------------------

@@ -111,6 +111,18 @@ class TrainJob:
         """The modules a saved version keeps (default: all of them)."""
         return self.modules()
 
+    def save(self, folder: Path) -> None:
+        """Write the version's model files into `folder` (default: the exported modules as
+        one safetensors file, read back by `load_weights`)."""
+        modules = self.exported()
+        tensors = {f"{m}.{k}": v.detach().cpu().contiguous()
+                   for m, mod in modules.items() for k, v in mod.state_dict().items()}
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"modules": json.dumps(sorted(modules))})
+
+    def summary(self, metrics: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+        """The version's metrics from the loop's own (and every step's logged scalars)."""
+        return metrics
+
     def clip(self, params: Iterable[torch.nn.Parameter]) -> float:
         """Clip gradients to loop.grad_clip; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(list(params), self.loop.grad_clip))
@@ -143,12 +155,9 @@ def latest(models_root: str | Path, name: str) -> Path | None:
 def _save_version(models_root: Path, name: str, modules: dict[str, torch.nn.Module], config: dict,
                   metrics: dict) -> Path:
     """Save `modules` as one safetensors file in the next version of `name` (atomically)."""
-    def write(folder: Path) -> None:
-        tensors = {f"{m}.{k}": v.detach().cpu().contiguous()
-                   for m, mod in modules.items() for k, v in mod.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"modules": json.dumps(sorted(modules))})
-
-    return _versions.save_version(models_root, name, write, config, metrics)[1]
+    job = TrainJob()
+    job.exported = lambda: modules  # type: ignore[method-assign]
+    return _versions.save_version(models_root, name, job.save, config, metrics)[1]
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
@@ -314,7 +323,8 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
         "resumed_from": resumed_from,
         "device": str(job.device),
     } | {"eval": evaluation}
-    path = _save_version(models_root, job.name, job.exported(), config, metrics)
+    metrics = job.summary(metrics, history)
+    path = _versions.save_version(models_root, job.name, job.save, config, metrics)[1]
     shutil.rmtree(run_dir, ignore_errors=True)
     status = "promoted" if len(versions(models_root, job.name)) == 1 else "candidate"
     record = {"model": job.name, "version": path.name, "path": str(path), "status": status,

@@ -197,7 +197,7 @@ def test_training_record_is_a_model_versions_row(overfit):
     assert table.num_rows == 1
     saved = root / "enhancer" / "v0001"
     assert {p.name for p in saved.iterdir()} == {"model", "config.json", "metrics.json"}
-    assert json.loads((saved / "config.json").read_text())["steps"] == 100
+    assert json.loads((saved / "config.json").read_text())["job"]["steps"] == 100
     assert json.loads((saved / "metrics.json").read_text()) == json.loads(rec["metrics"])
 
 
@@ -321,3 +321,26 @@ def test_richness_gain_is_zero_for_identity_and_positive_for_the_rich_caption():
     assert rich["intent_preservation"] == 1.0
     hallucinated = evaluate(terse, [t + ", at night, as a pencil sketch" for t in terse], scenes)
     assert 0 < hallucinated["faithful_share"] < 1
+
+
+def test_an_interrupted_enhancer_run_resumes_to_the_weights_of_an_unbroken_one(tmp_path):
+    """Phase one trains through models/trainer.py: checkpoints, exact resume, versions."""
+    from models.enhancer import load_version
+    from models.train_enhancer import EnhancerJob
+    from models.trainer import LoopConfig, TrainingInterrupted
+    from models.trainer import train as run_job
+
+    rows = scene_texts(24)
+    pairs = pairs_table([r[1] for r in rows], [r[2] for r in rows])
+    cfg = EnhancerTrainConfig(steps=12, batch_size=4, ckpt_every=5, progress=False)
+    whole = train(pairs, tmp_path / "a", cfg)
+    job = EnhancerJob(pairs, cfg)
+    loop = LoopConfig(steps=12, lr=cfg.lr, warmup_steps=cfg.warmup_steps, ckpt_every=5, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        run_job(job, tmp_path / "b", loop, stop_after=7)  # dies after step 7; checkpoint at 5
+    resumed = train(pairs, tmp_path / "b", cfg)
+    assert json.loads(resumed["metrics"])["resumed_from"] == 5
+    a, _ = load_version(whole["path"])
+    b, _ = load_version(resumed["path"])
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k
