@@ -120,7 +120,9 @@ def table(ev: dict, cfg: RLConfig, record: dict, loop: LoopConfig) -> str:
     out.append(f"verdict: optimised reward {v['optimised']['change']:+.4f} (se {v['optimised']['se']:.4f}, "
                f"{v['optimised']['moved']}); held out: {moved}; "
                + ("REWARD HACKING: the optimised reward rose while " + ", ".join(v["heldout_fell"]) + " fell"
-                  if v["reward_hacking"] else "helped" if v["helped"] else "no held-out measure moved with it"))
+                  if v["reward_hacking"] else "helped" if v["helped"]
+                  else "the optimised reward did not rise on held-out prompts" if v["optimised"]["moved"] != "rose"
+                  else "no held-out measure moved with it"))
     return "\n".join(out)
 
 

@@ -169,8 +169,7 @@ class Judge:
             images = torch.cat([self.decode(latents[i: i + self.batch_size]).float().clamp(-1, 1).cpu()
                                 for i in range(0, len(latents), self.batch_size)])
             res = self.checker.check(images, scenes)
-            out |= {"accuracy": res["accuracy"].float()}
-            out |= {f"acc_{k}": v.float() for k, v in res.items() if k not in ("accuracy",)}
+            out |= {f"acc_{k}" if k != "accuracy" else k: torch.as_tensor(v).float() for k, v in res.items()}
         if self.reward is not None:
             scores: dict[str, list[torch.Tensor]] = {}
             for i in range(0, len(latents), self.batch_size):

@@ -110,6 +110,30 @@ class Frozen:
             self._normalise(images, None), indices=[stage], intermediates_only=True)
         return feats[0].float()
 
+    @property
+    def patch_dim(self) -> int:
+        """Channels of `patch_tokens`: stride-8 and stride-16 trunk features plus mean RGB."""
+        return self._channels[self._stage_for(8)] + self._channels[self._stage_for(16)] + 3
+
+    @torch.no_grad()
+    def patch_tokens(self, images: torch.Tensor, size: int = 128) -> torch.Tensor:
+        """(B, (size/8)^2, patch_dim) spatial tokens of images resized to `size`: the trunk's
+        stride-8 and (upsampled) stride-16 maps and each patch's mean colour, row-major.
+
+        Pooled embeddings average an object's colour and shape into the whole scene; these
+        keep where each thing is, so a head can match a prompt's words to image regions.
+        The mean colour is there because ImageNet trunks are partly colour-invariant."""
+        if size % 16:
+            raise ValueError(f"patch token size must be a multiple of 16, got {size}")
+        x = images.to(self.device, torch.float32)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        s8, s16 = self.model.visual.trunk.forward_intermediates(
+            self._normalise(x, None), indices=[self._stage_for(8), self._stage_for(16)], intermediates_only=True)
+        rgb = F.adaptive_avg_pool2d(x, s8.shape[-2:])
+        maps = torch.cat([s8.float(), F.interpolate(s16.float(), size=s8.shape[-2:], mode="nearest"), rgb], 1)
+        return maps.flatten(2).transpose(1, 2)  # (B, N, C)
+
     def perceptual_features(self, images: torch.Tensor, strides: tuple[int, ...] = (2, 4, 8)) -> list[torch.Tensor]:
         """The trunk's feature maps at `strides`, differentiable in `images` (the weights stay
         frozen): the layers of an LPIPS-style perceptual distance."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dataengine.sceneworld import render, sample_edit, sample_scene
-from models.rewards import EDIT_HEADS, GEN_HEADS, HEADS, RewardBatch, RewardModel, load
+from models.rewards import EDIT_HEADS, GEN_HEADS, HEAD_INPUTS, HEADS, HELDOUT_BARS, RewardBatch, RewardModel, load
 from models.train_reward import RewardTrainConfig, RewardTrainJob, make_pairs
 from models.trainer import LoopConfig, train
 
@@ -65,16 +65,41 @@ def test_bradley_terry_loss_decreases(trained):
     assert m["last"]["loss_fidelity"] < m["first"]["loss_fidelity"] - 0.1
 
 
-@pytest.mark.xfail(strict=True, reason="a known limit of the design (issue 5's closing note): the default CLIP's "
-                                      "frozen pooled embeddings barely carry single-attribute fidelity: held-out "
-                                      "0.44-0.54 here (CLIP cosine 0.53); a bilinear probe trained on 400 scenes reaches "
-                                      "0.57. It needs spatial features or a CLIP trained on attribute contrasts")
-def test_fidelity_head_beats_chance_on_heldout_scenes(trained):
+@pytest.mark.xfail(strict=True, reason="benchmarks/rewards.py at the default 2000 scenes x 1500 steps: held-out "
+                                      "0.684 (pooled head, same run: 0.601; CLIP cosine 0.513), colour and shape swaps "
+                                      "0.73, positions 0.51-0.59: the head matches words to regions, not where they are")
+def test_fidelity_passes_its_bar_on_attribute_swaps(trained):
     _, record = trained
-    ev = record["metrics"]["eval"]
-    assert ev["heldout"]["fidelity"]["pairs"] >= 100
-    assert ev["heldout"]["fidelity"]["accuracy"] > 0.6
-    assert ev["fidelity_blurred"]["accuracy"] > 0.55
+    by_kind = record["metrics"]["eval"]["heldout"]["fidelity"]["by_kind"]
+    swaps = [a for k, a in by_kind.items() if k.endswith(("_colour", "_shape"))]
+    assert sum(swaps) / len(swaps) >= HELDOUT_BARS["fidelity"]
+
+
+@pytest.fixture(scope="module")
+def other_heads(frozen, tmp_path_factory):
+    cfg = RewardTrainConfig(heads=("aesthetics", "portrait", "instruction", "consistency"), n_train=OTHER_SCENES,
+                            n_eval=100)
+    job = RewardTrainJob(frozen, _scenes(OTHER_SCENES, 21), _scenes(100, 22), cfg, info={"clip": frozen.spec})
+    loop = LoopConfig(steps=400, lr=1e-3, warmup_steps=10, ckpt_every=10**6, progress=False)
+    return train(job, tmp_path_factory.mktemp("others"), loop)["metrics"]["eval"]
+
+
+OTHER_SCENES = 500
+# Held-out accuracy at the default run (benchmarks/rewards.py, 2000 scenes): instruction
+# 0.77-0.82 across two runs, consistency 0.63-0.66. Neither clears 0.80 reliably yet.
+BELOW_BAR = {"instruction": "0.77-0.82 at the default run; under the bar at this size",
+             "consistency": "0.63-0.66 at the default run: moves and re-seeds are judged near chance"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", [
+    "aesthetics", "portrait",
+    *(pytest.param(h, marks=pytest.mark.xfail(strict=True, reason=why)) for h, why in BELOW_BAR.items())])
+def test_each_other_head_passes_its_bar_on_held_out_scenes(other_heads, head):
+    got = other_heads["heldout"][head]
+    assert got["pairs"] >= 80
+    assert got["accuracy"] >= HELDOUT_BARS[head], got
+    assert head in other_heads["trusted"]
 
 
 def test_saved_version_loads_to_identical_scores(trained, frozen):
@@ -93,6 +118,7 @@ def test_every_head_gets_pairs_and_they_name_their_kind(frozen):
     assert set(pairs) == set(HEADS)
     for h, ps in pairs.items():
         assert len(ps) >= 3 and len(ps.kinds) == len(ps)
-        for side in (ps.win, ps.lose):
-            assert all(v.shape == (len(ps), frozen.embed_dim) for v in side.values())
+        for which in ("win", "lose"):
+            side = ps.side(which)
+            assert all(side[r].shape == (len(ps), frozen.embed_dim) for r in HEAD_INPUTS[h])
     assert {k.split("_", 1)[0] for k in pairs["fidelity"].kinds} <= {"caption", "image"}
