@@ -164,8 +164,8 @@ class EnhancerJob(TrainJob):
     """Phase one as a `models.trainer` job: checkpoints, exact resume and versions like
     every other model; the version folder is a transformers model with its tokenizer.
 
-    A step's batch depends only on (seed, step): epochs are seeded permutations of the
-    training pairs laid end to end, so a resumed run sees exactly the batches the
+    A step's batch depends only on (seed, step): epochs are the successive shuffles of
+    one seeded stream laid end to end, so a resumed run sees exactly the batches the
     unbroken one would have."""
 
     name = MODEL_NAME
@@ -232,12 +232,17 @@ class EnhancerJob(TrainJob):
         return out
 
     def _epoch(self, epoch: int) -> list[int]:
-        cached = getattr(self, "_perm", None)
-        if cached is None or cached[0] != epoch:
+        """Epoch `epoch`'s order: the epoch-th shuffle of one stream seeded by cfg.seed,
+        replayed from the start when needed (a resumed run rebuilds it in milliseconds)."""
+        perms = getattr(self, "_perms", None)
+        if perms is None:
+            perms = self._perms = []
+            self._order_rng = random.Random(self.cfg.seed)
+        while len(perms) <= epoch:
             perm = list(range(len(self.train_ex)))
-            random.Random(f"{self.cfg.seed}/{epoch}").shuffle(perm)
-            self._perm = cached = (epoch, perm)
-        return cached[1]
+            self._order_rng.shuffle(perm)
+            perms.append(perm)
+        return perms[epoch]
 
     def step(self, step: int) -> dict[str, float]:
         b = {k: v.to(self.device) for k, v in collate([self.train_ex[i] for i in self.batch_indices(step)],
