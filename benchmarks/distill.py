@@ -69,7 +69,8 @@ def build_workspace(root: Path, args, need_reward: bool = False) -> Workspace:
     plan = [("vae", args.vae_steps, {"resolution": args.resolution}),
             ("dit", args.dit_steps, {"resolution": args.resolution, "fidelity": False})]
     if has_rewards():
-        plan.append(("reward", args.reward_steps, {}))
+        # A side figure here: a few hundred scenes (the default 2000 take ~10 min to embed).
+        plan.append(("reward", args.reward_steps, {"n_train": 400, "n_eval": 64}))
     elif need_reward:
         raise SystemExit("models/train_reward.py is missing: no reward heads to train")
     for name, steps, overrides in plan:
