@@ -38,7 +38,7 @@ from torch import nn
 __all__ = [
     "GEN_HEADS", "EDIT_HEADS", "HEADS", "HEAD_INPUTS", "RewardBatch", "RewardModel", "RewardConfig",
     "EmbeddedRewards", "Combined", "load", "bradley_terry", "head_inputs", "spatial_embed", "MODEL_NAME",
-    "SPATIAL_INPUTS", "HELDOUT_BARS", "trusted",
+    "SPATIAL_INPUTS", "HELDOUT_BARS", "trusted", "text_states",
 ]
 
 MODEL_NAME = "reward"  # models/<name>/vNNNN, as the trainer saves it
@@ -294,15 +294,23 @@ def spatial_embed(frozen, images: torch.Tensor, texts: list[str], cfg: RewardCon
     (padded to the longest, with their mask)."""
     tokens = torch.cat([frozen.patch_tokens(images[i: i + batch_size], cfg.token_size)
                         for i in range(0, len(images), batch_size)])
+    states, mask = text_states(frozen, texts, cfg.text_len, batch_size)
+    return {"image_tokens": tokens, "text_tokens": states, "text_mask": mask}
+
+
+@torch.no_grad()
+def text_states(frozen, texts: list[str], max_len: int, batch_size: int = 64,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L, text_dim) token states of `texts` in batches, zero-padded to the longest, and
+    the (N, L) mask of real tokens; on the CPU in `dtype`."""
     states, masks = [], []
     for i in range(0, len(texts), batch_size):
-        h, m = frozen.text_tokens(texts[i: i + batch_size], max_len=cfg.text_len)
-        states.append(h)
-        masks.append(m)
+        h, m = frozen.text_tokens(texts[i: i + batch_size], max_len=max_len)
+        states.append(h.to("cpu", dtype))
+        masks.append(m.cpu())
     width = max(h.shape[1] for h in states)
-    return {"image_tokens": tokens,
-            "text_tokens": torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in states]),
-            "text_mask": torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks])}
+    return (torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for h in states]),
+            torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks]))
 
 
 def load(path: str | Path, frozen=None, device: str = "cpu") -> EmbeddedRewards:

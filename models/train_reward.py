@@ -56,6 +56,7 @@ from dataengine.sceneworld.scene import layout_group, union
 
 from .rewards import (
     EDIT_HEADS, HEAD_INPUTS, HEADS, MODEL_NAME, SPATIAL_INPUTS, EmbeddedRewards, RewardConfig, bradley_terry,
+    text_states,
 )
 from .trainer import LoopConfig, TrainJob, train
 
@@ -301,9 +302,8 @@ class PairSet:
     def side(self, which: str, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The winning ("win") or losing ("lose") side's inputs by role, of pairs `idx` (all by default)."""
         rows = self.win if which == "win" else self.lose
-        return {r: self.tables[ROLE_TABLE[r]][ix if idx is None else ix[idx]].float()
-                if ROLE_TABLE[r] != "txt_mask" else self.tables["txt_mask"][ix if idx is None else ix[idx]]
-                for r, ix in rows.items()}
+        out = {r: self.tables[ROLE_TABLE[r]][ix if idx is None else ix[idx]] for r, ix in rows.items()}
+        return {r: t.float() if t.is_floating_point() else t for r, t in out.items()}
 
     def take(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return self.side("win", idx), self.side("lose", idx)
@@ -394,14 +394,8 @@ def _embed_bank(bank: _Bank, frozen, model_cfg: RewardConfig, tokens: bool,
     tables = {k: torch.cat(v) for k, v in out.items() if v}
     tables["txt"] = frozen.text_embed(bank.texts).float().cpu() if bank.texts else torch.zeros(0)
     if tokens and bank.texts:
-        states, masks = [], []
-        for i in range(0, len(bank.texts), batch_size):
-            h, m = frozen.text_tokens(bank.texts[i: i + batch_size], max_len=model_cfg.text_len)
-            states.append(h.half().cpu())
-            masks.append(m.cpu())
-        width = max(h.shape[1] for h in states)
-        tables["txt_tok"] = torch.cat([torch.nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in states])
-        tables["txt_mask"] = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+        tables["txt_tok"], tables["txt_mask"] = text_states(frozen, bank.texts, model_cfg.text_len, batch_size,
+                                                            dtype=torch.half)
     return tables
 
 
@@ -522,10 +516,10 @@ class RewardTrainJob(TrainJob):
             blurred = make_pairs(self.eval_scenes, ("fidelity",), self.frozen, seed, blur=self.cfg.eval_blur,
                                  model_cfg=self.model_cfg)
             out["fidelity_blurred"] = self.accuracy(blurred)["fidelity"] | {"sigma_px": self.cfg.eval_blur}
-        from .rewards import HELDOUT_BARS
+        from .rewards import HELDOUT_BARS, trusted
 
         out["bars"] = {h: HELDOUT_BARS[h] for h in out["heldout"]}
-        out["trusted"] = sorted(h for h, v in out["heldout"].items() if v["accuracy"] >= HELDOUT_BARS[h])
+        out["trusted"] = sorted(trusted({"eval": out}))
         out["summary"] = {h: v["accuracy"] for h, v in out["heldout"].items()} | (
             {"fidelity_blurred": out["fidelity_blurred"]["accuracy"]} if "fidelity_blurred" in out else {})
         out["pairs_seconds"] = {"train": self.data_seconds, "eval": round(time.perf_counter() - t0, 2)}

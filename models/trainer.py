@@ -114,10 +114,7 @@ class TrainJob:
     def save(self, folder: Path) -> None:
         """Write the version's model files into `folder` (default: the exported modules as
         one safetensors file, read back by `load_weights`)."""
-        modules = self.exported()
-        tensors = {f"{m}.{k}": v.detach().cpu().contiguous()
-                   for m, mod in modules.items() for k, v in mod.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"modules": json.dumps(sorted(modules))})
+        save_modules(folder, self.exported())
 
     def summary(self, metrics: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
         """The version's metrics from the loop's own (and every step's logged scalars)."""
@@ -152,12 +149,17 @@ def latest(models_root: str | Path, name: str) -> Path | None:
     return _versions.latest(models_root, name)
 
 
+def save_modules(folder: Path, modules: dict[str, torch.nn.Module]) -> None:
+    """`modules`' state dicts as one safetensors file in `folder` (read by `load_weights`)."""
+    tensors = {f"{m}.{k}": v.detach().cpu().contiguous()
+               for m, mod in modules.items() for k, v in mod.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"modules": json.dumps(sorted(modules))})
+
+
 def _save_version(models_root: Path, name: str, modules: dict[str, torch.nn.Module], config: dict,
                   metrics: dict) -> Path:
-    """Save `modules` as one safetensors file in the next version of `name` (atomically)."""
-    job = TrainJob()
-    job.exported = lambda: modules  # type: ignore[method-assign]
-    return _versions.save_version(models_root, name, job.save, config, metrics)[1]
+    """Save `modules` in the next version of `name` (atomically)."""
+    return _versions.save_version(models_root, name, lambda folder: save_modules(folder, modules), config, metrics)[1]
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
