@@ -209,6 +209,7 @@ class CurriculumSampler:
         self.edit = [i for i, r in enumerate(self.rows) if r["task"] == "edit" and r["source_image_field"]]
         self.buckets, self.multiple = buckets, multiple
         self.bucket = [bucket_of(r["width"], r["height"]) if buckets else 0 for r in self.rows]
+        self._bucket_pools: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         if not self.gen and not self.edit:
             raise NoTrainingData(f"{self.ws.root}: no samples in splits {list(self.splits)}; "
                                  "ingest shards first (`dataengine ingest`)")
@@ -243,12 +244,20 @@ class CurriculumSampler:
         res = self.stage_at(step).resolution
         if self.buckets:  # a bucket with the odds of its size: the bucket of one sample drawn at random
             b = self.bucket[pool[int(rng.integers(len(pool)))]]
-            pool = [i for i in pool if self.bucket[i] == b]
+            pool = self._in_bucket(pool, b)
             shape = bucket_shape(res, b, self.multiple)
         else:
             shape = (res, res)
         idx = rng.choice(len(pool), size=self.batch_size, replace=len(pool) < self.batch_size)
         return self._load([self.rows[pool[i]] for i in idx], task, shape)
+
+    def _in_bucket(self, pool: list[int], b: int) -> list[int]:
+        """The rows of `pool` in bucket `b`, filtered once per pool (not on every step); a
+        pool replaced by another list (a job holding rows out) is filtered again."""
+        found = self._bucket_pools.get((id(pool), b))
+        if found is None or found[0] is not pool:
+            found = self._bucket_pools[(id(pool), b)] = (pool, [i for i in pool if self.bucket[i] == b])
+        return found[1]
 
     def images(self, n: int, split: str = "eval", resolution: int = 64, task: str = "gen",
                source: str | None = None) -> Batch:
