@@ -23,7 +23,8 @@ from dataengine import lake
 from dataengine.schema import CATALOG_TABLES, LAKE_TABLES, conform
 from dataengine.workspace import Workspace
 
-SCHEMA_VERSION = 3  # 2: quarantine.stage; 3: quarantine members, offsets, sizes, model_id
+SCHEMA_VERSION = 4  # 2: quarantine.stage; 3: quarantine members, offsets, sizes, model_id;
+# 4: the feedback contract, quarantine.raw
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",

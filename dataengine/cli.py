@@ -564,6 +564,100 @@ def patch(
         console.print("  patch: " + patch_found_gap(searcher, r, v, cfg).summary())
 
 
+feedback_app = typer.Typer(
+    help="Take in failure and rating records (README: 'Feedback records'): from files, a watched "
+         "folder or an HTTP endpoint on 127.0.0.1. Each id is stored once; a bad record is "
+         "quarantined with its line and field.",
+    no_args_is_help=True,
+)
+app.add_typer(feedback_app, name="feedback")
+
+
+def _print_intake(r, label: str = "") -> None:
+    console.print(f"{label}received {r.received}: stored {r.accepted}, duplicates {r.duplicates}, "
+                  f"quarantined {r.quarantined}")
+    for line in r.errors[:20]:
+        console.print(f"  [yellow]quarantined[/yellow] {line}")
+    if len(r.errors) > 20:
+        console.print(f"  ... and {len(r.errors) - 20} more (dataengine status; the quarantine table, stage 'feedback')")
+
+
+def _feedback_ws(workspace: Path) -> Workspace:
+    ws, _, catalog = _setup(workspace, None)
+    catalog.migrate()  # the feedback table may be newer than the workspace
+    return ws
+
+
+@feedback_app.command("ingest")
+def feedback_ingest(
+    files: List[Path] = typer.Argument(..., help="JSONL or Parquet files of feedback records."),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Store the records of FILES (relative image paths resolve against each file's folder)."""
+    from connectors.feedback import ingest_files
+
+    ws = _feedback_ws(workspace)
+    try:
+        report = ingest_files(ws, [str(f) for f in files])
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    _print_intake(report)
+
+
+@feedback_app.command("watch")
+def feedback_watch(
+    folder: Path = typer.Argument(..., help="Folder to watch for new .jsonl/.parquet files."),
+    workspace: Path = WorkspaceOpt,
+    interval: float = typer.Option(2.0, help="Seconds between looks at the folder."),
+    once: bool = typer.Option(False, help="Look twice (a file must stop growing), ingest, and exit."),
+) -> None:
+    """Ingest each feedback file that appears in FOLDER, once it has stopped growing."""
+    from connectors.feedback import FolderWatcher
+
+    ws = _feedback_ws(workspace)
+    try:
+        watcher = FolderWatcher(ws, folder)
+    except NotADirectoryError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    if once:
+        watcher.poll()
+        _print_intake(watcher.poll())
+        return
+    console.print(f"watching {folder} every {interval:g}s (Ctrl-C to stop)")
+    try:
+        watcher.run(interval, on_report=lambda r: _print_intake(r, "new files: "))
+    except KeyboardInterrupt:
+        pass
+
+
+@feedback_app.command("serve")
+def feedback_serve(
+    workspace: Path = WorkspaceOpt,
+    host: str = typer.Option("127.0.0.1", help="Address to bind; loopback only unless --allow-remote."),
+    port: int = typer.Option(8765),
+    allow_remote: bool = typer.Option(False, help="Allow a non-loopback bind (no authentication: put it behind one)."),
+    base: Optional[Path] = typer.Option(None, help="Folder that relative image paths resolve against (default: refuse them)."),
+) -> None:
+    """Serve POST /feedback (a record, a JSON array, or JSON lines) and GET /health."""
+    from connectors.feedback import NonLoopbackBind, make_server
+
+    ws = _feedback_ws(workspace)
+    try:
+        server = make_server(ws, host, port, allow_remote, base.resolve() if base else None)
+    except (NonLoopbackBind, OSError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"feedback endpoint: http://{host}:{server.server_address[1]}/feedback (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 train_app = typer.Typer(
     help="Train a model of the stack on the workspace; each run saves a versioned checkpoint to "
          "models/<name>/vNNNN, registers it in model_versions and resumes after a crash.",

@@ -58,6 +58,7 @@ QUARANTINE = pa.schema(
         ("offsets", pa.list_(pa.int64())),
         ("sizes", pa.list_(pa.int64())),
         ("model_id", pa.string()),  # embed: the model whose vector failed (null elsewhere)
+        ("raw", pa.string()),  # feedback: the rejected record as it came in (nothing is lost)
     ]
 )
 
@@ -87,17 +88,26 @@ PAIRS = pa.schema(
     ]
 )
 
+# One failure or rating of a generated output: the intake contract (README "Feedback
+# records"; dataengine/feedback.py validates it). Stored once per feedback_id.
 FEEDBACK = pa.schema(
     [
         ("feedback_id", pa.string()),
-        ("signal", pa.string()),  # eval | user
-        ("prompt", pa.string()),
-        ("image_ref", pa.string()),  # where the generated output is
-        ("model_version", pa.string()),
-        ("metric", pa.string()),
-        ("score", pa.float64()),
+        ("time", TS),  # when the output was made or rated (the record's own clock)
+        ("prompt", pa.string()),  # what the user asked for
+        ("enhanced_prompt", pa.string()),  # what the prompt enhancer made of it; null if none ran
+        ("model_version", pa.string()),  # the generator that made the output
+        ("image_ref", pa.string()),  # absolute path or URI of the output (image_b64 is saved under feedback/images/)
+        ("task", pa.string()),  # gen | edit
+        ("source_image_ref", pa.string()),  # edits: the image that was edited
+        ("instruction", pa.string()),  # edits: the instruction
+        ("scores", pa.string()),  # JSON {head: score} as the serving stack logged them; null if it did not
+        ("rating", pa.int8()),  # 1-5 from a person; null for evaluation failures
         ("comment", pa.string()),
-        ("created_at", TS),
+        ("extra", pa.string()),  # JSON of fields outside the contract, kept verbatim
+        ("origin", pa.string()),  # where it came in: FILE:LINE, http, ...
+        ("ingest_id", pa.string()),
+        ("received_at", TS),
     ]
 )
 
