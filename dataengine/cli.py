@@ -658,6 +658,46 @@ def feedback_serve(
         server.server_close()
 
 
+@app.command()
+def triage(
+    workspace: Path = WorkspaceOpt,
+    model: str = typer.Option("default", "--model", "-m", help="Embedding model whose indexes gap search reads."),
+    retriage: bool = typer.Option(False, help="Triage every failure again, not only the new ones."),
+    limit: Optional[int] = typer.Option(None, help="At most this many failures (oldest first)."),
+    score: bool = typer.Option(True, help="Score failures without logged scores with the workspace's reward heads."),
+) -> None:
+    """Bin each untriaged failure (rating 1-2, or none) into rl / knowledge / prompt, with evidence."""
+    from dataengine.triage_run import triage_workspace
+
+    ws = _existing(workspace)
+    r = triage_workspace(ws, model, retriage=retriage, limit=limit, score_missing=score)
+    if not r.failures:
+        console.print("no untriaged failures (dataengine feedback ingest FILE; --retriage to redo)")
+        return
+    console.print(f"triaged {r.triaged} failures with {r.triager}: "
+                  + ", ".join(f"{c} {n}" for c, n in r.by_cause.items()))
+    for name, how in r.signals.items():
+        console.print(f"  {name}: {how}")
+    for line in r.examples:
+        console.print(f"  {line}")
+
+
+@app.command("triage-learn")
+def triage_learn(
+    workspace: Path = WorkspaceOpt,
+    min_reviews: int = typer.Option(30, help="Reviews needed to train on (a third as many more are held out)."),
+) -> None:
+    """Train a triager on curators' reviews; it replaces the rules only if it beats them on held-out reviews."""
+    from dataengine.triage_run import learn_triager
+
+    ws = _existing(workspace)
+    m = learn_triager(ws, min_reviews)
+    if m["version"] is None:
+        console.print(f"no triager trained: {m['why']}")
+        return
+    console.print(f"triager {m['version']} ({m['status']}): {m['why']}")
+
+
 train_app = typer.Typer(
     help="Train a model of the stack on the workspace; each run saves a versioned checkpoint to "
          "models/<name>/vNNNN, registers it in model_versions and resumes after a crash.",
