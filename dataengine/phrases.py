@@ -190,8 +190,15 @@ def phrase_margins(train: PhraseIndex, reference: PhraseIndex, queries: Sequence
     training caption's prompt must not find itself)."""
     flat = np.concatenate([np.asarray(v, np.float32).reshape(-1, train.index.meta["dim"]) for v in vectors])
     extra = 8 if own is not None else 0  # room for the query's own phrases
-    ts, tr = train.index.search(flat, min(k + extra, len(train)))
-    rs, rr = reference.index.search(flat, min(k, len(reference)))
+    # Prompts share phrases ("on a wooden table"): each distinct text is searched once.
+    texts = [t for q in queries for t in q]
+    first: dict[str, int] = {}
+    at = np.array([first.setdefault(t, len(first)) for t in texts], np.int64)
+    uniq = np.zeros(len(first), np.int64)
+    uniq[at] = np.arange(len(texts))
+    ts, tr = train.index.search(flat[uniq], min(k + extra, len(train)))
+    rs, rr = reference.index.search(flat[uniq], min(k, len(reference)))
+    ts, tr, rs, rr = ts[at], tr[at], rs[at], rr[at]
     out_margin = np.empty(len(queries), np.float32)
     matches: list[list[PhraseMatch]] = []
     row = 0

@@ -26,7 +26,7 @@ from dataengine import signals as sg
 
 CAUSES = ("rl", "knowledge", "prompt")
 FEATURES = ("reward_pct", "disagreement", "coverage_margin", "is_gap", "drift_share", "drift_lost",
-            "has_enhanced", "sim_gap")
+            "drift_pct", "has_enhanced", "sim_gap")
 RULES_VERSION = "rules/v1"
 
 
@@ -49,9 +49,11 @@ class SignalTable:
 def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequence[str | None],
            ratings: Sequence[int | None], scores: Sequence[dict | None], reward_reference: dict[str, np.ndarray],
            gap_reports: Sequence | None = None, image_vecs: np.ndarray | None = None,
-           prompt_vecs: np.ndarray | None = None, enhanced_vecs: np.ndarray | None = None) -> SignalTable:
+           prompt_vecs: np.ndarray | None = None, enhanced_vecs: np.ndarray | None = None,
+           drift_reference: np.ndarray | None = None) -> SignalTable:
     """Signals of a batch from what is at hand: texts, logged scores and their reference,
-    gap reports and CLIP vectors (either may be None: those signals are then NaN)."""
+    gap reports and CLIP vectors (either may be None: those signals are then NaN), and the
+    drift shares of well-rated outputs (how much this enhancer rewords when nothing failed)."""
     n = len(feedback_ids)
     has_enh = np.array([e is not None and bool(e.strip()) for e in enhanced])
     drifts = [sg.drift(p, e if h else None) for p, e, h in zip(prompts, enhanced, has_enh)]
@@ -68,6 +70,8 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
         "is_gap": cov["is_gap"].astype(np.float64) if cov else np.full(n, np.nan),
         "drift_share": np.array([d.share for d in drifts]),
         "drift_lost": np.array([float(d.lost) for d in drifts]),
+        "drift_pct": (sg.percentile(np.array([d.share for d in drifts]), drift_reference)
+                      if drift_reference is not None and len(drift_reference) else np.full(n, np.nan)),
         "has_enhanced": has_enh.astype(np.float64), "sim_gap": sim["sim_gap"],
     }
     features = np.stack([np.asarray(cols[f], np.float64) for f in FEATURES], axis=1)
@@ -107,6 +111,9 @@ class RuleTriager:
     percentile; drift counts the user's content words the enhancer lost."""
 
     min_lost_words: int = 1  # an insertion enhancer loses none; one lost word is a changed intent
+    # An enhancer that rewords loses words on outputs people liked too: then drift counts
+    # only beyond what it does on those (its percentile among the well-rated outputs').
+    drift_beyond: float = 0.95
     reward_liked: float = 0.5  # percentile: the reward rated the failure like a median reference output
     version: str = RULES_VERSION
 
@@ -114,7 +121,9 @@ class RuleTriager:
         lost, share = s.col("drift_lost"), s.col("drift_share")
         gap, margin = s.col("is_gap"), s.col("coverage_margin")
         pct = s.col("reward_pct")
-        prompt = (s.col("has_enhanced") > 0) & (lost >= self.min_lost_words)
+        dpct = s.col("drift_pct")
+        usual = np.isfinite(dpct) & (dpct < self.drift_beyond)
+        prompt = (s.col("has_enhanced") > 0) & (lost >= self.min_lost_words) & ~usual
         knowledge = ~prompt & (gap > 0)
         causes = np.where(prompt, "prompt", np.where(knowledge, "knowledge", "rl"))
         # Confidence: how clearly the deciding signal fired, and how little the others argue.

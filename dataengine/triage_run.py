@@ -27,6 +27,7 @@ from dataengine.workspace import Workspace
 
 TRIAGER = "triager"
 FAILURE_SQL = "(rating IS NULL OR rating <= 2)"
+MIN_DRIFT_REFERENCE = 20  # well-rated outputs needed before drift is judged against theirs
 
 
 @dataclass
@@ -122,6 +123,14 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
         except NoRewardModel as e:
             report.signals["reward"] += f"; {len(missing)} unscored ({e})"
 
+    # How much the enhancer rewords on outputs people rated well: drift beyond that is a fault.
+    good = catalog.query("SELECT prompt, enhanced_prompt FROM feedback WHERE rating >= 4 AND enhanced_prompt IS NOT NULL "
+                         "ORDER BY feedback_id LIMIT 2000").to_pylist()
+    drift_ref = (np.array([sg.drift(g["prompt"], g["enhanced_prompt"]).share for g in good])
+                 if len(good) >= MIN_DRIFT_REFERENCE else None)
+    report.signals["drift"] = (f"word alignment; vs {len(good)} well-rated outputs' drift" if drift_ref is not None
+                               else f"word alignment; {len(good)} well-rated outputs (< {MIN_DRIFT_REFERENCE}): every lost word counts")
+
     searcher, why = _gap_searcher(ws, model)
     reports = image_vecs = prompt_vecs = enh_vecs = None
     if searcher is not None:
@@ -132,7 +141,8 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
         report.signals["similarity"] = f"CLIP {searcher.encoder.model_id}" + (f"; {len(errors)} images unread" if errors else "")
     else:
         report.signals["coverage"] = report.signals["similarity"] = f"not measured: {why}"
-    table = gather(ids, prompts, enhanced, ratings, scores, reference, reports, image_vecs, prompt_vecs, enh_vecs)
+    table = gather(ids, prompts, enhanced, ratings, scores, reference, reports, image_vecs, prompt_vecs, enh_vecs,
+                   drift_ref)
     decision = triager.decide(table)
     out = rows_of(table, decision)
     lake.write_part(ws.lake, "triage", pa.Table.from_pylist(out, schema=TRIAGE))

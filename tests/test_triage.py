@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from dataengine import lake
+from dataengine.signals import drift as sg_drift
 from dataengine.catalog import Catalog
 from dataengine.schema import REVIEWS, TRIAGE
 from dataengine.triage import (FEATURES, LearnedTriager, RuleTriager, SignalTable, accuracy, compare, gather,
@@ -140,3 +141,15 @@ def test_a_workspace_without_an_index_triages_its_failures_once_and_skips_good_r
     assert "coverage unknown" in json.loads(rows["kept"]["evidence"])["text"]
     assert triage_workspace(ws, score_missing=False).failures == 0  # nothing new
     assert triage_workspace(ws, retriage=True, score_missing=False).triaged == 3
+
+
+def test_drift_counts_only_beyond_what_the_enhancer_does_on_well_rated_outputs():
+    """A rewording enhancer loses words on outputs people liked too: that much is its style."""
+    prompts = ["a small red star on grass", "a small red star on grass"]
+    enhanced = ["A little red star sits on a lawn", "A little blue star sits on a lawn, a ring beside it"]
+    good = np.array([sg_drift(p, e).share for p, e in [("a small cat on a sofa", "A little cat rests on a couch"),
+                                                        ("a big dog in snow", "A large dog in the snow")] * 10])
+    s = gather(["a", "b"], prompts, enhanced, [1, 1], [None, None], {}, drift_reference=good)
+    assert RuleTriager().decide(s).causes == ["rl", "prompt"]
+    s = gather(["a", "b"], prompts, enhanced, [1, 1], [None, None], {})  # no reference: every lost word counts
+    assert RuleTriager().decide(s).causes == ["prompt", "prompt"]
