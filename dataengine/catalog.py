@@ -24,7 +24,7 @@ from dataengine.schema import CATALOG_TABLES, LAKE_TABLES, conform
 from dataengine.workspace import Workspace
 
 SCHEMA_VERSION = 4  # 2: quarantine.stage; 3: quarantine members, offsets, sizes, model_id;
-# 4: the feedback contract, quarantine.raw
+# 4: the feedback contract, quarantine.raw, remedies
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
@@ -59,6 +59,8 @@ def _is_lock_conflict(err: Exception) -> bool:
 def _duck_type(t: pa.DataType) -> str:
     if pa.types.is_timestamp(t):
         return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_list(t):
+        return f"{_duck_type(t.value_type)}[]"
     try:
         return _DUCK_TYPES[t]
     except KeyError:

@@ -698,6 +698,64 @@ def triage_learn(
     console.print(f"triager {m['version']} ({m['status']}): {m['why']}")
 
 
+@app.command()
+def remedies(
+    workspace: Path = WorkspaceOpt,
+    auto_approve: bool = typer.Option(False, help="Approve every remedy that needs no edit (stands in for a curator)."),
+    patch_size: int = typer.Option(32, help="At most this many pool samples per missing concept's patch."),
+) -> None:
+    """Queue a remedy for each triaged failure none answers yet (review them with `dataengine review`)."""
+    from dataengine.remedies import approve_all, propose
+
+    ws = _existing(workspace)
+    try:
+        r = propose(ws, patch_size=patch_size)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print("queued: " + ", ".join(f"{c} {r.made[c]} ({r.failures[c]} failures)" for c in r.made))
+    for t in r.titles[:15]:
+        console.print(f"  {t}")
+    if auto_approve:
+        console.print(f"auto-approved {approve_all(ws)} remedies")
+
+
+@app.command()
+def review(
+    remedy_id: str = typer.Argument(..., help="The remedy (dataengine status lists the queue's size)."),
+    verdict: str = typer.Argument(..., help="approve | reject | edit"),
+    workspace: Path = WorkspaceOpt,
+    curator: str = typer.Option(os.environ.get("USER", "curator"), help="Who decided."),
+    note: Optional[str] = typer.Option(None),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="edit: proposal FIELD=VALUE (e.g. more='...')."),
+) -> None:
+    """A curator's verdict on one queued remedy."""
+    from dataengine.remedies import RemedyError, decide
+
+    ws = _existing(workspace)
+    edit = dict(item.split("=", 1) for item in set_ or [])
+    try:
+        row = decide(ws, remedy_id, verdict, curator, note, edit or None)
+    except RemedyError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"{remedy_id}: {row['status']} ({row['title']})")
+
+
+@app.command()
+def triggers(
+    workspace: Path = WorkspaceOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what each policy would fire and why; fire nothing."),
+) -> None:
+    """Evaluate the retrain policies (approved remedies, failure rate over a window, cooldown); queue jobs."""
+    from dataengine.triggers import check
+
+    ws = _existing(workspace)
+    for v in check(ws, dry_run=dry_run):
+        state = ("[green]FIRES[/green]" if dry_run else f"[green]fired {v.job_id}[/green]") if v.fire else "waits"
+        console.print(f"{v.cause:<10} {state}: {v.why}")
+
+
 train_app = typer.Typer(
     help="Train a model of the stack on the workspace; each run saves a versioned checkpoint to "
          "models/<name>/vNNNN, registers it in model_versions and resumes after a crash.",

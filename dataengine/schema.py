@@ -222,12 +222,31 @@ MODEL_VERSIONS = pa.schema(
     ]
 )
 
+# The review queue of remedies: what each triaged cause proposes, waiting for a curator.
+REMEDIES = pa.schema(
+    [
+        ("remedy_id", pa.string()),
+        ("cause", pa.string()),  # rl | knowledge | prompt
+        ("kind", pa.string()),  # reward-adjustment | knowledge-patch | enhancer-pair
+        ("title", pa.string()),  # one line a curator reads first
+        ("feedback_ids", pa.list_(pa.string())),  # the failures it answers
+        ("proposal", pa.string()),  # JSON: the head and pairs, the concept and patch, the corrected prompt
+        ("status", pa.string()),  # pending | approved | rejected | used
+        ("curator", pa.string()),
+        ("note", pa.string()),
+        ("job_id", pa.string()),  # the retrain job that used it
+        ("created_at", TS),
+        ("decided_at", TS),
+    ]
+)
+
 CATALOG_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     # name: (schema, primary key)
     "shards": (SHARDS, ("shard_uid",)),
     "reviews": (REVIEWS, ("review_id",)),
     "jobs": (JOBS, ("job_id",)),
     "model_versions": (MODEL_VERSIONS, ("model", "version")),
+    "remedies": (REMEDIES, ("remedy_id",)),
 }
 
 ALL_TABLES = tuple(LAKE_TABLES) + tuple(CATALOG_TABLES)

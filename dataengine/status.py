@@ -38,7 +38,7 @@ def summarize(catalog: Catalog) -> Summary:
         counts = {}
         present = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         for name in ("samples", "quarantine", "shards", "embeddings", "pairs", "feedback",
-                     "triage", "gaps", "reviews", "patches", "jobs", "model_versions"):
+                     "triage", "gaps", "reviews", "patches", "remedies", "jobs", "model_versions"):
             if name in present:  # a workspace made before a table existed lacks it until `init`
                 counts[name] = con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
         splits = [SplitStats(*row) for row in con.execute(

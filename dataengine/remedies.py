@@ -1,0 +1,265 @@
+"""Remedies: what each triaged cause proposes, as rows of a review queue (`remedies`).
+
+- rl -> a reward adjustment per head that overrated failures: which head, which way, and
+  recalibration pairs (a well-rated output that head scored no higher than a failure);
+- knowledge -> failures grouped into the concepts they miss (by the weakest phrase gap
+  search found in each prompt, named by the words the group's phrases share), each with
+  its gap report and a patch shard drawn from the pool (`patch.py`);
+- prompt -> an enhancer training pair per failure: the user's prompt and the enhanced
+  prompt with the user's replaced words put back (dropped words need a curator's edit).
+
+A curator approves, edits or rejects each row (`decide`); triggers count approved rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Sequence
+
+import pyarrow as pa
+
+from dataengine import signals as sg
+from dataengine.catalog import Catalog
+from dataengine.schema import REMEDIES
+from dataengine.workspace import Workspace
+
+KINDS = {"rl": "reward-adjustment", "knowledge": "knowledge-patch", "prompt": "enhancer-pair"}
+VERDICTS = ("approve", "reject", "edit")
+MAX_PAIRS = 200  # recalibration pairs per head proposal (the rest add little and bloat the row)
+
+
+class RemedyError(ValueError):
+    pass
+
+
+@dataclass
+class RemedyReport:
+    made: dict[str, int] = field(default_factory=lambda: {c: 0 for c in KINDS})
+    failures: dict[str, int] = field(default_factory=lambda: {c: 0 for c in KINDS})
+    titles: list[str] = field(default_factory=list)
+
+
+def _rid(cause: str, key: str) -> str:
+    return hashlib.sha1(f"{cause}\0{key}".encode()).hexdigest()[:16]
+
+
+def _row(cause: str, key: str, title: str, ids: Sequence[str], proposal: dict, now: datetime,
+         status: str = "pending") -> dict:
+    return dict(remedy_id=_rid(cause, key), cause=cause, kind=KINDS[cause], title=title, feedback_ids=list(ids),
+                proposal=json.dumps(proposal, default=str), status=status, curator=None, note=None, job_id=None,
+                created_at=now, decided_at=None)
+
+
+# ---------------------------------------------------------------------------------------
+# Per cause
+# ---------------------------------------------------------------------------------------
+
+
+def rl_remedies(failures: Sequence[dict], good: Sequence[dict], now: datetime) -> list[dict]:
+    """One reward-adjustment proposal per head that rated rl failures highest."""
+    by_head: dict[str, list[dict]] = defaultdict(list)
+    for f in failures:
+        by_head[f["evidence"].get("reward_top") or "(no scores)"].append(f)
+    out = []
+    for head, group in sorted(by_head.items()):
+        pairs = []
+        if head != "(no scores)":
+            for f in group:
+                s_fail = (f["scores"] or {}).get(head)
+                for g in good:
+                    s_good = (g["scores"] or {}).get(head)
+                    if s_fail is not None and s_good is not None and s_good <= s_fail:
+                        pairs.append({"win": g["feedback_id"], "lose": f["feedback_id"],
+                                      "win_score": s_good, "lose_score": s_fail})
+        pairs.sort(key=lambda p: p["win_score"] - p["lose_score"])  # the most wrongly ordered first
+        ids = [f["feedback_id"] for f in group]
+        proposal = {"head": head, "direction": "lower on outputs like these failures",
+                    "failures": ids, "pairs": pairs[:MAX_PAIRS], "pairs_found": len(pairs),
+                    "why": (f"{head} rated {len(group)} failed outputs highest among its heads; "
+                            f"{len(pairs)} pairs where a well-rated output scored no higher than a failure")}
+        out.append(_row("rl", f"{head}\0{min(ids)}\0{len(ids)}", f"{head}: {len(group)} failures it overrated; "
+                        f"{len(pairs)} recalibration pairs", ids, proposal, now))
+    return out
+
+
+def concept_groups(failures: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """Knowledge failures grouped by the content words of their weakest phrase: two
+    failures share a group when their phrases share a content word pair; a group is
+    named by the words most of its phrases hold."""
+    def key_words(f: dict) -> list[str]:
+        return sg.content_words(f["evidence"].get("weakest_phrase") or f["prompt"])
+
+    groups: list[tuple[Counter, list[dict]]] = []
+    for f in failures:
+        words = key_words(f)
+        best, best_overlap = None, 1
+        for g in groups:
+            overlap = sum(1 for w in set(words) if g[0][w] * 2 >= len(g[1]))  # words most of the group has
+            if overlap > best_overlap:
+                best, best_overlap = g, overlap
+        if best is None:
+            groups.append((Counter(set(words)), [f]))
+        else:
+            best[0].update(set(words))
+            best[1].append(f)
+    out = []
+    for counts, members in groups:
+        shared = [w for w, n in counts.most_common() if n * 2 > len(members)]
+        order = key_words(members[0])  # name in the phrase's own word order
+        name = " ".join(w for w in dict.fromkeys(order) if w in shared) or " ".join(order[:3])
+        out.append((name, members))
+    return sorted(out, key=lambda g: -len(g[1]))
+
+
+def knowledge_remedies(ws: Workspace, failures: Sequence[dict], now: datetime, searcher=None,
+                       patch_size: int = 32) -> list[dict]:
+    """Per missing concept: its gap report and a patch shard from the pool."""
+    from dataengine.patch import PatchConfig, patch_found_gap
+
+    out = []
+    groups = concept_groups(failures)
+    if groups and searcher is None:
+        from dataengine.gaps import GapSearcher
+
+        searcher = GapSearcher(ws)
+    for name, members in groups:
+        ids = [f["feedback_id"] for f in members]
+        reports, vecs = searcher.prompts([name], [ids[0]])
+        rep = reports[0]
+        patch = patch_found_gap(searcher, rep, vecs[0], PatchConfig(size=patch_size)) if rep.is_gap else None
+        proposal = {"concept": name, "failures": ids, "prompts": [f["prompt"] for f in members[:10]],
+                    "gap": {"gap_id": rep.gap_id, "is_gap": rep.is_gap, "percentile": rep.percentile,
+                            "threshold": rep.threshold, "explain": rep.explain()},
+                    "patch": ({"shard": patch.shard, "written": patch.written, "summary": patch.summary()}
+                              if patch else None)}
+        state = (f"patch of {patch.written} pool samples" if patch and patch.written else
+                 "a gap, but the pool had nothing to patch it with" if rep.is_gap else
+                 "not a gap when searched by name: review the grouping")
+        out.append(_row("knowledge", f"{name}\0{min(ids)}", f"missing concept {name!r}: {len(ids)} failures; {state}",
+                        ids, proposal, now))
+    return out
+
+
+def corrected_prompt(prompt: str, enhanced: str) -> tuple[str, list[str]]:
+    """The enhanced prompt with each word the enhancer put in place of the user's put back,
+    and the user's words it dropped (which a curator must place)."""
+    d = sg.drift(prompt, enhanced)
+    text = enhanced
+    for theirs, ours in d.substituted:
+        # Words are compared normalised: find the enhanced prompt's surface form of `ours`.
+        for form in re.findall(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*", text):
+            if sg.words(form) == [ours]:
+                original = next((w for w in re.findall(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*", prompt)
+                                 if sg.words(w) == [theirs]), theirs)
+                text = re.sub(rf"(?<![\w-]){re.escape(form)}(?![\w-])", original, text)
+                break
+    return text, d.dropped
+
+
+def prompt_remedies(failures: Sequence[dict], now: datetime) -> list[dict]:
+    out = []
+    for f in failures:
+        if not f["enhanced_prompt"]:
+            continue
+        fixed, dropped = corrected_prompt(f["prompt"], f["enhanced_prompt"])
+        proposal = {"less": f["prompt"], "more": fixed, "was": f["enhanced_prompt"], "dropped": dropped,
+                    "needs_edit": bool(dropped)}
+        title = (f"enhancer pair: put back {', '.join(dropped)!s} by hand" if dropped
+                 else f"enhancer pair: {f['prompt'][:60]!r} -> corrected enhanced prompt")
+        out.append(_row("prompt", f["feedback_id"], title, [f["feedback_id"]], proposal, now))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The queue
+# ---------------------------------------------------------------------------------------
+
+
+def _unanswered(catalog: Catalog) -> dict[str, list[dict]]:
+    """Latest triage of each failure that no remedy answers yet, with its feedback row."""
+    taken = {fid for r in catalog.query("SELECT feedback_ids FROM remedies").to_pylist() for fid in r["feedback_ids"]}
+    rows = catalog.query("""
+        SELECT t.feedback_id, t.cause, t.evidence, f.prompt, f.enhanced_prompt, f.scores, f.rating
+        FROM (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at DESC) AS n FROM triage) t
+        JOIN feedback f USING (feedback_id) WHERE t.n = 1 ORDER BY t.feedback_id""").to_pylist()
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["feedback_id"] in taken:
+            continue
+        r["evidence"] = json.loads(r["evidence"])
+        r["scores"] = sg.parse_scores(r["scores"])
+        out[r["cause"]].append(r)
+    return out
+
+
+def propose(ws: Workspace, causes: Sequence[str] = tuple(KINDS), searcher=None, patch_size: int = 32) -> RemedyReport:
+    """Queue remedies for every triaged failure no remedy answers yet."""
+    catalog = Catalog(ws)
+    catalog.migrate()
+    now = datetime.now(timezone.utc)
+    todo = _unanswered(catalog)
+    report = RemedyReport()
+    rows: list[dict] = []
+    if "rl" in causes and todo.get("rl"):
+        good = [dict(feedback_id=r["feedback_id"], scores=sg.parse_scores(r["scores"])) for r in catalog.query(
+            "SELECT feedback_id, scores FROM feedback WHERE rating >= 4 AND scores IS NOT NULL "
+            "ORDER BY feedback_id LIMIT 500").to_pylist()]
+        rows += rl_remedies(todo["rl"], good, now)
+    if "knowledge" in causes and todo.get("knowledge"):
+        rows += knowledge_remedies(ws, todo["knowledge"], now, searcher, patch_size)
+    if "prompt" in causes and todo.get("prompt"):
+        rows += prompt_remedies(todo["prompt"], now)
+    if rows:
+        catalog.upsert("remedies", pa.Table.from_pylist(rows, schema=REMEDIES))
+    for r in rows:
+        report.made[r["cause"]] += 1
+        report.failures[r["cause"]] += len(r["feedback_ids"])
+        report.titles.append(f"[{r['cause']}] {r['title']}")
+    return report
+
+
+def decide(ws: Workspace, remedy_id: str, verdict: str, curator: str, note: str | None = None,
+           edit: dict | None = None) -> dict:
+    """A curator's verdict on one remedy: approve, reject, or edit (merge `edit` into its
+    proposal, then approve). Used remedies cannot change."""
+    if verdict not in VERDICTS:
+        raise RemedyError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    catalog = Catalog(ws)
+    with catalog.transaction() as con:
+        rows = con.sql("SELECT * FROM remedies WHERE remedy_id = ?", params=[remedy_id]).to_arrow_table().to_pylist()
+        if not rows:
+            raise RemedyError(f"no remedy {remedy_id!r}")
+        row = rows[0]
+        if row["status"] == "used":
+            raise RemedyError(f"remedy {remedy_id} was used by job {row['job_id']}; it cannot change")
+        if verdict == "edit":
+            if not edit:
+                raise RemedyError("an edit needs the fields to change")
+            proposal = json.loads(row["proposal"]) | edit
+            if row["cause"] == "prompt":
+                proposal["needs_edit"] = bool(sg.drift(proposal["less"], proposal["more"]).lost)
+                if proposal["needs_edit"]:
+                    raise RemedyError(f"the edited prompt still loses the user's words: "
+                                      f"{sg.drift(proposal['less'], proposal['more']).explain()}")
+            row["proposal"] = json.dumps(proposal, default=str)
+        row.update(status="rejected" if verdict == "reject" else "approved", curator=curator, note=note,
+                   decided_at=datetime.now(timezone.utc))
+        catalog.upsert("remedies", pa.Table.from_pylist([row], schema=REMEDIES), con)
+    return row
+
+
+def approve_all(ws: Workspace, curator: str = "auto-approve") -> int:
+    """Approve every pending remedy that needs no edit (`--auto-approve`: stands in for a curator)."""
+    catalog = Catalog(ws)
+    n = 0
+    for r in catalog.query("SELECT remedy_id, proposal FROM remedies WHERE status = 'pending'").to_pylist():
+        if json.loads(r["proposal"]).get("needs_edit"):
+            continue
+        decide(ws, r["remedy_id"], "approve", curator)
+        n += 1
+    return n

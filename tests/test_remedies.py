@@ -1,0 +1,90 @@
+"""Remedies: each cause's proposal on hand-made failures, and the curator's verdicts."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from dataengine.catalog import Catalog
+from dataengine.remedies import (RemedyError, concept_groups, corrected_prompt, decide, propose, prompt_remedies,
+                                 rl_remedies)
+
+NOW = datetime(2026, 12, 6, tzinfo=timezone.utc)
+
+
+def fail(fid, prompt="p", enhanced=None, top=None, scores=None, phrase=None):
+    return dict(feedback_id=fid, prompt=prompt, enhanced_prompt=enhanced, scores=scores,
+                evidence={"reward_top": top, "weakest_phrase": phrase})
+
+
+def test_rl_proposes_one_adjustment_per_overrating_head_with_wrongly_ordered_pairs():
+    fails = [fail("f1", top="fidelity", scores={"fidelity": 0.9}), fail("f2", top="fidelity", scores={"fidelity": 0.4}),
+             fail("f3", top="aesthetics", scores={"aesthetics": 2.0})]
+    good = [dict(feedback_id="g1", scores={"fidelity": 0.5, "aesthetics": 1.0}),
+            dict(feedback_id="g2", scores={"fidelity": 0.95})]
+    rows = {r["title"].split(":")[0]: r for r in rl_remedies(fails, good, NOW)}
+    fid = json.loads(rows["fidelity"]["proposal"])
+    assert fid["head"] == "fidelity" and rows["fidelity"]["feedback_ids"] == ["f1", "f2"]
+    assert [(p["win"], p["lose"]) for p in fid["pairs"]] == [("g1", "f1")]  # g1 0.5 <= f1 0.9 only
+    assert json.loads(rows["aesthetics"]["proposal"])["pairs_found"] == 1
+
+
+def test_knowledge_failures_group_by_the_phrase_they_miss_and_are_named_by_its_shared_words():
+    fails = [fail("a", phrase="two small teal kites"), fail("b", phrase="a teal kite flying"),
+             fail("c", phrase="three teal kites"), fail("d", phrase="one large brass anchor"),
+             fail("e", phrase="brass anchors on sand")]
+    groups = concept_groups(fails)
+    assert [(name, sorted(f["feedback_id"] for f in m)) for name, m in groups] == [
+        ("teal kite", ["a", "b", "c"]), ("brass anchor", ["d", "e"])]
+
+
+@pytest.mark.parametrize("prompt, enhanced, fixed, dropped", [
+    ("a red star on grass", "A large blue star on soft grass.", "A large red star on soft grass.", []),
+    ("two Cats on a sofa", "Three cats resting on a sofa", "two cats resting on a sofa", []),
+    ("a red star and a ring", "A red star, glowing.", "A red star, glowing.", ["ring"]),
+])
+def test_a_prompt_failure_gets_the_users_words_put_back(prompt, enhanced, fixed, dropped):
+    text, lost = corrected_prompt(prompt, enhanced)
+    assert text == fixed and lost == dropped
+    row = prompt_remedies([fail("f", prompt, enhanced)], NOW)[0]
+    assert json.loads(row["proposal"])["needs_edit"] == bool(dropped)
+
+
+def _queue(ws, tmp_path):
+    from connectors.feedback import ingest_files
+    from dataengine.triage_run import triage_workspace
+    from conftest import image_bytes
+
+    (tmp_path / "o.png").write_bytes(image_bytes())
+    recs = [dict(id="p1", prompt="a red star", enhanced_prompt="a big blue star", rating=1),
+            dict(id="p2", prompt="a red star and a ring", enhanced_prompt="a red star", rating=1),
+            dict(id="r1", prompt="a red star", enhanced_prompt="a big red star", rating=1),
+            dict(id="g1", prompt="a red star", enhanced_prompt="a red star", rating=5)]
+    with open(tmp_path / "f.jsonl", "w") as f:
+        for i, r in enumerate(recs):
+            f.write(json.dumps(r | {"time": "2026-12-06T00:00:00Z", "model_version": "g", "image": "o.png",
+                                    "task": "gen", "scores": {"fidelity": [0.9, 0.8, 0.7, 0.6][i]}}) + "\n")
+    ingest_files(ws, [tmp_path / "f.jsonl"])
+    triage_workspace(ws, score_missing=False)
+
+
+def test_propose_queues_each_failure_once_and_curators_decide(ws, tmp_path):
+    _queue(ws, tmp_path)
+    r = propose(ws)
+    assert r.made == {"rl": 1, "knowledge": 0, "prompt": 2} and r.failures["prompt"] == 2
+    assert propose(ws).made == {"rl": 0, "knowledge": 0, "prompt": 0}  # nothing new
+    rows = {r["title"]: r for r in Catalog(ws).query("SELECT * FROM remedies").to_pylist()}
+    rl = next(r for t, r in rows.items() if r["cause"] == "rl")
+    assert json.loads(rl["proposal"])["pairs"][0] == {"win": "g1", "lose": "r1", "win_score": 0.6, "lose_score": 0.7}
+    needs = next(r for r in rows.values() if r["cause"] == "prompt" and json.loads(r["proposal"])["needs_edit"])
+    with pytest.raises(RemedyError, match="still loses"):
+        decide(ws, needs["remedy_id"], "edit", "ann", edit={"more": "a red star, glowing"})
+    done = decide(ws, needs["remedy_id"], "edit", "ann", edit={"more": "a red star and a ring, glowing"})
+    assert done["status"] == "approved" and json.loads(done["proposal"])["needs_edit"] is False
+    assert decide(ws, rl["remedy_id"], "reject", "ann", "the head is fine")["status"] == "rejected"
+    with pytest.raises(RemedyError, match="verdict"):
+        decide(ws, rl["remedy_id"], "maybe", "ann")
+    with pytest.raises(RemedyError, match="no remedy"):
+        decide(ws, "nope", "approve", "ann")
