@@ -182,7 +182,8 @@ def write_feedback(out: Path, held: tuple, n_per_cause: int, n_good: int, seed: 
     out.mkdir(parents=True, exist_ok=True)
     records, truth = [], {}
     rng = random.Random(f"triage/{seed}/{paraphrase}")
-    tag = "para" if paraphrase else "ins"
+    # Ids unique per run: a reused workspace keeps earlier runs' feedback, and triage only takes new ids.
+    tag = f"{time.strftime('%H%M%S')}-{'para' if paraphrase else 'ins'}"
     jobs = [(c, i) for i in range(n_per_cause) for c in CAUSES] + [("good", i) for i in range(n_good)]
     for cause, i in jobs:
         while True:
@@ -204,7 +205,9 @@ def write_feedback(out: Path, held: tuple, n_per_cause: int, n_good: int, seed: 
         path = out / f"{fid}.png"
         render(shown).save(path)
         records.append({"id": fid, "time": "2026-12-06T00:00:00Z", "prompt": prompt, "enhanced_prompt": enhanced,
-                        "model_version": "dit/v0007", "image": path.name, "task": "gen",
+                        # Another enhancer is another serving stack: drift is judged per version.
+                        "model_version": "dit/v0007" + ("+rewording-enhancer" if paraphrase else ""),
+                        "image": path.name, "task": "gen",
                         "rating": rng.choice((4, 5)) if cause == "good" else rng.choice((1, 1, 2, None)),
                         "comment": None})
         if cause != "good":

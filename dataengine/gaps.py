@@ -16,12 +16,15 @@ train), measured on two sides:
   against the phrases of train's and the corpus's captions; the prompt is as covered as
   its least-covered phrase. Phrases keep attributes on their nouns, so "purple triangle"
   is missing from train even when "purple square" and "pink triangle" are not.
-- The training set's own queries set the threshold: terse prompts made from train
-  captions (the ends of their degradation chains, the register of a failing user prompt)
-  and train images, each with its own sample left out. A text query's percentile is the
-  smaller of its two sides' percentiles among those prompts; a gap is a query under the
-  alpha quantile of the prompts' own combined percentiles, so the threshold comes from
-  the data, per model and per corpus. `gap_score = 1 - percentile`. Image queries (failed
+- The training set's own queries set the threshold: prompts made from train
+  captions (the end of each one's degradation chain, the register of a terse user prompt,
+  and a step drawn along it, so every length is represented) and train images, each with
+  its own sample left out. A text query's percentile is the smaller of its two sides'
+  percentiles among the reference prompts of about its phrase count (the weakest of more
+  phrases is lower: against terse references alone, 9-18% of covered 4-20-phrase prompts
+  read as gaps at alpha 0.02); a gap is a query under the alpha quantile of those
+  prompts' own combined percentiles, so the threshold comes from the data, per model,
+  corpus and prompt length. `gap_score = 1 - percentile`. Image queries (failed
   outputs) are judged on the image side alone.
 - Evidence: each side's margin, percentile and own threshold; each phrase with its
   nearest phrase in train and in the corpus; the nearest training samples; and a density
@@ -184,35 +187,49 @@ class Coverage:
     ref_caption: np.ndarray | None = None
     ref_combined: np.ndarray | None = None
     phrase_k: int = 5
+    # Reference prompts by length: a prompt is as covered as its weakest phrase, and the
+    # minimum over more phrases is lower, so a long prompt is judged against reference
+    # prompts of about its length. Each: {"max_phrases": n, "text"|"caption"|"combined":
+    # sorted array}; empty for coverage built before (every prompt against all).
+    buckets: list[dict] = field(default_factory=list)
 
     @property
     def has_captions(self) -> bool:
         return self.ref_caption is not None and self.ref_combined is not None
 
-    def _ref(self, kind: str) -> np.ndarray:
+    def _ref(self, kind: str, n_phrases: int | None = None) -> np.ndarray:
+        if n_phrases is not None and self.buckets and kind in ("text", "caption", "combined"):
+            b = next((b for b in self.buckets if n_phrases <= b["max_phrases"]), self.buckets[-1])
+            return b[kind]
         return {"text": self.ref_text, "image": self.ref_image, "caption": self.ref_caption,
                 "combined": self.ref_combined}[kind]
 
-    def threshold(self, kind: str) -> float:
+    def threshold(self, kind: str, n_phrases: int | None = None) -> float:
         """The coverage margin below which a query of `kind` is a gap on that side alone
-        (the alpha quantile); for "combined", the percentile below which a text query is."""
-        return float(np.quantile(self._ref(kind), self.alpha))
+        (the alpha quantile); for "combined", the percentile below which a text query is.
+        With `n_phrases`, among reference prompts of about that many phrases."""
+        return float(np.quantile(self._ref(kind, n_phrases), self.alpha))
 
-    def percentile(self, value: float, kind: str) -> float:
+    def percentile(self, value: float, kind: str, n_phrases: int | None = None) -> float:
         """Share of the reference queries covered less well than `value`."""
-        return float(np.searchsorted(self._ref(kind), value, side="left") / len(self._ref(kind)))
+        ref = self._ref(kind, n_phrases)
+        return float(np.searchsorted(ref, value, side="left") / len(ref))
 
-    def combined(self, image_margin: float, caption_margin: float) -> float:
+    def combined(self, image_margin: float, caption_margin: float, n_phrases: int | None = None) -> float:
         """A text query's combined percentile: the less covered of its two sides."""
-        return min(self.percentile(image_margin, "text"), self.percentile(caption_margin, "caption"))
+        return min(self.percentile(image_margin, "text", n_phrases),
+                   self.percentile(caption_margin, "caption", n_phrases))
 
     def save(self, directory: Path) -> None:
         arrays = dict(ref_text=self.ref_text, ref_image=self.ref_image, centroids=self.centroids, sizes=self.sizes)
         if self.has_captions:
             arrays |= dict(ref_caption=self.ref_caption, ref_combined=self.ref_combined)
+        for i, b in enumerate(self.buckets):
+            arrays |= {f"bucket{i}_{kind}": b[kind] for kind in ("text", "caption", "combined")}
         np.savez(directory / COVERAGE_FILE, **arrays)
         meta = dict(self.meta, model_id=self.model_id, split=self.split, reference_split=self.reference_split,
-                    k=self.k, alpha=self.alpha, captions=self.captions, phrase_k=self.phrase_k)
+                    k=self.k, alpha=self.alpha, captions=self.captions, phrase_k=self.phrase_k,
+                    bucket_max_phrases=[b["max_phrases"] for b in self.buckets])
         tmp = directory / f"{COVERAGE_META}.tmp"
         tmp.write_text(json.dumps(meta))
         tmp.replace(directory / COVERAGE_META)
@@ -228,22 +245,47 @@ class Coverage:
         fixed = {name: meta.pop(name) for name in
                  ("model_id", "split", "reference_split", "k", "alpha", "captions")}
         phrase_k = int(meta.pop("phrase_k", 5))
+        buckets = [{"max_phrases": n} | {kind: arrays[f"bucket{i}_{kind}"] for kind in ("text", "caption", "combined")}
+                   for i, n in enumerate(meta.pop("bucket_max_phrases", []))]
         return cls(fixed["model_id"], fixed["split"], fixed["reference_split"], fixed["k"], fixed["alpha"],
                    arrays["ref_text"], arrays["ref_image"], arrays["centroids"],
                    arrays["sizes"], fixed["captions"], meta,
                    arrays["ref_caption"] if "ref_caption" in arrays else None,
-                   arrays["ref_combined"] if "ref_combined" in arrays else None, phrase_k)
+                   arrays["ref_combined"] if "ref_combined" in arrays else None, phrase_k, buckets)
 
 
-def reference_prompts(captions: Sequence[str]) -> list[str]:
-    """The terse end of each caption's degradation chain (the caption itself when it has none)."""
+def reference_prompts(captions: Sequence[str], seed: int = 0) -> list[str]:
+    """Two prompts per caption: the terse end of its degradation chain (the register of a
+    short user prompt) and a step drawn at random along the chain, the caption itself
+    included (prompts come at every length)."""
     from dataengine.degrade.chains import DegradeConfig, degrade_chain
 
     cfg = DegradeConfig(policy="fixed")
+    rng = random.Random(seed)
     out = []
     for c in captions:
         steps = degrade_chain(c, cfg)
         out.append(steps[-1].less if steps else c)
+        out.append(rng.choice([c] + [st.less for st in steps]))
+    return out
+
+
+def length_buckets(lengths: np.ndarray, per_bucket: int = 150,
+                   edges: Sequence[int] = (1, 3, 6, 12)) -> list[int]:
+    """Upper phrase counts of the reference buckets: doubling widths (the minimum over n
+    phrases shifts with log n), a bucket with fewer than `per_bucket` prompts (too few
+    for its alpha quantile) merged into the one before."""
+    uppers = [e for e in edges if e < lengths.max()] + [int(lengths.max())]
+    out: list[int] = []
+    lo, held = 0, 0
+    for hi in uppers:
+        held += int(((lengths > lo) & (lengths <= hi)).sum())
+        lo = hi
+        if held >= per_bucket:  # enough prompts: close this bucket
+            out.append(hi)
+            held = 0
+    if held or not out:  # a short tail joins the last bucket
+        out = out[:-1] + [int(lengths.max())]
     return out
 
 
@@ -288,21 +330,33 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
     own = np.array(sample, np.int64)
     k = min(cfg.k, len(keys) - 1, len(reference))
 
-    prompts = reference_prompts([caption_of.get(keys[i], "") for i in sample])
-    image_side = coverage_margins(index, reference, encoder.encode_texts(prompts), k, own)[0]
+    prompts = reference_prompts([caption_of.get(keys[i], "") for i in sample], cfg.seed)
+    owners = np.repeat(own, 2)  # two prompts per sampled caption
+    image_side = coverage_margins(index, reference, encoder.encode_texts(prompts), k, owners)[0]
     ref_text = np.sort(image_side)
     ref_image = np.sort(coverage_margins(index, reference, index.reconstruct(own), k, own)[0])
     ref_caption = ref_combined = None
+    buckets: list[dict] = []
+
+    def combined_of(img: np.ndarray, cap: np.ndarray) -> np.ndarray:
+        pct_image = np.searchsorted(np.sort(img), img, side="left") / len(img)
+        pct_caption = np.searchsorted(np.sort(cap), cap, side="left") / len(cap)
+        return np.sort(np.minimum(pct_image, pct_caption))
+
     if phrase_index is not None and reference_phrases is not None:
         texts = [query_phrases(p) for p in prompts]
         vecs = _phrase_vectors(encoder, texts)
         caption_side, _ = phrase_margins(phrase_index, reference_phrases, texts, vecs, cfg.phrase_k,
-                                         own=[keys[i] for i in sample])
+                                         own=[keys[i] for i in owners])
         ref_caption = np.sort(caption_side)
-        n_ref = len(prompts)
-        pct_image = np.searchsorted(ref_text, image_side, side="left") / n_ref
-        pct_caption = np.searchsorted(ref_caption, caption_side, side="left") / n_ref
-        ref_combined = np.sort(np.minimum(pct_image, pct_caption))
+        ref_combined = combined_of(image_side, caption_side)
+        lengths = np.array([len(t) for t in texts])
+        lo = 0
+        for hi in length_buckets(lengths):
+            m = (lengths > lo) & (lengths <= hi) if lo else lengths <= hi
+            buckets.append({"max_phrases": hi, "text": np.sort(image_side[m]), "caption": np.sort(caption_side[m]),
+                            "combined": combined_of(image_side[m], caption_side[m])})
+            lo = hi
 
     n = len(keys)
     nc = min(n, cfg.n_clusters or max(2, min(1024, int(round(math.sqrt(n))))))
@@ -318,7 +372,7 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
                    {"n": n, "n_reference_corpus": len(reference), "n_reference_queries": len(sample),
                     "n_clusters": nc, "reference_prompt_examples": prompts[:5],
                     "seconds": round(time.perf_counter() - t0, 2)},
-                   ref_caption, ref_combined, cfg.phrase_k)
+                   ref_caption, ref_combined, cfg.phrase_k, buckets)
     cov.meta["threshold_text"], cov.meta["threshold_image"] = cov.threshold("text"), cov.threshold("image")
     if cov.has_captions:
         cov.meta["threshold_caption"], cov.meta["threshold_combined"] = (cov.threshold("caption"),
@@ -329,13 +383,12 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
 
 def _phrase_vectors(encoder, texts: Sequence[Sequence[str]]) -> list[np.ndarray]:
     """Embed every query's phrases in one batch; one (n_phrases, d) array per query."""
-    flat = [p for ps in texts for p in ps]
-    vecs = np.asarray(encoder.encode_texts(flat), np.float32)
-    out, at = [], 0
-    for ps in texts:
-        out.append(vecs[at:at + len(ps)])
-        at += len(ps)
-    return out
+    distinct = list(dict.fromkeys(p for ps in texts for p in ps))  # prompts share phrases: embed each once
+    if not distinct:
+        return [np.zeros((0, encoder.embed_dim), np.float32) for _ in texts]
+    vecs = np.asarray(encoder.encode_texts(distinct), np.float32)
+    row = {p: i for i, p in enumerate(distinct)}
+    return [vecs[[row[p] for p in ps]] for ps in texts]
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,18 +471,19 @@ def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, co
     median = float(np.median(coverage.sizes))
     out = []
     for i, concept in enumerate(concepts):
-        sides = {"image": {"margin": float(margins[i]), "percentile": coverage.percentile(float(margins[i]), kind),
-                           "threshold": coverage.threshold(kind)}}
+        n = len(matches[i]) if both else None  # judged among reference prompts of its length
+        sides = {"image": {"margin": float(margins[i]), "percentile": coverage.percentile(float(margins[i]), kind, n),
+                           "threshold": coverage.threshold(kind, n)}}
         if both:
             cm = float(cap_margins[i])
-            sides["caption"] = {"margin": cm, "percentile": coverage.percentile(cm, "caption"),
-                                "threshold": coverage.threshold("caption")}
-            pct, thr = coverage.combined(float(margins[i]), cm), coverage.threshold("combined")
+            sides["caption"] = {"margin": cm, "percentile": coverage.percentile(cm, "caption", n),
+                                "threshold": coverage.threshold("caption", n), "phrases": n}
+            pct, thr = coverage.combined(float(margins[i]), cm, n), coverage.threshold("combined", n)
         else:
             pct, thr = sides["image"]["percentile"], coverage.alpha
         # A query below every reference has percentile 0; the threshold is never below
         # the smallest step, so it is a gap. Side margins break ties for the image-only case.
-        is_gap = pct < thr if both else bool(margins[i] < coverage.threshold(kind))
+        is_gap = pct < thr if both else bool(margins[i] < coverage.threshold(kind, n))
         c = int(np.argmax(cent_sims[i]))
         keys = index.keys_for(rows[i : i + 1, :evidence])[0]
         neighbours = [Neighbour(key, float(s), coverage.captions.get(key, ""))

@@ -25,8 +25,8 @@ import numpy as np
 from dataengine import signals as sg
 
 CAUSES = ("rl", "knowledge", "prompt")
-FEATURES = ("reward_pct", "disagreement", "coverage_margin", "is_gap", "drift_share", "drift_lost",
-            "drift_pct", "has_enhanced", "sim_gap")
+FEATURES = ("reward_pct", "disagreement", "coverage_pct", "coverage_margin", "is_gap", "drift_share",
+            "drift_lost", "drift_pct", "has_enhanced", "sim_gap")
 RULES_VERSION = "rules/v1"
 
 
@@ -50,10 +50,11 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
            ratings: Sequence[int | None], scores: Sequence[dict | None], reward_reference: dict[str, np.ndarray],
            gap_reports: Sequence | None = None, image_vecs: np.ndarray | None = None,
            prompt_vecs: np.ndarray | None = None, enhanced_vecs: np.ndarray | None = None,
-           drift_reference: np.ndarray | None = None) -> SignalTable:
+           drift_reference: np.ndarray | Sequence[np.ndarray | None] | None = None) -> SignalTable:
     """Signals of a batch from what is at hand: texts, logged scores and their reference,
     gap reports and CLIP vectors (either may be None: those signals are then NaN), and the
-    drift shares of well-rated outputs (how much this enhancer rewords when nothing failed)."""
+    drift shares of well-rated outputs (how much this enhancer rewords when nothing failed):
+    one array for all, or one (or None) per failure."""
     n = len(feedback_ids)
     has_enh = np.array([e is not None and bool(e.strip()) for e in enhanced])
     drifts = [sg.drift(p, e if h else None) for p, e, h in zip(prompts, enhanced, has_enh)]
@@ -66,12 +67,12 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
         sim = {"sim_gap": np.full(n, np.nan), "sim_prompt": np.full(n, np.nan), "sim_enhanced": np.full(n, np.nan)}
     cols = {
         "reward_pct": reward_pct, "disagreement": dis,
+        "coverage_pct": cov["coverage_pct"] if cov else np.full(n, np.nan),
         "coverage_margin": cov["coverage_margin"] if cov else np.full(n, np.nan),
         "is_gap": cov["is_gap"].astype(np.float64) if cov else np.full(n, np.nan),
         "drift_share": np.array([d.share for d in drifts]),
         "drift_lost": np.array([float(d.lost) for d in drifts]),
-        "drift_pct": (sg.percentile(np.array([d.share for d in drifts]), drift_reference)
-                      if drift_reference is not None and len(drift_reference) else np.full(n, np.nan)),
+        "drift_pct": _drift_pct(drifts, drift_reference),
         "has_enhanced": has_enh.astype(np.float64), "sim_gap": sim["sim_gap"],
     }
     features = np.stack([np.asarray(cols[f], np.float64) for f in FEATURES], axis=1)
@@ -83,6 +84,18 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
                     sim_prompt=_f(sim["sim_prompt"][i]), sim_enhanced=_f(sim["sim_enhanced"][i]))
                for i in range(n)]
     return SignalTable(list(feedback_ids), features, details)
+
+
+def _drift_pct(drifts: list, reference) -> np.ndarray:
+    """Each failure's drift share as a percentile of its reference (NaN without one)."""
+    shares = np.array([d.share for d in drifts])
+    if reference is None or (isinstance(reference, np.ndarray) and reference.dtype != object):
+        return sg.percentile(shares, reference) if reference is not None and len(reference) else np.full(len(shares), np.nan)
+    out = np.full(len(shares), np.nan)
+    for i, ref in enumerate(reference):
+        if ref is not None and len(ref):
+            out[i] = sg.percentile(shares[i:i + 1], ref)[0]
+    return out
 
 
 def _f(x) -> float | None:
@@ -110,6 +123,11 @@ class RuleTriager:
     coverage against gap search's own alpha threshold, reward against its reference
     percentile; drift counts the user's content words the enhancer lost."""
 
+    # Gap search flags a prompt covered worse than all but alpha (2%) of the training set's
+    # own prompts of its length: strict, since most prompts it sees are fine. A failure is
+    # a third likely to be missing knowledge before any signal, so triage takes the bottom
+    # tenth of that same calibrated scale.
+    knowledge_below: float = 0.10
     min_lost_words: int = 1  # an insertion enhancer loses none; one lost word is a changed intent
     # An enhancer that rewords loses words on outputs people liked too: then drift counts
     # only beyond what it does on those (its percentile among the well-rated outputs').
@@ -124,14 +142,17 @@ class RuleTriager:
         dpct = s.col("drift_pct")
         usual = np.isfinite(dpct) & (dpct < self.drift_beyond)
         prompt = (s.col("has_enhanced") > 0) & (lost >= self.min_lost_words) & ~usual
-        knowledge = ~prompt & (gap > 0)
+        cpct = s.col("coverage_pct")
+        uncovered = (gap > 0) | (np.nan_to_num(cpct, nan=1.0) < self.knowledge_below)
+        knowledge = ~prompt & uncovered
         causes = np.where(prompt, "prompt", np.where(knowledge, "knowledge", "rl"))
         # Confidence: how clearly the deciding signal fired, and how little the others argue.
         conf = np.empty(len(s))
         conf[prompt] = 0.7 + 0.3 * np.clip(share[prompt] * 2, 0, 1)
-        conf[prompt & (gap > 0)] -= 0.2  # the concept is also missing: both may be at fault
-        # Margin below the threshold, in percentile points: 0.05 under is already clear.
-        conf[knowledge] = 0.7 + 0.3 * np.clip(-np.nan_to_num(margin[knowledge]) / 0.05, 0, 1)
+        conf[prompt & uncovered] -= 0.2  # the concept is also missing: both may be at fault
+        # Below gap search's own threshold is clear; between it and knowledge_below, less so.
+        conf[knowledge] = np.where(gap[knowledge] > 0, 0.8 + 0.2 * np.clip(-np.nan_to_num(margin[knowledge]) / 0.05, 0, 1),
+                                   0.55 + 0.25 * (1 - cpct[knowledge] / self.knowledge_below))
         rl = ~prompt & ~knowledge
         liked = np.nan_to_num(pct[rl], nan=0.5)
         known = np.isfinite(gap[rl])  # without coverage, rl is only what is left

@@ -124,12 +124,16 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
             report.signals["reward"] += f"; {len(missing)} unscored ({e})"
 
     # How much the enhancer rewords on outputs people rated well: drift beyond that is a fault.
-    good = catalog.query("SELECT prompt, enhanced_prompt FROM feedback WHERE rating >= 4 AND enhanced_prompt IS NOT NULL "
-                         "ORDER BY feedback_id LIMIT 2000").to_pylist()
-    drift_ref = (np.array([sg.drift(g["prompt"], g["enhanced_prompt"]).share for g in good])
-                 if len(good) >= MIN_DRIFT_REFERENCE else None)
-    report.signals["drift"] = (f"word alignment; vs {len(good)} well-rated outputs' drift" if drift_ref is not None
-                               else f"word alignment; {len(good)} well-rated outputs (< {MIN_DRIFT_REFERENCE}): every lost word counts")
+    # Per serving version: two stacks may run different enhancers.
+    good = catalog.query("SELECT model_version, prompt, enhanced_prompt FROM feedback WHERE rating >= 4 "
+                         "AND enhanced_prompt IS NOT NULL ORDER BY feedback_id").to_pylist()
+    shares: dict[str, list[float]] = {}
+    for g in good:
+        shares.setdefault(g["model_version"], []).append(sg.drift(g["prompt"], g["enhanced_prompt"]).share)
+    drift_refs = [np.array(shares[v]) if len(shares.get(v, ())) >= MIN_DRIFT_REFERENCE else None
+                  for v in (r["model_version"] for r in rows)]
+    report.signals["drift"] = (f"word alignment; against well-rated outputs of the same model_version for "
+                               f"{sum(d is not None for d in drift_refs)} of {len(rows)} (the rest: every lost word counts)")
 
     searcher, why = _gap_searcher(ws, model)
     reports = image_vecs = prompt_vecs = enh_vecs = None
@@ -142,7 +146,7 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
     else:
         report.signals["coverage"] = report.signals["similarity"] = f"not measured: {why}"
     table = gather(ids, prompts, enhanced, ratings, scores, reference, reports, image_vecs, prompt_vecs, enh_vecs,
-                   drift_ref)
+                   drift_refs)
     decision = triager.decide(table)
     out = rows_of(table, decision)
     lake.write_part(ws.lake, "triage", pa.Table.from_pylist(out, schema=TRIAGE))
