@@ -208,3 +208,23 @@ def test_cli_ingest_prints_counts_and_names_bad_lines(tmp_path, folder):
 def test_store_takes_records_from_any_source(ws):
     rep = store(ws, [RawRecord("api#1", "{}", {}), RawRecord("api#2", "x", parse_error="bad")])
     assert rep.quarantined == 2 and rep.balanced
+
+
+def test_cli_serve_refuses_a_non_loopback_host_without_binding(tmp_path):
+    r = CliRunner().invoke(app, ["feedback", "serve", "-w", str(tmp_path / "ws"), "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "not a loopback address" in r.output
+
+
+def test_cli_triage_remedies_and_triggers_run_on_ingested_feedback(tmp_path, folder):
+    ws = str(tmp_path / "ws")
+    write_jsonl(folder / "a.jsonl", [record(1, enhanced_prompt="a big blue star number 1", rating=1),
+                                     record(2, enhanced_prompt="a red star number 2 at dusk", rating=2)])
+    run = CliRunner()
+    assert run.invoke(app, ["feedback", "ingest", str(folder / "a.jsonl"), "-w", ws]).exit_code == 0
+    r = run.invoke(app, ["triage", "-w", ws, "--no-score"])
+    assert r.exit_code == 0 and "triaged 2 failures with rules/v1: rl 1, knowledge 0, prompt 1" in r.output, r.output
+    assert "replaces 'red' with 'blue'" in r.output
+    r = run.invoke(app, ["remedies", "-w", ws, "--auto-approve"])
+    assert r.exit_code == 0 and "prompt 1 (1 failures)" in r.output and "auto-approved 2" in r.output, r.output
+    r = run.invoke(app, ["triggers", "-w", ws, "--dry-run"])
+    assert r.exit_code == 0 and r.output.count("waits") == 3 and "1/20 approved" in r.output, r.output
