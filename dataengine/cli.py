@@ -756,6 +756,25 @@ def triggers(
         console.print(f"{v.cause:<10} {state}: {v.why}")
 
 
+@app.command("run-jobs")
+def run_jobs(
+    workspace: Path = WorkspaceOpt,
+    dit_steps: int = typer.Option(40, help="Fine-tune steps of a knowledge job's DiT (0: apply the patches only)."),
+    min_fixed: float = typer.Option(0.5, help="Share of its failures a new version must fix to be promoted."),
+) -> None:
+    """Run the queued retrain jobs the triggers fired; a new version is promoted only through the gate."""
+    from models.jobs import JobConfig, run_queued
+
+    ws = _existing(workspace)
+    jobs = run_queued(ws, JobConfig(min_fixed=min_fixed, dit_steps=dit_steps))
+    if not jobs:
+        console.print("no queued jobs (dataengine triggers fires them)")
+    for j in jobs:
+        console.print(f"{j['job_id']}: {j['status']}" + (f" ({j['note']})" if j.get("note") else ""))
+        if j.get("result"):
+            console.print(f"  {j['result']}")
+
+
 train_app = typer.Typer(
     help="Train a model of the stack on the workspace; each run saves a versioned checkpoint to "
          "models/<name>/vNNNN, registers it in model_versions and resumes after a crash.",

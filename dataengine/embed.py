@@ -433,11 +433,19 @@ def _quarantine(ws: Workspace, keys, errors, todo_rows: pa.Table, kind: str, mod
 # ---------------------------------------------------------------------------------------
 
 
+# Pool samples a patch has copied into the training set (their copies are ingested).
+PATCHED_POOL_KEYS = ("SELECT json_extract_string(meta, '$.patch.pool_key') FROM samples WHERE split = 'patches' "
+                     "AND json_extract_string(meta, '$.patch.pool_key') IS NOT NULL")
+
+
 def vector_filter(model_id: str, kind: str, splits: Sequence[str] | None = None,
-                  sources: Sequence[str] | None = None) -> tuple[str, list]:
+                  sources: Sequence[str] | None = None, without_patched: bool = False) -> tuple[str, list]:
     """The WHERE clause (over embeddings `e` joined with samples `s`) and its parameters that
-    pick one model's vectors of one kind, optionally of some splits or sources."""
+    pick one model's vectors of one kind, optionally of some splits or sources, optionally
+    leaving out the pool samples whose patched copies are training data now."""
     where, params = ["e.model_id = ?", "e.kind = ?"], [model_id, kind]
+    if without_patched:
+        where.append(f"s.key NOT IN ({PATCHED_POOL_KEYS})")
     if splits:
         where.append(f"s.split IN ({', '.join('?' for _ in splits)})")
         params += list(splits)

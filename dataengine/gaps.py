@@ -52,6 +52,7 @@ import pyarrow as pa
 
 from dataengine import lake
 from dataengine.catalog import Catalog
+from dataengine.embed import PATCHED_POOL_KEYS
 from dataengine.index import BuiltIndex, IndexConfig, MemoryBudgetError, build_index, config_of, grow_index
 from dataengine.lakevectors import LakeVectors
 from dataengine.phrases import PhraseIndex, PhraseMatch, build_phrase_index, phrase_margins, query_phrases
@@ -88,6 +89,19 @@ class GapConfig:
             raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
 
 
+# The training set is train plus the patches made for it (the curriculum trains on both):
+# a patched concept is covered once its patch is ingested and the index rebuilt.
+MEMBER_SPLITS = {"train": ("train", "patches")}
+# ...and a pool sample patched into train is no longer "not in train": the pool index
+# leaves it out, or the concept would stay denser in the pool than in train forever.
+REFERENCE_SPLITS = ("pool",)
+
+
+def member_splits(split: str) -> tuple[str, ...]:
+    """The catalog splits whose samples an index named `split` holds."""
+    return MEMBER_SPLITS.get(split, (split,))
+
+
 def model_slug(model_id: str) -> str:
     """A folder-safe name for a model id, unique per id."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id).strip("_")[:60]
@@ -110,7 +124,8 @@ def build_split_index(ws: Workspace, model_id: str, split: str, kind: str = "ima
     sample keys): grow it by the vectors it lacks when it holds no key the split has lost
     (the cost follows the new vectors), else build it afresh. Vectors are streamed from
     the lake in chunks. meta["update"] says what was done."""
-    source = LakeVectors(Catalog(ws), model_id, kind, splits=[split])
+    source = LakeVectors(Catalog(ws), model_id, kind, splits=list(member_splits(split)),
+                         without_patched=split in REFERENCE_SPLITS)
     if not len(source):
         raise ValueError(f"no {kind} embeddings of {model_id!r} in split {split!r}; run `dataengine embed` first")
     folder = index_dir(ws, model_id, split, kind)
@@ -322,8 +337,8 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
     t0 = time.perf_counter()
     catalog = Catalog(ws)
     keys = list(index.keys)
-    rows = catalog.query(
-        "SELECT key, caption FROM samples WHERE split = ? ORDER BY key", [cfg.split]).to_pylist()
+    rows = catalog.query("SELECT key, caption FROM samples WHERE list_contains(?, split) ORDER BY key",
+                         [list(member_splits(cfg.split))]).to_pylist()
     caption_of = {r["key"]: r["caption"] for r in rows}
     rng = random.Random(cfg.seed)
     sample = sorted(rng.sample(range(len(keys)), min(cfg.n_reference, len(keys))))
@@ -563,8 +578,10 @@ def build_phrase_indexes(ws: Workspace, encoder, splits: Sequence[str], index_cf
     catalog = Catalog(ws)
     out = []
     for split in splits:
-        rows = catalog.query("SELECT key, caption FROM samples WHERE split = ? AND coalesce(caption, '') <> '' "
-                             "ORDER BY key", [split]).to_pylist()
+        patched = f"AND key NOT IN ({PATCHED_POOL_KEYS})" if split in REFERENCE_SPLITS else ""
+        rows = catalog.query("SELECT key, caption FROM samples WHERE list_contains(?, split) "
+                             f"AND coalesce(caption, '') <> '' {patched} ORDER BY key",
+                             [list(member_splits(split))]).to_pylist()
         if not rows:
             return None
         out.append(build_phrase_index(index_dir(ws, encoder.model_id, split, "phrase"),

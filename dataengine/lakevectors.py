@@ -29,9 +29,9 @@ class LakeVectors:
     """The vectors of one model and kind (optionally of some splits or sources), keyed."""
 
     def __init__(self, catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None = None,
-                 sources: Sequence[str] | None = None):
+                 sources: Sequence[str] | None = None, without_patched: bool = False):
         glob = lake.table_glob(catalog.ws.lake, "embeddings").replace("'", "''")
-        where, params = vector_filter(model_id, kind, splits, sources)
+        where, params = vector_filter(model_id, kind, splits, sources, without_patched)
         t = catalog.query(
             "SELECT e.key, e.filename AS file, e.file_row_number AS row, len(e.vector) AS d "
             f"FROM read_parquet('{glob}', union_by_name = true, filename = true, file_row_number = true) e "

@@ -60,6 +60,7 @@ class LoopConfig:
     num_threads: int | None = None  # torch CPU threads for the run; None: all cores
     progress: bool = True
     resume: bool = True  # pick up a checkpointed run of the same config (not part of its identity)
+    init_from: str | None = None  # a saved version whose weights the run starts from (a fine-tune)
 
     def __post_init__(self) -> None:
         for name in ("steps", "ckpt_every"):
@@ -276,6 +277,17 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
     job.setup()
     config = {"job": job.config(), "loop": {k: v for k, v in asdict(loop).items() if k not in ("progress", "resume")}}
     run_dir = _run_dir(models_root, job.name, config)
+    if loop.init_from:  # a checkpoint of this run, restored below, overrides it
+        states, _, _ = load_weights(loop.init_from)
+        missing = [name for name in job.modules() if name not in states]
+        if missing:
+            raise ValueError(f"{job.name}: {loop.init_from} holds no weights for {missing}")
+        for name, module in job.modules().items():
+            try:
+                module.load_state_dict(states[name])
+            except RuntimeError as e:
+                raise ValueError(f"{job.name}: {loop.init_from} does not fit this config's {name!r}: "
+                                 f"{str(e).splitlines()[0]}") from e
     start, history, seconds = 0, [], 0.0
     restored = _restore(run_dir, job) if loop.resume else None
     if restored is not None:

@@ -129,3 +129,14 @@ def test_a_run_whose_evaluation_fails_keeps_its_last_step_and_reruns_only_the_ev
     assert rec["resumed_from"] == 30 and FailsOnce.steps_run == 30  # nothing trained twice
     whole = load_weights(train(LinearJob(), tmp_path / "b", loop(ckpt_every=1000))["path"])[0]["net"]
     assert torch.equal(load_weights(rec["path"])[0]["net"]["weight"], whole["weight"])
+
+
+def test_a_fine_tune_starts_from_a_saved_versions_weights(tmp_path):
+    first = train(LinearJob(), tmp_path, loop(steps=60))
+    cold = train(LinearJob(), tmp_path, loop(steps=2, seed=1))
+    warm = train(LinearJob(), tmp_path, loop(steps=2, seed=1, init_from=first["path"]))
+    # Two steps from scratch are far from the target; two steps from the fitted weights are not.
+    assert warm["metrics"]["eval"]["error"] < cold["metrics"]["eval"]["error"] / 3
+    assert load_weights(warm["path"])[1]["loop"]["init_from"] == first["path"]  # part of the run's identity
+    with pytest.raises(ValueError, match="does not fit"):
+        train(LinearJob(width=3), tmp_path, loop(steps=2, init_from=first["path"]))

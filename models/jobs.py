@@ -1,0 +1,161 @@
+"""The job runner: queued retrain jobs (dataengine/triggers.py) run through models/stack.py,
+and the promotion gate that decides whether what they made replaces the current version.
+
+A job records what it measured before and after on the failures that fired it; a new
+version is promoted only if it is no worse than the current one on its own held-out
+evaluation and fixes at least `min_fixed` of those failures, otherwise it stays a
+candidate with the reason. Kinds without a runner here stay queued and say so.
+
+- retrain-dit (knowledge): ingest the approved patches' shards (split `patches`), embed
+  them, grow the training index (train + patches) and its coverage, re-measure each
+  remedy's concept (a failure is fixed when its concept is no longer below the triage's
+  knowledge line nor a gap), then fine-tune the promoted DiT on the patched mix and gate it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dataengine.catalog import Catalog
+from dataengine.schema import JOBS, MODEL_VERSIONS
+from dataengine.triage import RuleTriager
+from dataengine.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    min_fixed: float = 0.5  # share of the firing failures a new version must fix
+    dit_steps: int = 40  # fine-tune steps (0: apply the data, train nothing)
+    dit_overrides: tuple[tuple[str, Any], ...] = (("eval_prompts", 6), ("sample_steps", 20), ("batch_size", 8))
+    tolerance: float = 0.02  # held-out loss may rise this share and still count as no worse
+
+
+def _update(catalog: Catalog, job: dict, **fields) -> dict:
+    job = job | fields | {"updated_at": datetime.now(timezone.utc)}
+    if isinstance(job.get("result"), dict):
+        job["result"] = json.dumps(job["result"], default=str)
+    catalog.upsert("jobs", pa.Table.from_pylist([job], schema=JOBS))
+    return job
+
+
+def _uncovered(ws: Workspace, prompts: list[str], knowledge_below: float) -> list[bool]:
+    """Per prompt: below the triage rules' coverage line or a gap (what made it knowledge)."""
+    from dataengine.gaps import GapSearcher
+
+    reports, _ = GapSearcher(ws).prompts(prompts, record=False)
+    return [r.is_gap or r.percentile < knowledge_below for r in reports]
+
+
+def _promoted(catalog: Catalog, model: str) -> dict | None:
+    rows = catalog.query("SELECT * FROM model_versions WHERE model = ? AND status = 'promoted' "
+                         "ORDER BY created_at DESC, version DESC LIMIT 1", [model]).to_pylist()
+    return rows[0] if rows else None
+
+
+def gate(new_loss: float | None, current_loss: float | None, fixed: float, cfg: JobConfig) -> tuple[bool, str]:
+    """Promote only a version no worse on held-out data that fixes enough failures."""
+    if fixed < cfg.min_fixed:
+        return False, f"fixes {fixed:.0%} of its failures (< {cfg.min_fixed:.0%})"
+    if new_loss is None:
+        return False, "no held-out evaluation to compare"
+    if current_loss is not None and new_loss > current_loss * (1 + cfg.tolerance):
+        return False, f"held-out loss {new_loss:.4f} worse than the current {current_loss:.4f}"
+    vs = f"current {current_loss:.4f}" if current_loss is not None else "no current version"
+    return True, f"fixes {fixed:.0%} of its failures; held-out loss {new_loss:.4f} ({vs})"
+
+
+def run_knowledge_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
+    from dataengine.embed import EmbedConfig, embed
+    from dataengine.gaps import build_workspace_indexes
+    from dataengine.ingest import IngestConfig, ingest
+
+    catalog = Catalog(ws)
+    params = json.loads(job["params"])
+    proposals = [json.loads(r["proposal"]) for r in catalog.query(
+        "SELECT proposal FROM remedies WHERE list_contains(?, remedy_id)", [params["remedies"]]).to_pylist()]
+    shards = sorted({p["patch"]["shard"] for p in proposals if p.get("patch") and p["patch"].get("shard")})
+    concepts = [p["concept"] for p in proposals]
+    prompts = [f["prompt"] for f in catalog.query(
+        "SELECT prompt FROM feedback WHERE list_contains(?, feedback_id) ORDER BY feedback_id",
+        [params["failures"]]).to_pylist()]
+    line = RuleTriager().knowledge_below
+    # Fixed, as the loop defines it for knowledge: the concept a failure misses is no longer
+    # below coverage after the patch is ingested and the index rebuilt. The failures' own
+    # prompts are re-measured too (other phrases of a prompt may still be rare).
+    before_c = _uncovered(ws, concepts, line) if concepts else []
+    before_p = _uncovered(ws, prompts, line) if prompts else []
+    result: dict[str, Any] = {"patch_shards": shards}
+    if shards:
+        rep = ingest(ws, shards, IngestConfig(use_ray=False), catalog)
+        result["ingested"] = {"accepted": rep.accepted, "quarantined": rep.quarantined}
+        embed(ws.root, EmbedConfig(use_ray=False), progress=False)
+        build_workspace_indexes(ws, "default", ("train", "pool"), progress=False)
+    after_c = _uncovered(ws, concepts, line) if concepts else []
+    after_p = _uncovered(ws, prompts, line) if prompts else []
+    weights = [len(p["failures"]) for p in proposals]
+    missing = sum(w for w, b in zip(weights, before_c) if b)
+    fixed = sum(w for w, b, a in zip(weights, before_c, after_c) if b and not a) / missing if missing else 0.0
+    result |= {"concepts": {c: {"failures": w, "uncovered_before": b, "uncovered_after": a}
+                            for c, w, b, a in zip(concepts, weights, before_c, after_c)},
+               "failures": sum(weights), "fixed_share": round(fixed, 4),
+               "prompts_uncovered_before": sum(before_p), "prompts_uncovered_after": sum(after_p)}
+    current = _promoted(catalog, "dit")
+    if cfg.dit_steps <= 0 or current is None:
+        result["dit"] = "not trained: " + ("dit_steps is 0" if cfg.dit_steps <= 0 else "no promoted DiT to fine-tune")
+        return result
+    from models.stack import default_loop, train_model
+
+    rec = train_model("dit", ws.root, dict(cfg.dit_overrides),
+                      default_loop("dit", steps=cfg.dit_steps, progress=False, init_from=current["path"]),
+                      progress=False)
+    new_loss = rec["metrics"].get("eval", {}).get("eval_loss")
+    cur_loss = json.loads(current["metrics"] or "{}").get("eval", {}).get("eval_loss")
+    ok, why = gate(new_loss, cur_loss, fixed, cfg)
+    _set_status(catalog, "dit", rec["version"], "promoted" if ok else "candidate", job["job_id"], why,
+                retire=current["version"] if ok else None)
+    result["dit"] = {"version": rec["version"], "fine_tuned_from": current["version"], "promoted": ok, "gate": why,
+                     "eval_loss": new_loss, "current_eval_loss": cur_loss}
+    return result
+
+
+def _set_status(catalog: Catalog, model: str, version: str, status: str, job_id: str, why: str,
+                retire: str | None) -> None:
+    rows = catalog.query("SELECT * FROM model_versions WHERE model = ? AND (version = ? OR version = ?)",
+                         [model, version, retire or version]).to_pylist()
+    for r in rows:
+        if r["version"] == version:
+            m = json.loads(r["metrics"] or "{}") | {"gate": {"status": status, "why": why, "job_id": job_id}}
+            r.update(status=status, job_id=job_id, metrics=json.dumps(m, default=str))
+        elif retire and r["version"] == retire:
+            r["status"] = "retired"
+    catalog.upsert("model_versions", pa.Table.from_pylist(rows, schema=MODEL_VERSIONS))
+
+
+RUNNERS = {"retrain-dit": run_knowledge_job}
+
+
+def run_queued(ws: Workspace, cfg: JobConfig = JobConfig()) -> list[dict]:
+    """Run every queued job a runner exists for (oldest first); each ends done or failed
+    with its result. Jobs of other kinds stay queued and are reported as waiting."""
+    catalog = Catalog(ws)
+    catalog.migrate()
+    out = []
+    for job in catalog.query("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at").to_pylist():
+        runner = RUNNERS.get(job["kind"])
+        if runner is None:
+            out.append(job | {"note": f"no runner for {job['kind']} yet: stays queued"})
+            continue
+        job = _update(catalog, job, status="running")
+        try:
+            result = runner(ws, job, cfg)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            out.append(_update(catalog, job, status="failed", result={"error": f"{type(e).__name__}: {e}"}))
+            continue
+        out.append(_update(catalog, job, status="done", result=result))
+    return out

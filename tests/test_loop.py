@@ -1,0 +1,101 @@
+"""One turn of the loop's knowledge leg on a scene world, and the promotion gate:
+failures naming a concept train lacks -> triage -> a patch remedy -> a trigger -> the job
+ingests the patch, re-indexes, fixes the failures' coverage and fine-tunes the DiT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dataengine.catalog import Catalog
+from dataengine.workspace import Workspace
+from models.jobs import JobConfig, gate, run_queued
+
+
+def test_the_gate_promotes_only_a_version_that_fixes_enough_and_is_no_worse():
+    cfg = JobConfig(min_fixed=0.5, tolerance=0.02)
+    assert gate(1.0, 1.0, 0.8, cfg)[0]
+    assert gate(1.01, 1.0, 0.8, cfg)[0]  # within tolerance
+    ok, why = gate(1.1, 1.0, 0.8, cfg)
+    assert not ok and "worse than the current" in why
+    ok, why = gate(0.5, 1.0, 0.4, cfg)
+    assert not ok and "fixes 40%" in why
+    assert gate(0.5, None, 0.6, cfg)[0] and not gate(None, 1.0, 0.9, cfg)[0]
+
+
+@pytest.mark.slow
+def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path):
+    from connectors.feedback import ingest_files
+    from dataengine.embed import EmbedConfig, embed
+    from dataengine.gaps import build_workspace_indexes
+    from dataengine.ingest import IngestConfig, ingest
+    from dataengine.remedies import approve_all, propose
+    from dataengine.sceneworld import SceneWorldConfig, render, sample_scene, write_scene_world
+    from dataengine.triage_run import triage_workspace
+    from dataengine.triggers import TriggerConfig, TriggerPolicy, check
+    from models.stack import default_loop, train_model
+    from models.train_clip import ClipTrainConfig, train_default_clip
+    import random
+
+    ws = Workspace.at(tmp_path / "ws")
+    cat = Catalog(ws)
+    cat.migrate()
+    held = ("purple", "triangle")
+    write_scene_world(ws.shards, SceneWorldConfig(n_train=300, n_pool=160, n_eval=30, resolution=64, holdout=(held,),
+                                                  holdout_pool_fraction=0.3, samples_per_shard=100), progress=False)
+    ingest(ws, [str(ws.shards)], IngestConfig(use_ray=False), cat)
+    train_default_clip(ws.root, ClipTrainConfig(steps=120, baseline=False), progress=False, reuse=True)
+    embed(ws.root, EmbedConfig(use_ray=False), progress=False)
+    build_workspace_indexes(ws, "default", ("train", "pool"), progress=False)
+    train_model("vae", ws.root, {"eval_images": 4, "batch_size": 8}, default_loop("vae", steps=5, progress=False),
+                progress=False)
+    train_model("dit", ws.root, {"eval_prompts": 2, "sample_steps": 4, "batch_size": 8, "fidelity": False},
+                default_loop("dit", steps=10, progress=False), progress=False)
+
+    rng = random.Random(0)
+    (tmp_path / "out").mkdir()
+    recs = []
+    for i, prompt in enumerate(["a purple triangle", "two purple triangles on grass", "a small purple triangle",
+                                "a purple triangle and a red circle", "a red circle", "a blue square",
+                                "a green heart", "a yellow star"]):
+        path = tmp_path / "out" / f"{i}.png"
+        render(sample_scene(rng, 64, 64)).save(path)
+        recs.append({"id": f"f{i}", "time": "2026-12-06T00:00:00Z", "prompt": prompt, "enhanced_prompt": None,
+                     "model_version": "dit/v0001", "image": str(path), "task": "gen", "rating": 1})
+    (tmp_path / "fb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ingest_files(ws, [tmp_path / "fb.jsonl"])
+
+    triage_workspace(ws, score_missing=False)
+    causes = {r["feedback_id"]: r["cause"] for r in cat.query("SELECT feedback_id, cause FROM triage").to_pylist()}
+    assert [causes[f"f{i}"] for i in range(4)] == ["knowledge"] * 4, causes
+    assert sum(causes[f"f{i}"] == "knowledge" for i in range(4, 8)) <= 1  # covered concepts, mostly not
+
+    r = propose(ws, patch_size=16)
+    assert r.made["knowledge"] >= 1
+    knowledge = [json.loads(x["proposal"]) for x in cat.query("SELECT proposal FROM remedies WHERE cause = 'knowledge'").to_pylist()]
+    top = max(knowledge, key=lambda p: len(p["failures"]))
+    assert "purple" in top["concept"] and "triangle" in top["concept"] and top["patch"]["written"] > 0
+    assert approve_all(ws) >= 1
+    fired = [v for v in check(ws, TriggerConfig(knowledge=TriggerPolicy(min_approved=1))) if v.fire]
+    assert [v.cause for v in fired] == ["knowledge"]
+
+    done = [j for j in run_queued(ws, JobConfig(dit_steps=5, dit_overrides=(("eval_prompts", 2), ("sample_steps", 4),
+                                                                             ("batch_size", 8), ("fidelity", False))))
+            if j["kind"] == "retrain-dit"]
+    assert len(done) == 1 and done[0]["status"] == "done", done
+    result = json.loads(done[0]["result"])
+    assert result["ingested"]["accepted"] == top["patch"]["written"] or result["ingested"]["accepted"] > 0
+    purple = next(v for c, v in result["concepts"].items() if "purple" in c)
+    assert purple == {"failures": 4, "uncovered_before": True, "uncovered_after": False}, result
+    assert result["fixed_share"] >= 0.5 and result["prompts_uncovered_after"] < result["prompts_uncovered_before"]
+    dit = result["dit"]
+    assert dit["fine_tuned_from"] == "v0001" and dit["version"] == "v0002"
+    rows = {x["version"]: x for x in cat.query("SELECT * FROM model_versions WHERE model = 'dit'").to_pylist()}
+    assert rows["v0002"]["status"] == ("promoted" if dit["promoted"] else "candidate")
+    assert rows["v0001"]["status"] == ("retired" if dit["promoted"] else "promoted")
+    assert json.loads(rows["v0002"]["metrics"])["gate"]["why"] == dit["gate"]
+    # The patched concept is now covered: asked again, it is not a gap.
+    from dataengine.gaps import GapSearcher
+
+    assert not GapSearcher(ws).prompts(["a purple triangle"], record=False)[0][0].is_gap
