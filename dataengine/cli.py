@@ -775,6 +775,36 @@ def run_jobs(
             console.print(f"  {j['result']}")
 
 
+@app.command()
+def loop(
+    workspace: Path = WorkspaceOpt,
+    auto_approve: bool = typer.Option(False, help="Approve every remedy that needs no edit (stands in for a curator)."),
+    min_approved: int = typer.Option(20, help="Approved remedies of a cause that fire its retrain job."),
+    dit_steps: int = typer.Option(40, help="Fine-tune steps of a knowledge job's DiT (0: apply the patches only)."),
+) -> None:
+    """One turn: triage -> remedies -> triggers -> jobs -> the failures triaged again; counts per cause."""
+    from dataengine.triage import CAUSES
+    from dataengine.triggers import TriggerConfig, TriggerPolicy
+    from flows.loop import loop_turn
+    from models.jobs import JobConfig
+
+    ws = _existing(workspace)
+    policy = TriggerPolicy(min_approved=min_approved)
+    r = loop_turn(str(ws.root), auto_approve, TriggerConfig(policy, policy, policy), JobConfig(dit_steps=dit_steps))
+    console.print(f"triaged {sum(r.triaged.values())} new failures; remedies queued "
+                  + ", ".join(f"{c} {n}" for c, n in r.remedies.items()) + f"; approved {r.approved}")
+    for line in r.fired or ["no trigger fired"]:
+        console.print(f"  fired {line}" if r.fired else f"  {line}")
+    for j in r.jobs:
+        console.print(f"  job {j['job_id']}: {j['status']} {j['note'] or ''}")
+    if r.confusion:
+        console.print("injected cause -> triaged (rl / knowledge / prompt):")
+        for t in CAUSES:
+            console.print(f"  {t:<10} " + " / ".join(str(r.confusion[t][p]) for p in CAUSES))
+    console.print("failures per cause, before -> after the turn: "
+                  + ", ".join(f"{c} {r.before[c]} -> {r.after[c]}" for c in CAUSES))
+
+
 train_app = typer.Typer(
     help="Train a model of the stack on the workspace; each run saves a versioned checkpoint to "
          "models/<name>/vNNNN, registers it in model_versions and resumes after a crash.",

@@ -30,10 +30,8 @@ def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path
     from dataengine.embed import EmbedConfig, embed
     from dataengine.gaps import build_workspace_indexes
     from dataengine.ingest import IngestConfig, ingest
-    from dataengine.remedies import approve_all, propose
     from dataengine.sceneworld import SceneWorldConfig, render, sample_scene, write_scene_world
-    from dataengine.triage_run import triage_workspace
-    from dataengine.triggers import TriggerConfig, TriggerPolicy, check
+    from dataengine.triggers import TriggerConfig, TriggerPolicy
     from models.stack import default_loop, train_model
     from models.train_clip import ClipTrainConfig, train_default_clip
     import random
@@ -62,28 +60,31 @@ def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path
         path = tmp_path / "out" / f"{i}.png"
         render(sample_scene(rng, 64, 64)).save(path)
         recs.append({"id": f"f{i}", "time": "2026-12-06T00:00:00Z", "prompt": prompt, "enhanced_prompt": None,
-                     "model_version": "dit/v0001", "image": str(path), "task": "gen", "rating": 1})
+                     "model_version": "dit/v0001", "image": str(path), "task": "gen", "rating": 1,
+                     "injected_cause": "knowledge" if i < 4 else "rl"})
     (tmp_path / "fb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     ingest_files(ws, [tmp_path / "fb.jsonl"])
 
-    triage_workspace(ws, score_missing=False)
-    causes = {r["feedback_id"]: r["cause"] for r in cat.query("SELECT feedback_id, cause FROM triage").to_pylist()}
-    assert [causes[f"f{i}"] for i in range(4)] == ["knowledge"] * 4, causes
-    assert sum(causes[f"f{i}"] == "knowledge" for i in range(4, 8)) <= 1  # covered concepts, mostly not
+    from flows.loop import loop_turn
 
-    r = propose(ws, patch_size=16)
-    assert r.made["knowledge"] >= 1
+    jobs = JobConfig(dit_steps=5, dit_overrides=(("eval_prompts", 2), ("sample_steps", 4), ("batch_size", 8),
+                                                 ("fidelity", False)))
+    turn = loop_turn(str(ws.root), auto_approve=True, triggers=TriggerConfig(knowledge=TriggerPolicy(min_approved=1)),
+                     jobs=jobs)
+    first = {r["feedback_id"]: r["cause"] for r in cat.query(
+        "SELECT feedback_id, arg_min(cause, triaged_at) AS cause FROM triage GROUP BY 1").to_pylist()}
+    assert [first[f"f{i}"] for i in range(4)] == ["knowledge"] * 4, first
+    assert sum(first[f"f{i}"] == "knowledge" for i in range(4, 8)) <= 1  # covered concepts, mostly not
+    assert turn.confusion["knowledge"]["knowledge"] == 4  # the records say what was injected
+
     knowledge = [json.loads(x["proposal"]) for x in cat.query("SELECT proposal FROM remedies WHERE cause = 'knowledge'").to_pylist()]
     top = max(knowledge, key=lambda p: len(p["failures"]))
     assert "purple" in top["concept"] and "triangle" in top["concept"] and top["patch"]["written"] > 0
-    assert approve_all(ws) >= 1
-    fired = [v for v in check(ws, TriggerConfig(knowledge=TriggerPolicy(min_approved=1))) if v.fire]
-    assert [v.cause for v in fired] == ["knowledge"]
-
-    done = [j for j in run_queued(ws, JobConfig(dit_steps=5, dit_overrides=(("eval_prompts", 2), ("sample_steps", 4),
-                                                                             ("batch_size", 8), ("fidelity", False))))
-            if j["kind"] == "retrain-dit"]
+    assert turn.approved >= 1 and [f.split(":")[0] for f in turn.fired] == ["knowledge"]
+    done = [j for j in cat.query("SELECT * FROM jobs").to_pylist() if j["kind"] == "retrain-dit"]
     assert len(done) == 1 and done[0]["status"] == "done", done
+    # After the turn the patched concept's failures are no longer knowledge failures.
+    assert turn.after["knowledge"] <= turn.before["knowledge"] - 2, turn
     result = json.loads(done[0]["result"])
     assert result["ingested"]["accepted"] == top["patch"]["written"] or result["ingested"]["accepted"] > 0
     purple = next(v for c, v in result["concepts"].items() if "purple" in c)

@@ -1,0 +1,121 @@
+"""One turn of the self-correcting loop as a Prefect flow:
+
+    feedback (already ingested) -> triage -> remedies (auto-approved with `auto_approve`,
+    standing in for a curator) -> triggers -> the fired jobs -> the same failures triaged
+    again on the corrected workspace
+
+It reports, per cause, how many failures were binned there before the turn and how many
+still are after it (a failure whose concept a patch made covered is no longer a knowledge
+failure). Feedback records that carry `injected_cause` (an extra field; tests and
+benchmarks inject failures of known cause) also get a confusion matrix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from dataengine.catalog import Catalog
+from dataengine.triage import CAUSES
+from dataengine.triggers import TriggerConfig
+from dataengine.workspace import Workspace
+
+stage = task(cache_policy=NONE)
+
+
+@dataclass
+class TurnReport:
+    triaged: dict[str, int] = field(default_factory=dict)  # this turn's new failures per cause
+    before: dict[str, int] = field(default_factory=dict)  # every failure per cause, before the turn
+    after: dict[str, int] = field(default_factory=dict)  # the same failures re-triaged after it
+    remedies: dict[str, int] = field(default_factory=dict)
+    approved: int = 0
+    fired: list[str] = field(default_factory=list)  # "cause: why"
+    jobs: list[dict] = field(default_factory=list)  # job id, kind, status, result or note
+    confusion: dict[str, dict[str, int]] | None = None  # injected cause -> triaged cause, before the turn
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _latest_causes(ws: Workspace) -> dict[str, str]:
+    rows = Catalog(ws).query("SELECT feedback_id, arg_max(cause, triaged_at) AS cause FROM triage "
+                             "GROUP BY feedback_id").to_pylist()
+    return {r["feedback_id"]: r["cause"] for r in rows}
+
+
+def _injected(ws: Workspace) -> dict[str, str]:
+    rows = Catalog(ws).query("SELECT feedback_id, json_extract_string(extra, '$.injected_cause') AS c FROM feedback "
+                             "WHERE extra IS NOT NULL").to_pylist()
+    return {r["feedback_id"]: r["c"] for r in rows if r["c"] in CAUSES}
+
+
+@stage
+def triage_new(root: str) -> dict[str, int]:
+    from dataengine.triage_run import triage_workspace
+
+    return triage_workspace(Workspace.at(root)).by_cause
+
+
+@stage
+def queue_remedies(root: str, auto_approve: bool) -> tuple[dict[str, int], int]:
+    from dataengine.remedies import approve_all, propose
+
+    ws = Workspace.at(root)
+    made = propose(ws).made
+    return made, approve_all(ws) if auto_approve else 0
+
+
+@stage
+def fire_triggers(root: str, cfg: TriggerConfig) -> list[str]:
+    from dataengine.triggers import check
+
+    return [f"{v.cause}: {v.why}" for v in check(Workspace.at(root), cfg) if v.fire]
+
+
+@stage
+def run_jobs(root: str, cfg) -> list[dict]:
+    from models.jobs import run_queued
+
+    out = []
+    for j in run_queued(Workspace.at(root), cfg):
+        out.append({"job_id": j["job_id"], "kind": j["kind"], "status": j["status"],
+                    "result": json.loads(j["result"]) if isinstance(j.get("result"), str) else j.get("result"),
+                    "note": j.get("note")})
+    return out
+
+
+@stage
+def retriage(root: str, ids: list[str]) -> dict[str, str]:
+    """The failures of this turn triaged again on the corrected workspace (rows appended)."""
+    from dataengine.triage_run import triage_workspace
+
+    triage_workspace(Workspace.at(root), retriage=True)
+    now = _latest_causes(Workspace.at(root))
+    return {i: now[i] for i in ids if i in now}
+
+
+@flow(name="dataengine-loop-turn", log_prints=False)
+def loop_turn(workspace: str, auto_approve: bool = False, triggers: TriggerConfig = TriggerConfig(),
+              jobs=None) -> TurnReport:
+    """`jobs`: a models.jobs.JobConfig (None: its defaults)."""
+    from models.jobs import JobConfig
+
+    ws = Workspace.at(workspace)
+    Catalog(ws).migrate()
+    report = TurnReport(triaged=triage_new(workspace))
+    causes = _latest_causes(ws)
+    report.before = {c: sum(v == c for v in causes.values()) for c in CAUSES}
+    truth = _injected(ws)
+    if truth:
+        report.confusion = {t: {p: sum(truth[i] == t and causes.get(i) == p for i in truth) for p in CAUSES}
+                            for t in CAUSES}
+    report.remedies, report.approved = queue_remedies(workspace, auto_approve)
+    report.fired = fire_triggers(workspace, triggers)
+    report.jobs = run_jobs(workspace, jobs or JobConfig()) if report.fired else []
+    after = retriage(workspace, list(causes))
+    report.after = {c: sum(v == c for v in after.values()) for c in CAUSES}
+    return report
