@@ -35,6 +35,29 @@ from triage import CAUSES, build_workspace, log_scores, write_feedback  # noqa: 
 from dataengine.catalog import Catalog  # noqa: E402
 
 
+def fresh_copy(template, dest: Path):
+    """The template workspace copied, without any feedback, triage, remedy, patch or job:
+    each run starts from the same un-patched training set (the template stays untouched)."""
+    import shutil
+
+    from dataengine.workspace import Workspace
+
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(template.root, dest, ignore=shutil.ignore_patterns("patches"))
+    ws = Workspace.at(dest)
+    for table in ("feedback", "triage", "gaps", "patches"):
+        for part in (ws.lake / table).glob("*.parquet"):
+            if part.name != "_schema.parquet":
+                part.unlink()
+    (ws.shards / "patches").mkdir(parents=True, exist_ok=True)
+    cat = Catalog(ws)
+    cat.migrate()  # the copy's views point at its own lake (paths are workspace-relative)
+    with cat.transaction() as con:
+        for table in ("remedies", "jobs", "reviews"):
+            con.execute(f"DELETE FROM {table}")
+    return ws
+
+
 def still_failing(ws, truth: dict[str, str]) -> dict[str, int]:
     """Per injected cause, how many of its failures are binned to it now."""
     rows = Catalog(ws).query("SELECT feedback_id, arg_max(cause, triaged_at) AS cause FROM triage "
@@ -60,7 +83,8 @@ def main() -> None:
 
     held = draw_held_out(10, args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-loop-"))
-    ws = build_workspace(work / f"ws-{args.seed}", held, args.seed, 1000, 600, 400)
+    template = build_workspace(work / f"ws-{args.seed}", held, args.seed, 1000, 600, 400)
+    ws = fresh_copy(template, work / f"loop-ws-{args.seed}")
     folder = work / f"loop-{time.strftime('%H%M%S')}"
     records, truth = write_feedback(folder, held, args.n_per_cause, args.n_good, args.seed, 128, False)
     log_scores(ws, records, folder)

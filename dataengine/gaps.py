@@ -227,8 +227,7 @@ class Coverage:
 
     def percentile(self, value: float, kind: str, n_phrases: int | None = None) -> float:
         """Share of the reference queries covered less well than `value`."""
-        ref = self._ref(kind, n_phrases)
-        return float(np.searchsorted(ref, value, side="left") / len(ref))
+        return float(_midrank(self._ref(kind, n_phrases), np.array([value]))[0])
 
     def combined(self, image_margin: float, caption_margin: float, n_phrases: int | None = None) -> float:
         """A text query's combined percentile: the less covered of its two sides."""
@@ -267,6 +266,16 @@ class Coverage:
                    arrays["sizes"], fixed["captions"], meta,
                    arrays["ref_caption"] if "ref_caption" in arrays else None,
                    arrays["ref_combined"] if "ref_combined" in arrays else None, phrase_k, buckets)
+
+
+def _midrank(ref: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Share of sorted `ref` below each value, ties counted half. Common phrases saturate
+    (the same phrase in train and pool: margin exactly 0), so many queries tie; counting
+    ties as below-or-equal would rank a saturated phrase by how many rare ones happen to sit
+    under it (a patch that thins the pool moved such prompts from the 31st percentile to the 9th)."""
+    lo = np.searchsorted(ref, values, side="left")
+    hi = np.searchsorted(ref, values, side="right")
+    return (lo + hi) / (2.0 * len(ref))
 
 
 def reference_prompts(captions: Sequence[str], seed: int = 0) -> list[str]:
@@ -354,8 +363,8 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
     buckets: list[dict] = []
 
     def combined_of(img: np.ndarray, cap: np.ndarray) -> np.ndarray:
-        pct_image = np.searchsorted(np.sort(img), img, side="left") / len(img)
-        pct_caption = np.searchsorted(np.sort(cap), cap, side="left") / len(cap)
+        pct_image = _midrank(np.sort(img), img)
+        pct_caption = _midrank(np.sort(cap), cap)
         return np.sort(np.minimum(pct_image, pct_caption))
 
     if phrase_index is not None and reference_phrases is not None:
