@@ -44,13 +44,14 @@ class RemedyReport:
     titles: list[str] = field(default_factory=list)
 
 
-def _rid(cause: str, key: str) -> str:
-    return hashlib.sha1(f"{cause}\0{key}".encode()).hexdigest()[:16]
+def _rid(cause: str, key: str, now: datetime) -> str:
+    # The time is part of it: a failure a used remedy did not fix gets a new remedy, not its old row.
+    return hashlib.sha1(f"{cause}\0{key}\0{now.isoformat()}".encode()).hexdigest()[:16]
 
 
 def _row(cause: str, key: str, title: str, ids: Sequence[str], proposal: dict, now: datetime,
          status: str = "pending") -> dict:
-    return dict(remedy_id=_rid(cause, key), cause=cause, kind=KINDS[cause], title=title, feedback_ids=list(ids),
+    return dict(remedy_id=_rid(cause, key, now), cause=cause, kind=KINDS[cause], title=title, feedback_ids=list(ids),
                 proposal=json.dumps(proposal, default=str), status=status, curator=None, note=None, job_id=None,
                 created_at=now, decided_at=None)
 
@@ -181,15 +182,20 @@ def prompt_remedies(failures: Sequence[dict], now: datetime) -> list[dict]:
 
 
 def _unanswered(catalog: Catalog) -> dict[str, list[dict]]:
-    """Latest triage of each failure that no remedy answers yet, with its feedback row."""
-    taken = {fid for r in catalog.query("SELECT feedback_ids FROM remedies").to_pylist() for fid in r["feedback_ids"]}
+    """Latest triage of each failure no remedy answers: none waits for a curator or a job
+    (pending, approved), none was rejected, and none was used since it was last triaged (a
+    failure triaged again after its remedy's job still fails, and gets a new one)."""
     rows = catalog.query("""
-        SELECT t.feedback_id, t.cause, t.evidence, f.prompt, f.enhanced_prompt, f.scores, f.rating
+        SELECT t.feedback_id, t.cause, t.evidence, t.triaged_at, f.prompt, f.enhanced_prompt, f.scores, f.rating
         FROM (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at DESC) AS n FROM triage) t
         JOIN feedback f USING (feedback_id) WHERE t.n = 1 ORDER BY t.feedback_id""").to_pylist()
+    answered: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
+    for r in catalog.query("SELECT feedback_ids, status, created_at FROM remedies").to_pylist():
+        for fid in r["feedback_ids"]:
+            answered[fid].append((r["status"], r["created_at"]))
     out: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        if r["feedback_id"] in taken:
+        if any(status != "used" or made >= r["triaged_at"] for status, made in answered.get(r["feedback_id"], ())):
             continue
         r["evidence"] = json.loads(r["evidence"])
         r["scores"] = sg.parse_scores(r["scores"])

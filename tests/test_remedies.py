@@ -88,3 +88,22 @@ def test_propose_queues_each_failure_once_and_curators_decide(ws, tmp_path):
         decide(ws, rl["remedy_id"], "maybe", "ann")
     with pytest.raises(RemedyError, match="no remedy"):
         decide(ws, "nope", "approve", "ann")
+
+
+def test_a_failure_still_failing_after_its_remedy_was_used_gets_a_new_one(ws, tmp_path):
+    from dataengine.triage_run import triage_workspace
+
+    _queue(ws, tmp_path)
+    first = propose(ws)
+    rows = Catalog(ws).query("SELECT * FROM remedies WHERE cause = 'rl'").to_pylist()
+    import pyarrow as pa
+    from dataengine.schema import REMEDIES
+
+    rows[0].update(status="used", job_id="job-1")
+    Catalog(ws).upsert("remedies", pa.Table.from_pylist(rows, schema=REMEDIES))
+    assert propose(ws).made["rl"] == 0  # used, but not triaged again since
+    triage_workspace(ws, retriage=True, score_missing=False)  # after the job: still failing
+    again = propose(ws)
+    assert again.made["rl"] == 1 and again.made["prompt"] == 0  # pending prompt remedies still answer theirs
+    assert Catalog(ws).query("SELECT count(*) AS n FROM remedies WHERE cause = 'rl'").to_pylist()[0]["n"] == 2
+    assert first.made["rl"] == 1
