@@ -93,7 +93,9 @@ def concept_groups(failures: Sequence[dict]) -> list[tuple[str, list[dict]]]:
     failures share a group when their phrases share a content word pair; a group is
     named by the words most of its phrases hold."""
     def key_words(f: dict) -> list[str]:
-        return sg.content_words(f["evidence"].get("weakest_phrase") or f["prompt"])
+        # A phrase of function words only ("image") names nothing: fall back to the prompt.
+        return sg.content_words(f["evidence"].get("weakest_phrase") or "") or sg.content_words(f["prompt"]) \
+            or [f["prompt"].strip().lower() or f["feedback_id"]]
 
     groups: list[tuple[Counter, list[dict]]] = []
     for f in failures:

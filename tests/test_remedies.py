@@ -107,3 +107,8 @@ def test_a_failure_still_failing_after_its_remedy_was_used_gets_a_new_one(ws, tm
     assert again.made["rl"] == 1 and again.made["prompt"] == 0  # pending prompt remedies still answer theirs
     assert Catalog(ws).query("SELECT count(*) AS n FROM remedies WHERE cause = 'rl'").to_pylist()[0]["n"] == 2
     assert first.made["rl"] == 1
+
+
+def test_a_weakest_phrase_of_function_words_still_names_its_group():
+    groups = concept_groups([fail("a", prompt="a teal kite", phrase="image"), fail("b", prompt="the", phrase=None)])
+    assert [name for name, _ in groups] == ["teal kite", "the"] and all(name.strip() for name, _ in groups)
