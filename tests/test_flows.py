@@ -44,11 +44,17 @@ def test_demo_flow_from_nothing(tmp_path):
             assert pattern.split(".")[-1] in line
     assert summary.counts["embeddings"] == 2 * 70  # an image and a caption vector per sample
     assert summary.counts["gaps"] == 3  # the held-out concept and two covered ones, searched
-    # A second run finds the same shards, pairs and vectors, adds nothing, reuses every model;
-    # only the searches are recorded again (each search is a row).
+    # A second run finds the same shards, pairs and vectors, reuses every model and adds only
+    # the patch the first run wrote (shards/patches/: training data, ingested and embedded);
+    # the searches are recorded again (each search is a row).
+    patch_shards = list((tmp_path / "ws" / "shards" / "patches").glob("*.tar"))
     again = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False)
+    patched = Catalog(Workspace.at(tmp_path / "ws")).query(
+        "SELECT count(*) AS n FROM samples WHERE split = 'patches'").to_pylist()[0]["n"]
+    assert (patched > 0) == bool(patch_shards)
+    grown = {"samples": patched, "embeddings": 2 * patched, "shards": len(patch_shards)}
     assert {k: v for k, v in again.counts.items() if k != "gaps"} == \
-        {k: v for k, v in summary.counts.items() if k != "gaps"}
+        {k: v + grown.get(k, 0) for k, v in summary.counts.items() if k != "gaps"}
     assert again.counts["gaps"] == 2 * summary.counts["gaps"]
 
 
