@@ -44,12 +44,16 @@ def _update(catalog: Catalog, job: dict, **fields) -> dict:
     return job
 
 
-def _uncovered(ws: Workspace, prompts: list[str], knowledge_below: float) -> list[bool]:
-    """Per prompt: below the triage rules' coverage line or a gap (what made it knowledge)."""
+def _uncovered(ws: Workspace, concepts: list[str], prompts: list[str], knowledge_below: float
+               ) -> tuple[list[bool], list[bool]]:
+    """Per concept and per prompt: below the triage rules' coverage line or a gap (what made
+    it knowledge), from one load of the workspace's searcher."""
     from dataengine.gaps import GapSearcher
 
-    reports, _ = GapSearcher(ws).prompts(prompts, record=False)
-    return [r.is_gap or r.percentile < knowledge_below for r in reports]
+    texts = concepts + prompts
+    reports, _ = GapSearcher(ws).prompts(texts, record=False) if texts else ([], None)
+    flags = [r.is_gap or r.percentile < knowledge_below for r in reports]
+    return flags[:len(concepts)], flags[len(concepts):]
 
 
 def _promoted(catalog: Catalog, model: str) -> dict | None:
@@ -88,16 +92,14 @@ def run_knowledge_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
     # Fixed, as the loop defines it for knowledge: the concept a failure misses is no longer
     # below coverage after the patch is ingested and the index rebuilt. The failures' own
     # prompts are re-measured too (other phrases of a prompt may still be rare).
-    before_c = _uncovered(ws, concepts, line) if concepts else []
-    before_p = _uncovered(ws, prompts, line) if prompts else []
+    before_c, before_p = _uncovered(ws, concepts, prompts, line)
     result: dict[str, Any] = {"patch_shards": shards}
     if shards:
         rep = ingest(ws, shards, IngestConfig(use_ray=False), catalog)
         result["ingested"] = {"accepted": rep.accepted, "quarantined": rep.quarantined}
         embed(ws.root, EmbedConfig(use_ray=False), progress=False)
         build_workspace_indexes(ws, "default", ("train", "pool"), progress=False)
-    after_c = _uncovered(ws, concepts, line) if concepts else []
-    after_p = _uncovered(ws, prompts, line) if prompts else []
+    after_c, after_p = _uncovered(ws, concepts, prompts, line)
     weights = [len(p["failures"]) for p in proposals]
     missing = sum(w for w, b in zip(weights, before_c) if b)
     fixed = sum(w for w, b, a in zip(weights, before_c, after_c) if b and not a) / missing if missing else 0.0
