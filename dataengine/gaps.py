@@ -207,6 +207,7 @@ class Coverage:
     # prompts of about its length. Each: {"max_phrases": n, "text"|"caption"|"combined":
     # sorted array}; empty for coverage built before (every prompt against all).
     buckets: list[dict] = field(default_factory=list)
+    _thresholds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def has_captions(self) -> bool:
@@ -223,11 +224,15 @@ class Coverage:
         """The coverage margin below which a query of `kind` is a gap on that side alone
         (the alpha quantile); for "combined", the percentile below which a text query is.
         With `n_phrases`, among reference prompts of about that many phrases."""
-        return float(np.quantile(self._ref(kind, n_phrases), self.alpha))
+        ref = self._ref(kind, n_phrases)
+        key = (kind, id(ref))  # a quantile per reference array, not per query
+        if key not in self._thresholds:
+            self._thresholds[key] = float(np.quantile(ref, self.alpha))
+        return self._thresholds[key]
 
     def percentile(self, value: float, kind: str, n_phrases: int | None = None) -> float:
         """Share of the reference queries covered less well than `value`."""
-        return float(_midrank(self._ref(kind, n_phrases), np.array([value]))[0])
+        return float(midrank(self._ref(kind, n_phrases), np.array([value]))[0])
 
     def combined(self, image_margin: float, caption_margin: float, n_phrases: int | None = None) -> float:
         """A text query's combined percentile: the less covered of its two sides."""
@@ -268,7 +273,7 @@ class Coverage:
                    arrays["ref_combined"] if "ref_combined" in arrays else None, phrase_k, buckets)
 
 
-def _midrank(ref: np.ndarray, values: np.ndarray) -> np.ndarray:
+def midrank(ref: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Share of sorted `ref` below each value, ties counted half. Common phrases saturate
     (the same phrase in train and pool: margin exactly 0), so many queries tie; counting
     ties as below-or-equal would rank a saturated phrase by how many rare ones happen to sit
@@ -363,8 +368,8 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
     buckets: list[dict] = []
 
     def combined_of(img: np.ndarray, cap: np.ndarray) -> np.ndarray:
-        pct_image = _midrank(np.sort(img), img)
-        pct_caption = _midrank(np.sort(cap), cap)
+        pct_image = midrank(np.sort(img), img)
+        pct_caption = midrank(np.sort(cap), cap)
         return np.sort(np.minimum(pct_image, pct_caption))
 
     if phrase_index is not None and reference_phrases is not None:
@@ -375,9 +380,9 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
         ref_caption = np.sort(caption_side)
         ref_combined = combined_of(image_side, caption_side)
         lengths = np.array([len(t) for t in texts])
-        lo = 0
+        lo = -1
         for hi in length_buckets(lengths):
-            m = (lengths > lo) & (lengths <= hi) if lo else lengths <= hi
+            m = (lengths > lo) & (lengths <= hi)
             buckets.append({"max_phrases": hi, "text": np.sort(image_side[m]), "caption": np.sort(caption_side[m]),
                             "combined": combined_of(image_side[m], caption_side[m])})
             lo = hi

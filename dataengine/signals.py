@@ -132,14 +132,14 @@ def drift(prompt: str, enhanced: str | None) -> Drift:
 
 
 def percentile(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Share of `reference` strictly below each value, ties counted half (a rank, 0-1)."""
+    """Share of `reference` strictly below each value, ties counted half (a rank, 0-1;
+    NaN against an empty reference): gap search's mid-rank, on an unsorted reference."""
+    from dataengine.gaps import midrank
+
     ref = np.sort(np.asarray(reference, np.float64))
     if len(ref) == 0:
         return np.full(len(values), np.nan)
-    v = np.asarray(values, np.float64)
-    lo = np.searchsorted(ref, v, side="left")
-    hi = np.searchsorted(ref, v, side="right")
-    return (lo + hi) / (2.0 * len(ref))
+    return midrank(ref, np.asarray(values, np.float64))
 
 
 def reward_percentiles(scores: Sequence[dict[str, float] | None],
