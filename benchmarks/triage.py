@@ -112,7 +112,7 @@ def _word_re(word: str) -> re.Pattern:
     return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.I)
 
 
-def make_failure(cause: str, i: int, held: tuple, rng: random.Random, size: int):
+def make_failure(cause: str, held: tuple, rng: random.Random, size: int):
     """(scene as drawn, user prompt, enhanced prompt, scene the output shows) or None when
     this draw does not fit the cause (the caller draws again)."""
     from dataengine.sceneworld import sample_scene
@@ -192,7 +192,7 @@ def write_feedback(out: Path, held: tuple, n_per_cause: int, n_good: int, seed: 
                 prompt, enhanced = terse_and_rich(scene, rng)
                 made = (scene, prompt, enhanced, scene)
             else:
-                made = make_failure(cause, i, held, rng, size)
+                made = make_failure(cause, held, rng, size)
             if made is None:
                 continue
             scene, prompt, enhanced, shown = made
@@ -296,7 +296,7 @@ def stored_rate(ws: Workspace, records: list[dict], folder: Path) -> tuple[float
         t0 = time.perf_counter()
         reports = search_gaps(s.coverage, s.index, s.reference, prompts, pv, "text", s.evidence, None, s.phrases, phv)
         table = gather([r["id"] for r in fails], prompts, enh, [r["rating"] for r in fails],
-                       [r["scores"] for r in fails], ref, reports, iv, pv, ev, drift_ref)
+                       [r["scores"] for r in fails], ref, reports, iv, pv, ev, [drift_ref] * len(fails))
         rules.decide(table)
         best = min(best, time.perf_counter() - t0)
     return len(fails) / best, len(fails) / (best + embed_s)

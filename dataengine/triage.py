@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -50,11 +49,11 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
            ratings: Sequence[int | None], scores: Sequence[dict | None], reward_reference: dict[str, np.ndarray],
            gap_reports: Sequence | None = None, image_vecs: np.ndarray | None = None,
            prompt_vecs: np.ndarray | None = None, enhanced_vecs: np.ndarray | None = None,
-           drift_reference: np.ndarray | Sequence[np.ndarray | None] | None = None) -> SignalTable:
+           drift_reference: Sequence[np.ndarray | None] | None = None) -> SignalTable:
     """Signals of a batch from what is at hand: texts, logged scores and their reference,
     gap reports and CLIP vectors (either may be None: those signals are then NaN), and the
-    drift shares of well-rated outputs (how much this enhancer rewords when nothing failed):
-    one array for all, or one (or None) per failure."""
+    drift shares of well-rated outputs of each failure's serving version (how much its
+    enhancer rewords when nothing failed; None where there are too few)."""
     n = len(feedback_ids)
     has_enh = np.array([e is not None and bool(e.strip()) for e in enhanced])
     drifts = [sg.drift(p, e if h else None) for p, e, h in zip(prompts, enhanced, has_enh)]
@@ -86,15 +85,12 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
     return SignalTable(list(feedback_ids), features, details)
 
 
-def _drift_pct(drifts: list, reference) -> np.ndarray:
+def _drift_pct(drifts: list, reference: Sequence[np.ndarray | None] | None) -> np.ndarray:
     """Each failure's drift share as a percentile of its reference (NaN without one)."""
-    shares = np.array([d.share for d in drifts])
-    if reference is None or (isinstance(reference, np.ndarray) and reference.dtype != object):
-        return sg.percentile(shares, reference) if reference is not None and len(reference) else np.full(len(shares), np.nan)
-    out = np.full(len(shares), np.nan)
-    for i, ref in enumerate(reference):
+    out = np.full(len(drifts), np.nan)
+    for i, ref in enumerate(reference or ()):
         if ref is not None and len(ref):
-            out[i] = sg.percentile(shares[i:i + 1], ref)[0]
+            out[i] = sg.percentile(np.array([drifts[i].share]), ref)[0]
     return out
 
 
@@ -321,7 +317,3 @@ def table_from_evidence(rows: Sequence[dict]) -> SignalTable:
         sig = json.loads(r["evidence"])["signals"]
         feats.append([np.nan if sig.get(k) is None else sig[k] for k in FEATURES])
     return SignalTable([r["feedback_id"] for r in rows], np.array(feats, np.float64).reshape(len(rows), len(FEATURES)))
-
-
-def triager_dir(models_root: Path) -> Path:
-    return Path(models_root) / "triager"

@@ -22,7 +22,7 @@ from dataengine import signals as sg
 from dataengine.catalog import Catalog
 from dataengine.schema import MODEL_VERSIONS, TRIAGE
 from dataengine.triage import (CAUSES, LearnedTriager, RuleTriager, SignalTable, compare, gather, rows_of,
-                               table_from_evidence, triager_dir)
+                               table_from_evidence)
 from dataengine.workspace import Workspace
 
 TRIAGER = "triager"
@@ -188,7 +188,7 @@ def learn_triager(ws: Workspace, min_reviews: int = 30) -> dict:
     model, metrics = compare(table, truth, min_reviews=min_reviews)
     if model is None:
         return metrics | {"version": None, "status": None}
-    version, path = save_version(triager_dir(ws.models).parent, TRIAGER,
+    version, path = save_version(ws.models, TRIAGER,
                                  lambda d: (d / "model.json").write_text(json.dumps(model.to_json())),
                                  config={"kind": "logistic-regression"}, metrics=metrics)
     status = "promoted" if metrics["wins"] else "candidate"

@@ -26,8 +26,7 @@ def record(i: int, **over) -> dict:
     r = {"id": f"fb-{i}", "time": "2026-12-01T10:00:00Z", "prompt": f"a red star number {i}",
          "enhanced_prompt": None, "model_version": "dit/v0001", "image": "out.png", "task": "gen",
          "source_image": None, "instruction": None, "scores": {"fidelity": 0.5}, "rating": 2, "comment": None}
-    r.update(over)
-    return {k: v for k, v in r.items() if v is not ...}
+    return r | over
 
 
 def write_jsonl(path, rows) -> None:

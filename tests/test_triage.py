@@ -149,7 +149,7 @@ def test_drift_counts_only_beyond_what_the_enhancer_does_on_well_rated_outputs()
     enhanced = ["A little red star sits on a lawn", "A little blue star sits on a lawn, a ring beside it"]
     good = np.array([sg_drift(p, e).share for p, e in [("a small cat on a sofa", "A little cat rests on a couch"),
                                                         ("a big dog in snow", "A large dog in the snow")] * 10])
-    s = gather(["a", "b"], prompts, enhanced, [1, 1], [None, None], {}, drift_reference=good)
+    s = gather(["a", "b"], prompts, enhanced, [1, 1], [None, None], {}, drift_reference=[good, good])
     assert RuleTriager().decide(s).causes == ["rl", "prompt"]
     s = gather(["a", "b"], prompts, enhanced, [1, 1], [None, None], {})  # no reference: every lost word counts
     assert RuleTriager().decide(s).causes == ["prompt", "prompt"]
