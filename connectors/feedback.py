@@ -58,12 +58,16 @@ def read_records(path: str | Path) -> Iterator[RawRecord]:
             except UnicodeDecodeError as e:
                 yield RawRecord(f"{path}:{n}", line.decode("utf-8", "replace"), parse_error=f"not UTF-8: {e}", base=base)
                 continue
-            if not text:
-                continue  # blank lines separate nothing and carry nothing
-            try:
-                yield RawRecord(f"{path}:{n}", text, json.loads(text), base=base)
-            except json.JSONDecodeError as e:
-                yield RawRecord(f"{path}:{n}", text, parse_error=str(e), base=base)
+            if text:  # blank lines separate nothing and carry nothing
+                yield _line_record(f"{path}:{n}", text, base)
+
+
+def _line_record(origin: str, text: str, base: Path | None) -> RawRecord:
+    """One JSON line as a record, parsed or with why it would not parse."""
+    try:
+        return RawRecord(origin, text, json.loads(text), base=base)
+    except json.JSONDecodeError as e:
+        return RawRecord(origin, text, parse_error=str(e), base=base)
 
 
 def _batched(records: Iterator[RawRecord]) -> Iterator[list[RawRecord]]:
@@ -180,13 +184,8 @@ def _records_of_body(body: bytes, base: Path | None) -> list[RawRecord]:
         return [RawRecord(f"http#{i + 1}", json.dumps(o, default=str), o, base=base) for i, o in enumerate(objs)]
     except json.JSONDecodeError:
         pass
-    out = []
-    for i, line in enumerate(l for l in text.splitlines() if l.strip()):
-        try:
-            out.append(RawRecord(f"http#{i + 1}", line, json.loads(line), base=base))
-        except json.JSONDecodeError as e:
-            out.append(RawRecord(f"http#{i + 1}", line, parse_error=str(e), base=base))
-    return out
+    return [_line_record(f"http#{i + 1}", line, base)
+            for i, line in enumerate(l for l in text.splitlines() if l.strip())]
 
 
 def make_server(ws: Workspace, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False,

@@ -698,10 +698,14 @@ def triage_learn(
     console.print(f"triager {m['version']} ({m['status']}): {m['why']}")
 
 
+AutoApproveOpt = typer.Option(False, help="Approve every remedy that needs no edit (stands in for a curator).")
+DitStepsOpt = typer.Option(40, help="Fine-tune steps of a knowledge job's DiT (0: apply the patches only).")
+
+
 @app.command()
 def remedies(
     workspace: Path = WorkspaceOpt,
-    auto_approve: bool = typer.Option(False, help="Approve every remedy that needs no edit (stands in for a curator)."),
+    auto_approve: bool = AutoApproveOpt,
     patch_size: int = typer.Option(32, help="At most this many pool samples per missing concept's patch."),
 ) -> None:
     """Queue a remedy for each triaged failure none answers yet (review them with `dataengine review`)."""
@@ -759,7 +763,7 @@ def triggers(
 @app.command("run-jobs")
 def run_jobs(
     workspace: Path = WorkspaceOpt,
-    dit_steps: int = typer.Option(40, help="Fine-tune steps of a knowledge job's DiT (0: apply the patches only)."),
+    dit_steps: int = DitStepsOpt,
     min_fixed: float = typer.Option(0.5, help="Share of its failures a new version must fix to be promoted."),
 ) -> None:
     """Run the queued retrain jobs the triggers fired; a new version is promoted only through the gate."""
@@ -778,9 +782,9 @@ def run_jobs(
 @app.command()
 def loop(
     workspace: Path = WorkspaceOpt,
-    auto_approve: bool = typer.Option(False, help="Approve every remedy that needs no edit (stands in for a curator)."),
+    auto_approve: bool = AutoApproveOpt,
     min_approved: int = typer.Option(20, help="Approved remedies of a cause that fire its retrain job."),
-    dit_steps: int = typer.Option(40, help="Fine-tune steps of a knowledge job's DiT (0: apply the patches only)."),
+    dit_steps: int = DitStepsOpt,
 ) -> None:
     """One turn: triage -> remedies -> triggers -> jobs -> the failures triaged again; counts per cause."""
     from dataengine.triage import CAUSES
