@@ -1,27 +1,40 @@
-"""The loop's failure count per cause before and after one and two turns, on injected failures.
+"""The loop's failures per cause before and after one and two turns, on injected faults.
 
-Builds (or reuses) the scene-world workspace of benchmarks/triage.py, injects failures of
-known cause through the feedback contract (the cause rides along as the extra field
-`injected_cause`), and runs `flows.loop.loop_turn` twice with every remedy auto-approved
-and triggers that fire on one approved remedy. After each turn the same failures are
-triaged again on the corrected workspace; a failure still binned to its injected cause
-is still failing for that cause.
+Builds (or reuses) the scene-world workspace of benchmarks/triage.py and injects one fault
+per cause into its serving stack, each with a truth this script measures:
+
+- rl: the promoted reward version is retrained with colour preferences reversed
+  (`RewardTrainConfig.flip`): it lets through outputs whose colour is wrong. Truth: the
+  promoted reward's held-out pairwise accuracy on colour pairs.
+- knowledge: ten (colour, shape) concepts are held out of train and present in the pool.
+  Truth: the failures' concepts no longer uncovered after patch, ingest and re-index.
+- prompt: the promoted enhancer is trained on pairs whose targets swap the user's colour
+  for another (a fixed permutation): it contradicts the user. Truth: its rate of dropped
+  or contradicted attributes (`enhance_eval`, ground truth) on the failing prompts and on
+  held-out terse prompts.
+
+Failures go in through the feedback contract (the cause rides along as the extra field
+`injected_cause`), scored by the serving (miscalibrated) reward. `flows.loop.loop_turn`
+runs twice with every remedy auto-approved and triggers that fire on one approved remedy;
+a failure counts as failing after a turn while `models.jobs.still_failing` says so.
 
     python benchmarks/loop.py --workdir /tmp/tfull        # reuse the triage benchmark's workspace
     python benchmarks/loop.py --n-per-cause 100 --dit-steps 40
 
 On 2 CPU cores the knowledge jobs apply their patches (ingest, embed, re-index) and, with
---dit-steps > 0 and a promoted DiT in the workspace, fine-tune it; reward and enhancer
-jobs have no runner yet and stay queued, so rl and prompt failures cannot fall.
+--dit-steps > 0 and a promoted DiT in the workspace, fine-tune it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from dataengine.runtime import apply_offline_defaults
@@ -30,7 +43,7 @@ apply_offline_defaults()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gaps import draw_held_out  # noqa: E402
-from triage import CAUSES, build_workspace, log_scores, write_feedback  # noqa: E402
+from triage import CAUSES, _word_re, build_workspace, log_scores, make_failure, named_groups, terse_and_rich  # noqa: E402
 
 from dataengine.catalog import Catalog  # noqa: E402
 
@@ -55,15 +68,173 @@ def fresh_copy(template, dest: Path):
     with cat.transaction() as con:
         for table in ("remedies", "jobs", "reviews"):
             con.execute(f"DELETE FROM {table}")
+        # Version paths are absolute: point the copy's rows at its own folders.
+        con.execute("UPDATE model_versions SET path = replace(path, ?, ?)", [str(template.root), str(ws.root)])
     return ws
 
 
-def still_failing(ws, truth: dict[str, str]) -> dict[str, int]:
-    """Per injected cause, how many of its failures are binned to it now."""
+# ---------------------------------------------------------------------------------------
+# Injected faults (the truth side: the scene world's vocabulary lives here)
+# ---------------------------------------------------------------------------------------
+
+
+def _promote(ws, model: str, version: str) -> None:
+    with Catalog(ws).transaction() as con:
+        con.execute("UPDATE model_versions SET status = 'retired' WHERE model = ? AND status = 'promoted'", [model])
+        con.execute("UPDATE model_versions SET status = 'promoted' WHERE model = ? AND version = ?", [model, version])
+
+
+def miscalibrated_reward(ws, seed: int, steps: int) -> dict:
+    """A reward version trained with colour preferences reversed, promoted as the serving one."""
+    from models.stack import default_loop, train_model
+
+    rec = train_model("reward", ws.root, {"heads": ("fidelity", "aesthetics"), "n_train": 500, "n_eval": 100,
+                                          "flip": ("colour",)},
+                      default_loop("reward", steps=steps, progress=False, seed=seed), progress=False)
+    _promote(ws, "reward", rec["version"])
+    return rec
+
+
+def colour_accuracy(ws) -> dict:
+    """The promoted reward's held-out fidelity accuracy, overall and on colour pairs."""
+    row = Catalog(ws).query("SELECT version, metrics FROM model_versions WHERE model = 'reward' AND "
+                            "status = 'promoted' ORDER BY created_at DESC LIMIT 1").to_pylist()[0]
+    fid = json.loads(row["metrics"])["eval"]["heldout"]["fidelity"]
+    kinds = fid["by_kind"]
+    colour = [kinds[k] for k in ("caption_colour", "image_colour") if k in kinds]
+    return {"version": row["version"], "fidelity": fid["accuracy"], "colour": sum(colour) / len(colour)}
+
+
+def colour_shift() -> dict[str, str]:
+    from dataengine.sceneworld.scene import COLOURS
+
+    return {c: COLOURS[(i + 3) % len(COLOURS)] for i, c in enumerate(COLOURS)}
+
+
+def corrupted_enhancer(ws, steps: int, seed: int) -> dict:
+    """Degradation pairs for the workspace, then an enhancer trained on them with every
+    colour word of each target shifted to another colour; promoted as the serving one."""
+    import pyarrow as pa
+
+    from dataengine.degrade import DegradeConfig
+    from dataengine.degrade.run import captions_from_samples, degrade_to_lake
+    from dataengine.schema import MODEL_VERSIONS
+    from models.train_enhancer import EnhancerTrainConfig, train
+
+    cat = Catalog(ws)
+    if not cat.query("SELECT 1 FROM pairs LIMIT 1").num_rows:
+        degrade_to_lake(cat, captions_from_samples(cat, "train"), DegradeConfig(seed=seed), use_ray=False)
+    pairs = cat.query("SELECT source_id, step, less, more FROM pairs ORDER BY pair_id")
+    shift = colour_shift()
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, shift)) + r")(?![\w-])", re.I)
+    more = [pattern.sub(lambda m: shift[m.group(1).lower()], t) for t in pairs.column("more").to_pylist()]
+    bad = pairs.set_column(pairs.column_names.index("more"), "more", pa.array(more))
+    rec = train(bad, ws.models, EnhancerTrainConfig(steps=steps, batch_size=16, copy_markers=False, seed=seed,
+                                                    progress=False))
+    cat.upsert("model_versions", pa.Table.from_pylist([rec], schema=MODEL_VERSIONS))
+    _promote(ws, "enhancer", rec["version"])
+    return rec
+
+
+def _enhancer_path(ws) -> str:
+    return Catalog(ws).query("SELECT path FROM model_versions WHERE model = 'enhancer' AND status = 'promoted' "
+                             "ORDER BY created_at DESC LIMIT 1").to_pylist()[0]["path"]
+
+
+def _free_outputs(path: str, prompts: list[str]) -> list[str]:
+    from models.enhancer import enhance, load_version
+
+    model, tok = load_version(path)
+    return enhance(model, tok, prompts, max_new_tokens=96, keep_words=False)
+
+
+def enhancer_truth(ws, failing: list[tuple[str, dict]], held: list[tuple[str, dict]]) -> dict:
+    """The promoted enhancer's share of prompts with an attribute dropped or contradicted."""
+    from dataengine.enhance_eval import evaluate
+
+    path = _enhancer_path(ws)
+    out = {}
+    for name, items in (("failing", failing), ("held-out", held)):
+        prompts = [p for p, _ in items]
+        r = evaluate(prompts, _free_outputs(path, prompts), [sc for _, sc in items])
+        out[name] = {"lost": round(1 - r["fully_preserved"], 4), "contradicted": r["intent_contradicted"]}
+    return out
+
+
+def loop_feedback(ws, out: Path, held: tuple, n: int, n_good: int, seed: int, size: int = 128):
+    """Records for n failures per cause and n_good well-rated outputs, with the truth."""
+    from dataengine.enhance_eval import extract_attributes
+    from dataengine.sceneworld import render, sample_scene
+    from dataengine.sceneworld.scene import COLOURS
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"loop/{seed}")
+    made: list[tuple[str, tuple]] = []
+    for _ in range(n):  # knowledge: the generator never learnt the held-out concept
+        while (m := make_failure("knowledge", held, rng, size)) is None:
+            pass
+        made.append(("knowledge", m))
+    while sum(c == "rl" for c, _ in made) < n:  # rl: a wrong colour the miscalibrated reward lets through
+        scene = sample_scene(rng, size, size, forbid=held)
+        prompt, rich = terse_and_rich(scene, rng)
+        named = named_groups(prompt, scene)
+        if not named:
+            continue
+        k = rng.choice(named)
+        g = scene.groups[k]
+        taken = {(x.colour, x.shape) for x in scene.groups} | set(held)
+        new = replace(g, colour=rng.choice([c for c in COLOURS if (c, g.shape) not in taken]))
+        made.append(("rl", (scene, prompt, rich, replace(scene, groups=tuple(new if j == k else x for j, x in
+                                                                             enumerate(scene.groups))))))
+    # prompt: the serving enhancer's own outputs, kept where they lose an attribute the user asked for
+    shift = colour_shift()
+    cands = []
+    for _ in range(3 * n):
+        scene = sample_scene(rng, size, size, forbid=held)
+        prompt, _ = terse_and_rich(scene, rng)
+        if named_groups(prompt, scene):
+            cands.append((scene, prompt))
+    outputs = _free_outputs(_enhancer_path(ws), [p for _, p in cands])
+    for (scene, prompt), enhanced in zip(cands, outputs):
+        if sum(c == "prompt" for c, _ in made) >= n:
+            break
+        if extract_attributes(prompt) <= extract_attributes(enhanced):
+            continue  # this output kept the user's attributes: not a prompt failure
+        # The generator follows the enhanced prompt: the named groups come out in the shifted colour.
+        named = set(named_groups(prompt, scene))
+        groups = tuple(replace(g, colour=shift[g.colour]) if i in named and (shift[g.colour], g.shape) not in held
+                       and _word_re(shift[g.colour]).search(enhanced) else g for i, g in enumerate(scene.groups))
+        made.append(("prompt", (scene, prompt, enhanced, replace(scene, groups=groups))))
+    for _ in range(n_good):
+        scene = sample_scene(rng, size, size, forbid=held)
+        prompt, rich = terse_and_rich(scene, rng)
+        made.append(("good", (scene, prompt, rich, scene)))
+    records, truth, scenes = [], {}, {}
+    tag = time.strftime("%H%M%S")
+    counters: dict[str, int] = {}
+    for cause, (scene, prompt, enhanced, shown) in made:
+        i = counters[cause] = counters.get(cause, -1) + 1
+        fid = f"{tag}-{cause}-{i:04d}"
+        render(shown).save(out / f"{fid}.png")
+        records.append({"id": fid, "time": "2026-12-06T00:00:00Z", "prompt": prompt, "enhanced_prompt": enhanced,
+                        "model_version": "dit/v0007", "image": f"{fid}.png", "task": "gen",
+                        "rating": rng.choice((4, 5)) if cause == "good" else rng.choice((1, 1, 2, None)),
+                        "comment": None})
+        if cause != "good":
+            truth[fid] = cause
+            scenes[fid] = scene.to_json()
+    return records, truth, scenes
+
+
+def failing_now(ws, truth: dict[str, str]) -> dict[str, int]:
+    """Per injected cause, how many of its failures are binned to it now and still fail for it."""
+    from models.jobs import still_failing
+
     rows = Catalog(ws).query("SELECT feedback_id, arg_max(cause, triaged_at) AS cause FROM triage "
                              "GROUP BY feedback_id").to_pylist()
-    now = {r["feedback_id"]: r["cause"] for r in rows}
-    return {c: sum(1 for i, t in truth.items() if t == c and now.get(i) == c) for c in CAUSES}
+    now = {r["feedback_id"]: r["cause"] for r in rows if r["feedback_id"] in truth}
+    failing = still_failing(ws, now)
+    return {c: sum(1 for i, t in truth.items() if t == c and now.get(i) == c and failing.get(i)) for c in CAUSES}
 
 
 def main() -> None:
@@ -72,47 +243,82 @@ def main() -> None:
     ap.add_argument("--n-good", type=int, default=150)
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--dit-steps", type=int, default=0, help="fine-tune steps per knowledge job (0: data only)")
+    ap.add_argument("--reward-steps", type=int, default=400, help="steps of the miscalibrated reward version")
+    ap.add_argument("--enhancer-steps", type=int, default=600, help="steps of the corrupted enhancer")
+    ap.add_argument("--recalibration-steps", type=int, default=150)
+    ap.add_argument("--retrain-steps", type=int, default=150, help="enhancer fine-tune steps per prompt job")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     from connectors.feedback import ingest_files
+    from dataengine.enhance_eval import heldout_terse_prompts
     from dataengine.triggers import TriggerConfig, TriggerPolicy
     from flows.loop import loop_turn
+    from models.enhancer_fix import EnhancerFixConfig
     from models.jobs import JobConfig
+    from models.recalibrate import RecalibrationConfig
 
     held = draw_held_out(10, args.seed)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-loop-"))
+    t0 = time.perf_counter()
     template = build_workspace(work / f"ws-{args.seed}", held, args.seed, 1000, 600, 400)
     ws = fresh_copy(template, work / f"loop-ws-{args.seed}")
+    print(f"workspace {ws.root} ready in {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    miscalibrated_reward(ws, args.seed, args.reward_steps)
+    print(f"miscalibrated reward (colour flipped) in {time.perf_counter() - t0:.0f} s: {colour_accuracy(ws)}")
+    t0 = time.perf_counter()
+    corrupted_enhancer(ws, args.enhancer_steps, args.seed)
+    heldout = heldout_terse_prompts(200, seed=args.seed)
+    print(f"corrupted enhancer (colours shifted) in {time.perf_counter() - t0:.0f} s")
+
     folder = work / f"loop-{time.strftime('%H%M%S')}"
-    records, truth = write_feedback(folder, held, args.n_per_cause, args.n_good, args.seed, 128, False)
+    t0 = time.perf_counter()
+    records, truth, scenes = loop_feedback(ws, folder, held, args.n_per_cause, args.n_good, args.seed)
     log_scores(ws, records, folder)
     with open(folder / "feedback.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r | ({"injected_cause": truth[r["id"]]} if r["id"] in truth else {})) + "\n")
     ingest_files(ws, [folder / "feedback.jsonl"])
+    failing_prompts = [(r["prompt"], scenes[r["id"]]) for r in records if truth.get(r["id"]) == "prompt"]
+    print(f"{len(records)} records in {time.perf_counter() - t0:.0f} s")
+
+    def truths() -> dict:
+        return {"reward": colour_accuracy(ws), "enhancer": enhancer_truth(ws, failing_prompts, heldout)}
+
     policy = TriggerPolicy(min_approved=1, cooldown_h=0)
-    counts = []
+    jobs = JobConfig(dit_steps=args.dit_steps, recalibration=RecalibrationConfig(steps=args.recalibration_steps),
+                     enhancer=EnhancerFixConfig(steps=args.retrain_steps))
+    counts = [("injected", {c: sum(t == c for t in truth.values()) for c in CAUSES}, None, truths())]
     for turn in range(1, args.turns + 1):
         t0 = time.perf_counter()
-        r = loop_turn(str(ws.root), auto_approve=True, triggers=TriggerConfig(policy, policy, policy),
-                      jobs=JobConfig(dit_steps=args.dit_steps))
+        r = loop_turn(str(ws.root), auto_approve=True, triggers=TriggerConfig(policy, policy, policy), jobs=jobs)
         if turn == 1:
-            counts.append(("injected", {c: sum(t == c for t in truth.values()) for c in CAUSES}, None))
-            counts.append(("triaged as its cause", {c: r.confusion[c][c] for c in CAUSES}, None))
+            counts.append(("triaged as its cause", {c: r.confusion[c][c] for c in CAUSES}, None, None))
             print("injected -> triaged (rl / knowledge / prompt): "
                   + "; ".join(f"{t} " + "/".join(str(r.confusion[t][p]) for p in CAUSES) for t in CAUSES))
-        counts.append((f"after turn {turn}", still_failing(ws, truth), time.perf_counter() - t0))
+        secs = time.perf_counter() - t0
+        counts.append((f"after turn {turn}", failing_now(ws, truth), secs, truths()))
         for j in r.jobs:
-            res = j["result"] or {}
+            res = dict(j["result"] or {})
+            res.pop("concepts", None)
+            res.pop("heldout_before", None)
+            res.pop("heldout_after", None)
             print(f"turn {turn}: job {j['kind']} {j['status']}" + (f" ({j['note']})" if j["note"] else "")
-                  + (f": fixed {res.get('fixed_share')}, patch shards {len(res.get('patch_shards', []))}, "
-                     f"prompts uncovered {res.get('prompts_uncovered_before')} -> {res.get('prompts_uncovered_after')}"
-                     if res else ""))
+                  + f": {json.dumps(res, default=str)[:600]}")
     print(f"\n{'':<24}" + "".join(f"{c:>11}" for c in CAUSES) + f"{'seconds':>10}")
-    for label, row, secs in counts:
+    for label, row, secs, _ in counts:
         print(f"{label:<24}" + "".join(f"{row[c]:>11}" for c in CAUSES) + (f"{secs:>10.0f}" if secs else ""))
+    print("\ntruth: promoted reward's held-out colour accuracy; promoted enhancer's share of prompts with an "
+          "attribute dropped or contradicted (failing prompts / held-out prompts)")
+    for label, _, _, t in counts:
+        if t:
+            e = t["enhancer"]
+            print(f"{label:<24} reward {t['reward']['version']} colour {t['reward']['colour']:.3f} "
+                  f"(fidelity {t['reward']['fidelity']:.3f}); enhancer lost {e['failing']['lost']:.3f} / "
+                  f"{e['held-out']['lost']:.3f}, contradicted {e['failing']['contradicted']} / "
+                  f"{e['held-out']['contradicted']}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dataengine.workspace import Workspace
 
 KINDS = {"rl": "reward-adjustment", "knowledge": "knowledge-patch", "prompt": "enhancer-pair"}
 VERDICTS = ("approve", "reject", "edit")
-MAX_PAIRS = 200  # recalibration pairs per head proposal (the rest add little and bloat the row)
+MAX_PAIRS = 1000  # recalibration pairs per head proposal, spread over its failures (~100 kB of JSON)
 
 
 class RemedyError(ValueError):
@@ -68,21 +68,25 @@ def rl_remedies(failures: Sequence[dict], good: Sequence[dict], now: datetime) -
         by_head[f["evidence"].get("reward_top") or "(no scores)"].append(f)
     out = []
     for head, group in sorted(by_head.items()):
-        pairs = []
+        per_failure: list[list[dict]] = []
         if head != "(no scores)":
             for f in group:
                 s_fail = (f["scores"] or {}).get(head)
-                for g in good:
-                    s_good = (g["scores"] or {}).get(head)
-                    if s_fail is not None and s_good is not None and s_good <= s_fail:
-                        pairs.append({"win": g["feedback_id"], "lose": f["feedback_id"],
-                                      "win_score": s_good, "lose_score": s_fail})
-        pairs.sort(key=lambda p: p["win_score"] - p["lose_score"])  # the most wrongly ordered first
+                mine = [{"win": g["feedback_id"], "lose": f["feedback_id"], "win_score": s_good, "lose_score": s_fail}
+                        for g in good if s_fail is not None and (s_good := (g["scores"] or {}).get(head)) is not None
+                        and s_good <= s_fail]
+                mine.sort(key=lambda p: (p["win_score"] - p["lose_score"], p["win"]))  # the most wrongly ordered first
+                per_failure.append(mine)
+        found = sum(len(m) for m in per_failure)
+        # Every failure gets its share of the kept pairs: a recalibration learns from many failures,
+        # not from the few the head overrated most.
+        pairs = [m[k] for k in range(max(map(len, per_failure), default=0)) for m in per_failure
+                 if k < len(m)][:MAX_PAIRS]
         ids = [f["feedback_id"] for f in group]
         proposal = {"head": head, "direction": "lower on outputs like these failures",
-                    "failures": ids, "pairs": pairs[:MAX_PAIRS], "pairs_found": len(pairs),
+                    "failures": ids, "pairs": pairs, "pairs_found": found,
                     "why": (f"{head} rated {len(group)} failed outputs highest among its heads; "
-                            f"{len(pairs)} pairs where a well-rated output scored no higher than a failure")}
+                            f"{found} pairs where a well-rated output scored no higher than a failure")}
         out.append(_row("rl", f"{head}\0{min(ids)}\0{len(ids)}", f"{head}: {len(group)} failures it overrated; "
                         f"{len(pairs)} recalibration pairs", ids, proposal, now))
     return out

@@ -5,8 +5,9 @@
     again on the corrected workspace
 
 It reports, per cause, how many failures were binned there before the turn and how many
-still are after it (a failure whose concept a patch made covered is no longer a knowledge
-failure). Feedback records that carry `injected_cause` (an extra field; tests and
+still fail for it after (models.jobs.still_failing: a knowledge failure whose concept a
+patch made covered, an rl failure the promoted reward no longer overrates, a prompt
+failure whose prompt the promoted enhancer no longer loses words of, are fixed). Feedback records that carry `injected_cause` (an extra field; tests and
 benchmarks inject failures of known cause) also get a confusion matrix.
 """
 
@@ -90,12 +91,16 @@ def run_jobs(root: str, cfg) -> list[dict]:
 
 @stage
 def retriage(root: str, ids: list[str]) -> dict[str, str]:
-    """The failures of this turn triaged again on the corrected workspace (rows appended)."""
+    """The failures of this turn triaged again on the corrected workspace (rows appended),
+    each with the cause it still fails for ("" when fixed)."""
     from dataengine.triage_run import triage_workspace
+    from models.jobs import still_failing
 
     triage_workspace(Workspace.at(root), retriage=True)
     now = _latest_causes(Workspace.at(root))
-    return {i: now[i] for i in ids if i in now}
+    causes = {i: now[i] for i in ids if i in now}
+    failing = still_failing(Workspace.at(root), causes)
+    return {i: c if failing.get(i, True) else "" for i, c in causes.items()}
 
 
 @flow(name="dataengine-loop-turn", log_prints=False)

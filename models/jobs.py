@@ -10,6 +10,12 @@ candidate with the reason. Kinds without a runner here stay queued and say so.
   them, grow the training index (train + patches) and its coverage, re-measure each
   remedy's concept (a failure is fixed when its concept is no longer below the triage's
   knowledge line nor a gap), then fine-tune the promoted DiT on the patched mix and gate it.
+- retrain-reward (rl): fine-tune the promoted reward version on the approved recalibration
+  pairs with a replay of its own training pairs; fixed and gated on held-out failures
+  (models/recalibrate.py).
+- retrain-enhancer (prompt): fine-tune the promoted enhancer on the workspace's pairs plus
+  the approved corrected pairs; fixed and gated on how often it loses the user's words
+  (models/enhancer_fix.py).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from dataengine.schema import JOBS, MODEL_VERSIONS
 from dataengine.triage import RuleTriager
 from dataengine.workspace import Workspace
 
+from .enhancer_fix import EnhancerFixConfig
+from .recalibrate import RecalibrationConfig
+
 
 @dataclass(frozen=True)
 class JobConfig:
@@ -34,6 +43,8 @@ class JobConfig:
     dit_steps: int = 40  # fine-tune steps (0: apply the data, train nothing)
     dit_overrides: tuple[tuple[str, Any], ...] = (("eval_prompts", 6), ("sample_steps", 20), ("batch_size", 8))
     tolerance: float = 0.02  # held-out loss may rise this share and still count as no worse
+    recalibration: RecalibrationConfig = RecalibrationConfig()
+    enhancer: EnhancerFixConfig = EnhancerFixConfig()
 
 
 def _update(catalog: Catalog, job: dict, **fields) -> dict:
@@ -139,7 +150,40 @@ def _set_status(catalog: Catalog, model: str, version: str, status: str, job_id:
     catalog.upsert("model_versions", pa.Table.from_pylist(rows, schema=MODEL_VERSIONS))
 
 
-RUNNERS = {"retrain-dit": run_knowledge_job}
+def _approved_proposals(catalog: Catalog, job: dict) -> list[dict]:
+    """The proposals of the remedies that fired `job`, each with `feedback_ids` added."""
+    params = json.loads(job["params"])
+    return [json.loads(r["proposal"]) | {"feedback_ids": r["feedback_ids"]} for r in catalog.query(
+        "SELECT proposal, feedback_ids FROM remedies WHERE list_contains(?, remedy_id) ORDER BY remedy_id",
+        [params["remedies"]]).to_pylist()]
+
+
+def run_reward_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
+    from .recalibrate import recalibrate
+
+    catalog = Catalog(ws)
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    for p in _approved_proposals(catalog, job):
+        pairs.setdefault(p["head"], []).extend((x["win"], x["lose"]) for x in p.get("pairs", []))
+    result = recalibrate(ws, pairs, cfg.recalibration, job_id=job["job_id"])
+    _set_status(catalog, "reward", result["version"], "promoted" if result["promoted"] else "candidate",
+                job["job_id"], result["gate"], retire=result["recalibrated_from"] if result["promoted"] else None)
+    return result
+
+
+def run_enhancer_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
+    from .enhancer_fix import retrain_enhancer
+
+    catalog = Catalog(ws)
+    corrected = [{"feedback_id": p["feedback_ids"][0], "less": p["less"], "more": p["more"]}
+                 for p in _approved_proposals(catalog, job) if p.get("less") and p.get("more")]
+    result = retrain_enhancer(ws, corrected, cfg.enhancer, job_id=job["job_id"])
+    _set_status(catalog, "enhancer", result["version"], "promoted" if result["promoted"] else "candidate",
+                job["job_id"], result["gate"], retire=result["fine_tuned_from"] if result["promoted"] else None)
+    return result
+
+
+RUNNERS = {"retrain-dit": run_knowledge_job, "retrain-reward": run_reward_job, "retrain-enhancer": run_enhancer_job}
 
 
 def run_queued(ws: Workspace, cfg: JobConfig = JobConfig()) -> list[dict]:
@@ -160,4 +204,48 @@ def run_queued(ws: Workspace, cfg: JobConfig = JobConfig()) -> list[dict]:
             out.append(_update(catalog, job, status="failed", result={"error": f"{type(e).__name__}: {e}"}))
             continue
         out.append(_update(catalog, job, status="done", result=result))
+    return out
+
+
+def still_failing(ws: Workspace, causes: dict[str, str]) -> dict[str, bool]:
+    """Per failure (feedback id -> the cause it is binned to now): does it still fail for
+    that cause on the workspace's current versions? knowledge: it is binned knowledge (its
+    concept is still uncovered); rl: the promoted reward version's head that overrated it
+    still scores it at or above the median well-rated output; prompt: the promoted
+    enhancer's own output for its prompt still loses a word of it (without a promoted
+    enhancer: it is binned prompt)."""
+    from .enhancer_fix import loses_words
+    from .recalibrate import _head_scores, _outputs, overrated
+
+    catalog = Catalog(ws)
+    out = {i: c == "knowledge" for i, c in causes.items() if c == "knowledge"}
+    rl = [i for i, c in causes.items() if c == "rl"]
+    if rl:
+        reward = _promoted(catalog, "reward")
+        rows = catalog.query("""SELECT feedback_id, json_extract_string(evidence, '$.reward_top') AS head FROM
+            (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at) n FROM triage)
+            WHERE n = 1 AND list_contains(?, feedback_id)""", [rl]).to_pylist()
+        first_head = {r["feedback_id"]: r["head"] for r in rows}
+        good = [r["feedback_id"] for r in catalog.query(
+            "SELECT feedback_id FROM feedback WHERE rating >= 4 ORDER BY feedback_id LIMIT 500").to_pylist()]
+        size = int(json.loads((Path(reward["path"]) / "config.json").read_text())["job"]["train"]["resolution"]) \
+            if reward else 64
+        outputs = _outputs(catalog, rl + good, size) if reward else {}
+        good = [g for g in good if g in outputs]
+        for head in sorted({h for h in first_head.values() if h}):
+            ids = [i for i in rl if first_head.get(i) == head and i in outputs]
+            if not ids or not good:
+                continue
+            s = _head_scores(reward["path"], head, [outputs[i] for i in ids + good])
+            out |= dict(zip(ids, overrated(s[:len(ids)], s[len(ids):]).tolist()))
+        out |= {i: True for i in rl if i not in out}  # no head named or no image: nothing shows it fixed
+    prompt = [i for i, c in causes.items() if c == "prompt"]
+    if prompt:
+        enhancer = _promoted(catalog, "enhancer")
+        if enhancer is None:
+            out |= {i: True for i in prompt}
+        else:
+            rows = catalog.query("SELECT feedback_id, prompt FROM feedback WHERE list_contains(?, feedback_id) "
+                                 "ORDER BY feedback_id", [prompt]).to_pylist()
+            out |= dict(zip([r["feedback_id"] for r in rows], loses_words(enhancer["path"], [r["prompt"] for r in rows])))
     return out

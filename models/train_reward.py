@@ -83,12 +83,17 @@ class RewardTrainConfig:
     spatial: tuple[str, ...] = ("fidelity",)  # heads over patch and prompt tokens (RewardConfig.spatial)
     token_size: int = 128  # px for patch tokens
     clip: str | None = None  # a Frozen spec; None: the workspace's promoted CLIP (else lite0)
+    # A fault to inject, never a setting: fidelity attributes whose training preferences are
+    # reversed, so that tests and benchmarks can make a head miscalibrated on one attribute.
+    flip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.heads, self.spatial = tuple(self.heads), tuple(self.spatial)
+        self.heads, self.spatial, self.flip = tuple(self.heads), tuple(self.spatial), tuple(self.flip)
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown or not self.heads:
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads}")
+        if any(k not in FIDELITY_KINDS for k in self.flip):
+            raise ValueError(f"flip must name fidelity attributes {FIDELITY_KINDS}, got {self.flip}")
         for name in ("n_train", "n_eval", "batch_size", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -410,6 +415,27 @@ def make_pairs(scenes: list[Scene], heads: tuple[str, ...], frozen, seed: int, b
     for i, scene in enumerate(scenes):
         for h, pairs in _pairs_for(scene, heads, bank, random.Random(f"{seed}/{i}"), blur).items():
             raw[h].extend(pairs)
+    return _embedded(raw, bank, frozen, model_cfg)
+
+
+def output_pairs(head: str, wins: list[tuple[np.ndarray, str]], loses: list[tuple[np.ndarray, str]], frozen,
+                 model_cfg: RewardConfig, kind: str = "feedback") -> PairSet:
+    """`head`'s pairs from real outputs: (image uint8 HxWx3, prompt) wins[i] over loses[i]
+    (a well-rated output over a failure the head overrated: recalibration pairs)."""
+    if len(wins) != len(loses) or not wins:
+        raise ValueError(f"{head}: need as many winners as losers, at least one (got {len(wins)}, {len(loses)})")
+    bank = _Bank()
+
+    def side(image: np.ndarray, text: str) -> dict[str, tuple[str, int]]:
+        return {"image": ("img", bank.image(image)), "text": ("txt", bank.text(text))}
+
+    raw = {head: [(kind, side(*w), side(*lo)) for w, lo in zip(wins, loses)]}
+    return _embedded(raw, bank, frozen, model_cfg)[head]
+
+
+def _embedded(raw: dict[str, list[_Raw]], bank: _Bank, frozen, model_cfg: RewardConfig) -> dict[str, PairSet]:
+    """Raw pairs as PairSets over the bank's frozen embeddings."""
+    heads = tuple(raw)
     tables = _embed_bank(bank, frozen, model_cfg, tokens=any(h in model_cfg.spatial for h in heads))
     # A spatial role is the same bank row as its pooled one: image_tokens <- image, text_* <- text.
     source_role = {"image_tokens": "image", "text_tokens": "text", "text_mask": "text"}
@@ -432,6 +458,14 @@ def make_pairs(scenes: list[Scene], heads: tuple[str, ...], frozen, seed: int, b
 # ---------------------------------------------------------------------------------------
 
 
+def flipped(ps: PairSet, attributes: tuple[str, ...]) -> PairSet:
+    """`ps` with the preferences of the pairs about `attributes` reversed (fault injection)."""
+    bad = torch.tensor([k.split("_", 1)[-1] in attributes for k in ps.kinds])
+    win = {r: torch.where(bad, ps.lose[r], ps.win[r]) for r in ps.win}
+    lose = {r: torch.where(bad, ps.win[r], ps.lose[r]) for r in ps.lose}
+    return replace(ps, win=win, lose=lose)
+
+
 def _wins(win_score: torch.Tensor, lose_score: torch.Tensor) -> torch.Tensor:
     """1 where the preferred side scores higher, 0.5 on a tie (a coin toss), else 0."""
     return (win_score > lose_score).float() + 0.5 * (win_score == lose_score).float()
@@ -443,9 +477,11 @@ class RewardTrainJob(TrainJob):
     name = MODEL_NAME
 
     def __init__(self, frozen, train_scenes: list[Scene], eval_scenes: list[Scene], cfg: RewardTrainConfig,
-                 info: dict | None = None):
+                 info: dict | None = None, feedback: Any = None):
         # info: JSON facts that identify the run beyond cfg (the CLIP spec, where scenes came from).
-        self.frozen, self.cfg, self.info = frozen, cfg, info or {}
+        # feedback: a callable (frozen, model_cfg) -> {key: PairSet} of pairs from real outputs,
+        # trained beside the scene pairs (a recalibration, models/recalibrate.py).
+        self.frozen, self.cfg, self.info, self.feedback = frozen, cfg, info or {}, feedback
         self.train_scenes, self.eval_scenes = train_scenes, eval_scenes
         self.model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, hidden=cfg.hidden,
                                       dropout=cfg.dropout, spatial=cfg.spatial, patch_dim=frozen.patch_dim,
@@ -455,6 +491,10 @@ class RewardTrainJob(TrainJob):
         t0 = time.perf_counter()
         seed = self.loop.seed
         self.train_pairs = make_pairs(self.train_scenes, self.cfg.heads, self.frozen, seed, model_cfg=self.model_cfg)
+        if self.cfg.flip and "fidelity" in self.train_pairs:
+            self.train_pairs["fidelity"] = flipped(self.train_pairs["fidelity"], self.cfg.flip)
+        if self.feedback is not None:
+            self.train_pairs |= self.feedback(self.frozen, self.model_cfg)
         self.data_seconds = round(time.perf_counter() - t0, 2)
         self.model = EmbeddedRewards(self.model_cfg, self.frozen).to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.loop.lr, weight_decay=self.cfg.weight_decay)
@@ -471,12 +511,13 @@ class RewardTrainJob(TrainJob):
     def step(self, step: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(self.loop.seed * 1_000_003 + step)
         losses, accs = {}, {}
-        for h, pairs in self.train_pairs.items():
+        for key, pairs in self.train_pairs.items():  # key: a head, or a head's extra pairs ("fidelity/feedback")
+            h = pairs.head
             idx = torch.randint(0, len(pairs), (self.cfg.batch_size,), generator=g)
             win, lose = pairs.take(idx)
             r_w, r_l = self.model(win, (h,))[h], self.model(lose, (h,))[h]
-            losses[h] = bradley_terry(r_w, r_l)
-            accs[h] = float((r_w > r_l).float().mean())
+            losses[key] = bradley_terry(r_w, r_l)
+            accs[key] = float((r_w > r_l).float().mean())
         loss = torch.stack(list(losses.values())).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -490,13 +531,14 @@ class RewardTrainJob(TrainJob):
         """Per head: the share of pairs the winner scores higher in, overall and per kind."""
         self.model.eval()
         out: dict[str, Any] = {}
-        for h, ps in pairs.items():
+        for key, ps in pairs.items():
+            h = ps.head
             chunks = [torch.arange(i, min(i + 256, len(ps))) for i in range(0, len(ps), 256)]
             r_w = torch.cat([self.model(ps.side("win", c), (h,))[h] for c in chunks])
             r_l = torch.cat([self.model(ps.side("lose", c), (h,))[h] for c in chunks])
             right = _wins(r_w, r_l)
             kinds = sorted(set(ps.kinds))
-            out[h] = {"accuracy": round(float(right.mean()), 4), "pairs": len(ps),
+            out[key] = {"accuracy": round(float(right.mean()), 4), "pairs": len(ps),
                       "by_kind": {k: round(float(right[[i for i, x in enumerate(ps.kinds) if x == k]].mean()), 4)
                                   for k in kinds}}
         self.model.train()
@@ -531,8 +573,10 @@ class RewardTrainJob(TrainJob):
 # ---------------------------------------------------------------------------------------
 
 
-def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfig) -> RewardTrainJob:
-    """The job for `cfg` on the workspace's scene-world ground truth and CLIP."""
+def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfig, feedback: Any = None,
+             info: dict | None = None) -> RewardTrainJob:
+    """The job for `cfg` on the workspace's scene-world ground truth and CLIP (`feedback`
+    and `info`: see RewardTrainJob)."""
     from .frozen import Frozen, workspace_clip_spec
     from .trainer import device_of
 
@@ -540,8 +584,8 @@ def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfi
     frozen = Frozen.load(spec, device=str(device_of(loop.device)))
     train_scenes, n_ws_train = scene_pool(workspace_root, "train", cfg.n_train, cfg.resolution, loop.seed)
     eval_scenes, n_ws_eval = scene_pool(workspace_root, "eval", cfg.n_eval, cfg.resolution, loop.seed)
-    info = {"clip": spec, "scenes": {"train_from_workspace": n_ws_train, "eval_from_workspace": n_ws_eval}}
-    return RewardTrainJob(frozen, train_scenes, eval_scenes, cfg, info)
+    info = {"clip": spec, "scenes": {"train_from_workspace": n_ws_train, "eval_from_workspace": n_ws_eval}} | (info or {})
+    return RewardTrainJob(frozen, train_scenes, eval_scenes, cfg, info, feedback)
 
 
 def train_reward(workspace_root: str | Path, cfg: RewardTrainConfig | None = None, loop: LoopConfig | None = None,
@@ -568,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     for cls in (RewardTrainConfig, LoopConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in ("progress", "heads", "spatial"):
+            if f.name in ("progress", "heads", "spatial", "flip"):
                 continue
             flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
             base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
@@ -582,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         return tuple(h.strip() for h in text.split(",") if h.strip())
 
     cfg = RewardTrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(RewardTrainConfig)
-                               if f.name not in ("heads", "spatial")},
+                               if f.name not in ("heads", "spatial", "flip")},
                             heads=names(args["heads"]), spatial=names(args["spatial"]))
     loop = LoopConfig(**{f.name: args[f.name] for f in dataclasses.fields(LoopConfig) if f.name != "progress"})
     record = train_reward(args["workspace"], cfg, loop)

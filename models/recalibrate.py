@@ -1,0 +1,174 @@
+"""Reward recalibration, the rl remedy's job: fine-tune the promoted reward version on the
+recalibration pairs curators approved (a well-rated output over a failure a head
+overrated), beside a replay of the version's own training pairs so the other heads and
+attributes keep what they knew.
+
+    result = recalibrate(ws, {"fidelity": [(win_id, lose_id), ...]}, RecalibrationConfig())
+
+What it fixed is measured on failures it did not train on: the remedy's failures are split
+by a hash of their id, pairs whose failure (or well-rated output) falls in the check share
+are left out of training, and a check failure counts as fixed when the old version scored
+it at or above the median well-rated output of the check share and the new one scores it
+below. The new version is promoted
+only when no head's held-out accuracy falls by more than the tolerance and it fixes at
+least `min_fixed` of the check failures it was asked to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from dataengine.catalog import Catalog
+from dataengine.workspace import Workspace
+
+from .gate import promotion
+from .rewards import MODEL_NAME
+
+
+@dataclass(frozen=True)
+class RecalibrationConfig:
+    steps: int = 150
+    lr: float = 3e-4
+    check_share: float = 0.3  # failures (and well-rated outputs) kept out of training to measure on
+    min_fixed: float = 0.5
+    tolerance: float = 0.02  # a head's held-out accuracy may fall this much (absolute) and still pass
+
+    def __post_init__(self) -> None:
+        if not 0 < self.check_share < 1:
+            raise ValueError(f"check_share must be in (0, 1), got {self.check_share}")
+
+
+def in_check(feedback_id: str, share: float) -> bool:
+    """Stable membership of the check share (the same id always lands on the same side)."""
+    return int(hashlib.sha1(feedback_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
+
+
+def overrated(fail: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """Failures a head scores at or above the median of the well-rated outputs."""
+    return fail >= np.median(good)
+
+
+def _outputs(catalog: Catalog, ids: Sequence[str], size: int) -> dict[str, tuple[np.ndarray, str]]:
+    """(image at `size` px, the prompt it was rendered from) per readable feedback id: the
+    enhanced prompt where there is one, as the serving stack scored it."""
+    from dataengine.images import to_square
+
+    rows = catalog.query("SELECT feedback_id, image_ref, prompt, enhanced_prompt FROM feedback "
+                         "WHERE list_contains(?, feedback_id)", [list(ids)]).to_pylist()
+    out = {}
+    for r in rows:
+        try:
+            img = to_square(Path(r["image_ref"].removeprefix("file://")).read_bytes(), size)
+        except (OSError, ValueError):
+            continue  # an output gone since intake makes no pair
+        out[r["feedback_id"]] = (img, r["enhanced_prompt"] or r["prompt"])
+    return out
+
+
+def _head_scores(version_path: str | Path, head: str, items: list[tuple[np.ndarray, str]]) -> np.ndarray:
+    import torch
+
+    from .rewards import RewardBatch, load
+
+    model = load(version_path)
+    out = []
+    for i in range(0, len(items), 64):
+        chunk = items[i: i + 64]
+        x = torch.from_numpy(np.stack([c[0] for c in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        out.append(model.score(RewardBatch(x, [c[1] for c in chunk]))[head].float().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _train_cfg(version_path: Path):
+    """The current version's own training config (its faults included: the job cannot know them)."""
+    from .train_reward import RewardTrainConfig
+
+    saved = json.loads((version_path / "config.json").read_text())["job"]["train"]
+    known = {f.name for f in fields(RewardTrainConfig)}
+    return RewardTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
+def heldout_drop(new: dict, current: dict, tolerance: float) -> list[str]:
+    """Heads whose held-out accuracy in `new` metrics fell more than `tolerance` below `current`'s."""
+    cur = current.get("eval", {}).get("heldout", {})
+    got = new.get("eval", {}).get("heldout", {})
+    return [f"{h} {got[h]['accuracy']:.3f} < {cur[h]['accuracy']:.3f}" for h in cur
+            if h in got and got[h]["accuracy"] < cur[h]["accuracy"] - tolerance]
+
+
+def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: RecalibrationConfig = RecalibrationConfig(),
+                job_id: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Fine-tune the promoted reward version on `pairs` ({head: [(win id, lose id)]}), measure
+    the fix on the held-out failures, and promote or keep the result as a candidate."""
+    from .trainer import LoopConfig, train
+    from .train_reward import make_job, output_pairs
+
+    catalog = Catalog(ws)
+    rows = catalog.query("SELECT version, path, metrics FROM model_versions WHERE model = ? AND status = 'promoted' "
+                         "ORDER BY created_at DESC, version DESC LIMIT 1", [MODEL_NAME]).to_pylist()
+    if not rows:
+        raise RuntimeError("no promoted reward version to recalibrate (dataengine train reward)")
+    current = rows[0]
+    path = Path(current["path"])
+    train_cfg = _train_cfg(path)
+    pairs = {h: p for h, p in pairs.items() if h in train_cfg.heads and p}
+    if not pairs:
+        raise ValueError(f"no recalibration pairs for a head {current['version']} trains ({train_cfg.heads})")
+    # The reference a check failure is measured against: every well-rated output in the check share.
+    good = [r["feedback_id"] for r in catalog.query("SELECT feedback_id FROM feedback WHERE rating >= 4 "
+                                                    "ORDER BY feedback_id").to_pylist()
+            if in_check(r["feedback_id"], cfg.check_share)]
+    ids = {i for p in pairs.values() for pair in p for i in pair} | set(good)
+    outputs = _outputs(catalog, sorted(ids), train_cfg.resolution)
+    good = [g for g in good if g in outputs]
+    fit = {h: [(w, lo) for w, lo in p if w in outputs and lo in outputs
+               and not in_check(w, cfg.check_share) and not in_check(lo, cfg.check_share)] for h, p in pairs.items()}
+    check = {h: (sorted({lo for _, lo in p if lo in outputs and in_check(lo, cfg.check_share)}), good)
+             for h, p in pairs.items()}
+    if not any(fit.values()):
+        raise ValueError("every recalibration pair fell in the check share or lost its image: nothing to train on")
+
+    def feedback(frozen, model_cfg):
+        return {f"{h}/feedback": output_pairs(h, [outputs[w] for w, _ in p], [outputs[lo] for _, lo in p],
+                                              frozen, model_cfg) for h, p in fit.items() if p}
+
+    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(10, cfg.steps), init_from=str(path),
+                      progress=progress)
+    info = {"recalibration": {"from": current["version"], "pairs": {h: len(p) for h, p in fit.items()}}}
+    record = train(make_job(ws.root, train_cfg, loop, feedback, info), ws.models, loop, catalog=catalog,
+                   job_id=job_id)
+
+    per_head, fixed, asked = {}, 0, 0
+    for h, (fails, goods) in check.items():
+        if not fails or not goods:
+            per_head[h] = {"check_failures": len(fails), "check_good": len(goods), "note": "too few to measure"}
+            continue
+        items = [outputs[i] for i in fails + goods]
+        before = _head_scores(path, h, items)
+        after = _head_scores(record["path"], h, items)
+        n = len(fails)
+        was, now = overrated(before[:n], before[n:]), overrated(after[:n], after[n:])
+        per_head[h] = {"check_failures": n, "overrated_before": int(was.sum()), "overrated_after": int(now.sum()),
+                       "fixed": int((was & ~now).sum())}
+        fixed += int((was & ~now).sum())
+        asked += int(was.sum())
+    share = fixed / asked if asked else 0.0
+    dropped = heldout_drop(record["metrics"], json.loads(current["metrics"] or "{}"), cfg.tolerance)
+    ok, why = promotion(asked, fixed, [f"held-out accuracy {d}" for d in dropped], cfg.min_fixed,
+                        "held-out failures it overrated")
+    return {"version": record["version"], "path": record["path"], "recalibrated_from": current["version"],
+            "promoted": ok, "gate": why, "fixed_share": round(share, 4), "heads": per_head,
+            "train_pairs": {h: len(p) for h, p in fit.items()},
+            "heldout_before": _summary(json.loads(current["metrics"] or "{}")),
+            "heldout_after": _summary(record["metrics"])}
+
+
+def _summary(metrics: dict) -> dict[str, Any]:
+    held = metrics.get("eval", {}).get("heldout", {})
+    return {h: {"accuracy": v["accuracy"], "by_kind": v.get("by_kind", {})} for h, v in held.items()}

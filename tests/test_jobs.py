@@ -1,0 +1,56 @@
+"""The retrain jobs' shared gate and the pieces of the rl and prompt jobs that need no
+training: fault injection, the held-out split, the overrated measure, held-out regressions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.gate import promotion
+from models.recalibrate import RecalibrationConfig, heldout_drop, in_check, overrated
+from models.train_reward import PairSet, RewardTrainConfig, flipped
+
+
+def test_promotion_needs_enough_fixed_and_no_regression():
+    assert promotion(10, 6, [], 0.5)[0]
+    ok, why = promotion(10, 4, [], 0.5, "prompts")
+    assert not ok and "fixes 40% of 10 prompts" in why
+    ok, why = promotion(10, 9, ["fidelity 0.70 < 0.80"], 0.5)
+    assert not ok and "fidelity 0.70 < 0.80" in why
+    ok, why = promotion(0, 0, [], 0.5)
+    assert not ok and "nothing to fix" in why
+
+
+def test_check_share_is_stable_and_close_to_its_size():
+    ids = [f"fb-{i}" for i in range(4000)]
+    first = [in_check(i, 0.3) for i in ids]
+    assert first == [in_check(i, 0.3) for i in ids]
+    assert 0.27 < sum(first) / len(ids) < 0.33
+    # A larger share keeps everything a smaller one held out.
+    assert all(in_check(i, 0.5) for i, f in zip(ids, first) if f)
+    with pytest.raises(ValueError, match="check_share"):
+        RecalibrationConfig(check_share=1.0)
+
+
+def test_overrated_is_at_or_above_the_median_well_rated_output():
+    good = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert overrated(np.array([0.29, 0.3, 0.9]), good).tolist() == [False, True, True]
+
+
+def test_flip_reverses_only_the_named_attributes_pairs():
+    win = {"image": torch.arange(4), "text": torch.arange(4)}
+    lose = {"image": torch.arange(4) + 10, "text": torch.arange(4) + 10}
+    ps = PairSet("fidelity", win, lose, ["caption_colour", "image_shape", "image_colour", "caption_count"], {})
+    out = flipped(ps, ("colour",))
+    assert out.win["image"].tolist() == [10, 1, 12, 3] and out.lose["image"].tolist() == [0, 11, 2, 13]
+    assert out.win["text"].tolist() == [10, 1, 12, 3]
+    assert ps.win["image"].tolist() == [0, 1, 2, 3]  # the original is untouched
+    with pytest.raises(ValueError, match="flip"):
+        RewardTrainConfig(flip=("taste",))
+
+
+def test_heldout_drop_names_heads_that_fell_beyond_tolerance():
+    cur = {"eval": {"heldout": {"fidelity": {"accuracy": 0.80}, "aesthetics": {"accuracy": 0.95}}}}
+    new = {"eval": {"heldout": {"fidelity": {"accuracy": 0.79}, "aesthetics": {"accuracy": 0.90}}}}
+    assert heldout_drop(new, cur, 0.02) == ["aesthetics 0.900 < 0.950"]
