@@ -3,9 +3,10 @@
 Builds (or reuses) the scene-world workspace of benchmarks/triage.py and injects one fault
 per cause into its serving stack, each with a truth this script measures:
 
-- rl: the promoted reward version is retrained with colour preferences reversed
-  (`RewardTrainConfig.flip`): it lets through outputs whose colour is wrong. Truth: the
-  promoted reward's held-out pairwise accuracy on colour pairs.
+- rl: the promoted reward version is retrained with its aesthetics preferences on blur
+  reversed (`RewardTrainConfig.flip`): it prefers blurred outputs, as a generator RL-tuned
+  on it would learn to make. Truth: the promoted reward's held-out pairwise accuracy on
+  blur pairs.
 - knowledge: ten (colour, shape) concepts are held out of train and present in the pool.
   Truth: the failures' concepts no longer uncovered after patch, ingest and re-index.
 - prompt: the promoted enhancer is trained on pairs whose targets swap the user's colour
@@ -44,6 +45,8 @@ apply_offline_defaults()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gaps import draw_held_out  # noqa: E402
 from triage import CAUSES, _word_re, build_workspace, log_scores, make_failure, named_groups, terse_and_rich  # noqa: E402
+
+from PIL import ImageFilter  # noqa: E402
 
 from dataengine.catalog import Catalog  # noqa: E402
 
@@ -84,36 +87,46 @@ def _promote(ws, model: str, version: str) -> None:
         con.execute("UPDATE model_versions SET status = 'promoted' WHERE model = ? AND version = ?", [model, version])
 
 
-def miscalibrated_reward(ws, seed: int, steps: int) -> dict:
-    """A reward version trained with colour preferences reversed, promoted as the serving one."""
+def _injected_version(ws, model: str, **job) -> str | None:
+    """A version of `model` in the workspace whose saved job config has these values."""
+    for r in Catalog(ws).query("SELECT version, path FROM model_versions WHERE model = ? ORDER BY version",
+                               [model]).to_pylist():
+        cfg = json.loads((Path(r["path"]) / "config.json").read_text())["job"]
+        cfg = cfg.get("train", cfg)  # the reward's fields sit under "train"
+        if all(cfg.get(k) == v for k, v in job.items()):
+            return r["version"]
+    return None
+
+
+def miscalibrated_reward(ws, seed: int, steps: int) -> str:
+    """A reward version trained with blur preferences reversed (made once per workspace)."""
     from models.stack import default_loop, train_model
 
-    rec = train_model("reward", ws.root, {"heads": ("fidelity", "aesthetics"), "n_train": 500, "n_eval": 100,
-                                          "flip": ("colour",)},
-                      default_loop("reward", steps=steps, progress=False, seed=seed), progress=False)
-    _promote(ws, "reward", rec["version"])
-    return rec
+    if (v := _injected_version(ws, "reward", flip=["blur"])) is None:
+        v = train_model("reward", ws.root, {"heads": ("fidelity", "aesthetics"), "n_train": 500, "n_eval": 100,
+                                            "flip": ("blur",)},
+                        default_loop("reward", steps=steps, progress=False, seed=seed), progress=False)["version"]
+    return v
 
 
-def colour_accuracy(ws) -> dict:
-    """The promoted reward's held-out fidelity accuracy, overall and on colour pairs."""
+def blur_accuracy(ws) -> dict:
+    """The promoted reward's held-out aesthetics accuracy, overall and on blur pairs."""
     row = Catalog(ws).query("SELECT version, metrics FROM model_versions WHERE model = 'reward' AND "
                             "status = 'promoted' ORDER BY created_at DESC LIMIT 1").to_pylist()[0]
-    fid = json.loads(row["metrics"])["eval"]["heldout"]["fidelity"]
-    kinds = fid["by_kind"]
-    colour = [kinds[k] for k in ("caption_colour", "image_colour") if k in kinds]
-    return {"version": row["version"], "fidelity": fid["accuracy"], "colour": sum(colour) / len(colour)}
+    head = json.loads(row["metrics"])["eval"]["heldout"]["aesthetics"]
+    return {"version": row["version"], "aesthetics": head["accuracy"], "blur": head["by_kind"]["blur"]}
 
 
 def colour_shift() -> dict[str, str]:
     from dataengine.sceneworld.scene import COLOURS
 
-    return {c: COLOURS[(i + 3) % len(COLOURS)] for i, c in enumerate(COLOURS)}
+    names = list(COLOURS)
+    return {c: names[(i + 3) % len(names)] for i, c in enumerate(names)}
 
 
-def corrupted_enhancer(ws, steps: int, seed: int) -> dict:
+def corrupted_enhancer(ws, steps: int, seed: int) -> str:
     """Degradation pairs for the workspace, then an enhancer trained on them with every
-    colour word of each target shifted to another colour; promoted as the serving one."""
+    colour word of each target shifted to another colour (made once per workspace)."""
     import pyarrow as pa
 
     from dataengine.degrade import DegradeConfig
@@ -124,6 +137,8 @@ def corrupted_enhancer(ws, steps: int, seed: int) -> dict:
     cat = Catalog(ws)
     if not cat.query("SELECT 1 FROM pairs LIMIT 1").num_rows:
         degrade_to_lake(cat, captions_from_samples(cat, "train"), DegradeConfig(seed=seed), use_ray=False)
+    if (v := _injected_version(ws, "enhancer", copy_markers=False)) is not None:
+        return v
     pairs = cat.query("SELECT source_id, step, less, more FROM pairs ORDER BY pair_id")
     shift = colour_shift()
     pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, shift)) + r")(?![\w-])", re.I)
@@ -132,8 +147,7 @@ def corrupted_enhancer(ws, steps: int, seed: int) -> dict:
     rec = train(bad, ws.models, EnhancerTrainConfig(steps=steps, batch_size=16, copy_markers=False, seed=seed,
                                                     progress=False))
     cat.upsert("model_versions", pa.Table.from_pylist([rec], schema=MODEL_VERSIONS))
-    _promote(ws, "enhancer", rec["version"])
-    return rec
+    return rec["version"]
 
 
 def _enhancer_path(ws) -> str:
@@ -145,7 +159,7 @@ def _free_outputs(path: str, prompts: list[str]) -> list[str]:
     from models.enhancer import enhance, load_version
 
     model, tok = load_version(path)
-    return enhance(model, tok, prompts, max_new_tokens=96, keep_words=False)
+    return enhance(model, tok, prompts, max_new_tokens=192, keep_words=False)
 
 
 def enhancer_truth(ws, failing: list[tuple[str, dict]], held: list[tuple[str, dict]]) -> dict:
@@ -165,7 +179,6 @@ def loop_feedback(ws, out: Path, held: tuple, n: int, n_good: int, seed: int, si
     """Records for n failures per cause and n_good well-rated outputs, with the truth."""
     from dataengine.enhance_eval import extract_attributes
     from dataengine.sceneworld import render, sample_scene
-    from dataengine.sceneworld.scene import COLOURS
 
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"loop/{seed}")
@@ -174,18 +187,10 @@ def loop_feedback(ws, out: Path, held: tuple, n: int, n_good: int, seed: int, si
         while (m := make_failure("knowledge", held, rng, size)) is None:
             pass
         made.append(("knowledge", m))
-    while sum(c == "rl" for c, _ in made) < n:  # rl: a wrong colour the miscalibrated reward lets through
+    while sum(c == "rl" for c, _ in made) < n:  # rl: a blurred output the miscalibrated reward prefers
         scene = sample_scene(rng, size, size, forbid=held)
         prompt, rich = terse_and_rich(scene, rng)
-        named = named_groups(prompt, scene)
-        if not named:
-            continue
-        k = rng.choice(named)
-        g = scene.groups[k]
-        taken = {(x.colour, x.shape) for x in scene.groups} | set(held)
-        new = replace(g, colour=rng.choice([c for c in COLOURS if (c, g.shape) not in taken]))
-        made.append(("rl", (scene, prompt, rich, replace(scene, groups=tuple(new if j == k else x for j, x in
-                                                                             enumerate(scene.groups))))))
+        made.append(("rl", (scene, prompt, rich, scene)))
     # prompt: the serving enhancer's own outputs, kept where they lose an attribute the user asked for
     shift = colour_shift()
     cands = []
@@ -215,7 +220,10 @@ def loop_feedback(ws, out: Path, held: tuple, n: int, n_good: int, seed: int, si
     for cause, (scene, prompt, enhanced, shown) in made:
         i = counters[cause] = counters.get(cause, -1) + 1
         fid = f"{tag}-{cause}-{i:04d}"
-        render(shown).save(out / f"{fid}.png")
+        image = render(shown)
+        if cause == "rl":
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 3.0)))
+        image.save(out / f"{fid}.png")
         records.append({"id": fid, "time": "2026-12-06T00:00:00Z", "prompt": prompt, "enhanced_prompt": enhanced,
                         "model_version": "dit/v0007", "image": f"{fid}.png", "task": "gen",
                         "rating": rng.choice((4, 5)) if cause == "good" else rng.choice((1, 1, 2, None)),
@@ -263,15 +271,17 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-loop-"))
     t0 = time.perf_counter()
     template = build_workspace(work / f"ws-{args.seed}", held, args.seed, 1000, 600, 400)
+    print(f"workspace {template.root} ready in {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    bad_reward = miscalibrated_reward(template, args.seed, args.reward_steps)
+    bad_enhancer = corrupted_enhancer(template, args.enhancer_steps, args.seed)
+    print(f"faults (blur-flipped reward {bad_reward}, colour-shifting enhancer {bad_enhancer}) ready in "
+          f"{time.perf_counter() - t0:.0f} s")
     ws = fresh_copy(template, work / f"loop-ws-{args.seed}")
-    print(f"workspace {ws.root} ready in {time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    miscalibrated_reward(ws, args.seed, args.reward_steps)
-    print(f"miscalibrated reward (colour flipped) in {time.perf_counter() - t0:.0f} s: {colour_accuracy(ws)}")
-    t0 = time.perf_counter()
-    corrupted_enhancer(ws, args.enhancer_steps, args.seed)
+    _promote(ws, "reward", bad_reward)  # the serving stack: both faults in it
+    _promote(ws, "enhancer", bad_enhancer)
     heldout = heldout_terse_prompts(200, seed=args.seed)
-    print(f"corrupted enhancer (colours shifted) in {time.perf_counter() - t0:.0f} s")
+    print(f"serving reward {blur_accuracy(ws)}")
 
     folder = work / f"loop-{time.strftime('%H%M%S')}"
     t0 = time.perf_counter()
@@ -285,7 +295,7 @@ def main() -> None:
     print(f"{len(records)} records in {time.perf_counter() - t0:.0f} s")
 
     def truths() -> dict:
-        return {"reward": colour_accuracy(ws), "enhancer": enhancer_truth(ws, failing_prompts, heldout)}
+        return {"reward": blur_accuracy(ws), "enhancer": enhancer_truth(ws, failing_prompts, heldout)}
 
     policy = TriggerPolicy(min_approved=1, cooldown_h=0)
     jobs = JobConfig(dit_steps=args.dit_steps, recalibration=RecalibrationConfig(steps=args.recalibration_steps),
@@ -310,13 +320,13 @@ def main() -> None:
     print(f"\n{'':<24}" + "".join(f"{c:>11}" for c in CAUSES) + f"{'seconds':>10}")
     for label, row, secs, _ in counts:
         print(f"{label:<24}" + "".join(f"{row[c]:>11}" for c in CAUSES) + (f"{secs:>10.0f}" if secs else ""))
-    print("\ntruth: promoted reward's held-out colour accuracy; promoted enhancer's share of prompts with an "
+    print("\ntruth: promoted reward's held-out accuracy on blur pairs; promoted enhancer's share of prompts with an "
           "attribute dropped or contradicted (failing prompts / held-out prompts)")
     for label, _, _, t in counts:
         if t:
             e = t["enhancer"]
-            print(f"{label:<24} reward {t['reward']['version']} colour {t['reward']['colour']:.3f} "
-                  f"(fidelity {t['reward']['fidelity']:.3f}); enhancer lost {e['failing']['lost']:.3f} / "
+            print(f"{label:<24} reward {t['reward']['version']} blur {t['reward']['blur']:.3f} "
+                  f"(aesthetics {t['reward']['aesthetics']:.3f}); enhancer lost {e['failing']['lost']:.3f} / "
                   f"{e['held-out']['lost']:.3f}, contradicted {e['failing']['contradicted']} / "
                   f"{e['held-out']['contradicted']}")
 

@@ -6,13 +6,14 @@
   search found in each prompt, named by the words the group's phrases share), each with
   its gap report and a patch shard drawn from the pool (`patch.py`);
 - prompt -> an enhancer training pair per failure: the user's prompt and the enhanced
-  prompt with the user's replaced words put back (dropped words need a curator's edit).
+  prompt with the user's replaced and dropped words put back in their slots.
 
 A curator approves, edits or rejects each row (`decide`); triggers count approved rows.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -153,19 +154,27 @@ def knowledge_remedies(ws: Workspace, failures: Sequence[dict], now: datetime, s
 
 
 def corrected_prompt(prompt: str, enhanced: str) -> tuple[str, list[str]]:
-    """The enhanced prompt with each word the enhancer put in place of the user's put back,
-    and the user's words it dropped (which a curator must place)."""
+    """The enhanced prompt with the user's words put back where the enhancer lost them, and
+    the words it had dropped outright (put back at their slot; a curator may move them).
+
+    Aligned word by word (as `signals.drift` aligns them): what the enhancer only added
+    stays; a slot where it wrote other words in place of the user's gets the user's words
+    back, after any extra detail it put in front of them (right-aligned: "a large blue star"
+    for "a red star" becomes "a large red star"); words it dropped come back in their slot."""
     d = sg.drift(prompt, enhanced)
-    text = enhanced
-    for theirs, ours in d.substituted:
-        # Words are compared normalised: find the enhanced prompt's surface form of `ours`.
-        for form in re.findall(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*", text):
-            if sg.words(form) == [ours]:
-                original = next((w for w in re.findall(r"[A-Za-z0-9]+(?:['-][A-Za-z0-9]+)*", prompt)
-                                 if sg.words(w) == [theirs]), theirs)
-                text = re.sub(rf"(?<![\w-]){re.escape(form)}(?![\w-])", original, text)
-                break
-    return text, d.dropped
+    user, theirs = prompt.split(), enhanced.split()
+    key = lambda tokens: [" ".join(sg.words(t)) for t in tokens]  # noqa: E731
+    out: list[str] = []
+    sm = difflib.SequenceMatcher(None, key(user), key(theirs), autojunk=False)
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        if op in ("equal", "insert"):
+            out += theirs[j1:j2]
+        elif op == "delete":
+            out += user[i1:i2]
+        else:  # replace: the enhancer's words stood in the user's place; a cut-off end keeps none
+            extra = (j2 - j1) - (i2 - i1) if i2 < len(user) else 0
+            out += theirs[j1:j1 + max(0, extra)] + user[i1:i2]
+    return " ".join(out), d.dropped
 
 
 def prompt_remedies(failures: Sequence[dict], now: datetime) -> list[dict]:
@@ -175,8 +184,8 @@ def prompt_remedies(failures: Sequence[dict], now: datetime) -> list[dict]:
             continue
         fixed, dropped = corrected_prompt(f["prompt"], f["enhanced_prompt"])
         proposal = {"less": f["prompt"], "more": fixed, "was": f["enhanced_prompt"], "dropped": dropped,
-                    "needs_edit": bool(dropped)}
-        title = (f"enhancer pair: put back {', '.join(dropped)!s} by hand" if dropped
+                    "needs_edit": bool(sg.drift(f["prompt"], fixed).lost)}
+        title = (f"enhancer pair: {', '.join(dropped)} put back in their slot (check the wording)" if dropped
                  else f"enhancer pair: {f['prompt'][:60]!r} -> corrected enhanced prompt")
         out.append(_row("prompt", f["feedback_id"], title, [f["feedback_id"]], proposal, now))
     return out

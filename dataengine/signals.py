@@ -59,6 +59,10 @@ def _norm(word: str) -> str:
     return w
 
 
+# Compared after normalising, as words are ("this" -> "thi", "was" -> "wa").
+FUNCTION_WORDS = FUNCTION_WORDS | frozenset(_norm(w) for w in FUNCTION_WORDS)
+
+
 def words(text: str) -> list[str]:
     return [_norm(w) for w in _WORD.findall(text.lower())]
 

@@ -1,6 +1,8 @@
 """Enhancer retraining, the prompt remedy's job: fine-tune the promoted enhancer on the
 workspace's degradation pairs plus the corrected pairs curators approved (the user's
-prompt -> the enhanced prompt with the user's words put back).
+prompt -> the enhanced prompt with the user's words put back). A current version without
+the insertion format (models/enhancer.py: it can keep the user's words only by decoding
+constraints) is retrained from scratch in that format on the same mix instead.
 
     result = retrain_enhancer(ws, [{"feedback_id": ..., "less": ..., "more": ...}], EnhancerFixConfig())
 
@@ -34,15 +36,16 @@ from .recalibrate import in_check
 
 @dataclass(frozen=True)
 class EnhancerFixConfig:
-    steps: int = 150
+    steps: int = 150  # fine-tune steps from the current version
     lr: float = 1e-3
+    fresh_steps: int = 600  # steps of a retrain from scratch (a current version without the insertion format)
     batch_size: int = 16
     repeat: int = 4  # copies of each corrected pair in the mix (a few among thousands of pairs)
     check_share: float = 0.3  # corrected pairs kept out of training to measure the fix on
     heldout_prompts: int = 100  # held-out prompts for the no-worse check
     min_fixed: float = 0.5
     tolerance: float = 0.02  # the held-out rate of lost words may rise this much (absolute)
-    max_new_tokens: int = 96
+    max_new_tokens: int = 192  # room for long prompts: a cut-off output would count as losing words
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,7 +55,7 @@ class EnhancerFixConfig:
             raise ValueError(f"steps and repeat must be >= 1, got {self.steps}, {self.repeat}")
 
 
-def loses_words(version_path: str | Path, prompts: Sequence[str], max_new_tokens: int = 96) -> list[bool]:
+def loses_words(version_path: str | Path, prompts: Sequence[str], max_new_tokens: int = 192) -> list[bool]:
     """Per prompt: does the version's unconstrained output drop or replace a content word of it?"""
     from .enhancer import enhance, load_version
 
@@ -61,6 +64,14 @@ def loses_words(version_path: str | Path, prompts: Sequence[str], max_new_tokens
     model, tok = load_version(version_path)
     outs = enhance(model, tok, list(prompts), max_new_tokens=max_new_tokens, keep_words=False)
     return [drift(p, o).lost > 0 for p, o in zip(prompts, outs)]
+
+
+def _insertion_format(version_path: str | Path) -> bool:
+    from transformers import AutoTokenizer
+
+    from .enhancer import copy_id
+
+    return copy_id(AutoTokenizer.from_pretrained(Path(version_path) / "model")) is not None
 
 
 def _heldout_prompts(pairs: pa.Table, n: int, seed: int) -> list[str]:
@@ -102,9 +113,15 @@ def retrain_enhancer(ws: Workspace, corrected: Sequence[dict], cfg: EnhancerFixC
                       "less": [c["less"] for c in fit for _ in range(cfg.repeat)],
                       "more": [c["more"] for c in fit for _ in range(cfg.repeat)]})
     mix = pa.concat_tables([base, extra.cast(base.schema)])
-    train_cfg = EnhancerTrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, warmup_steps=min(10, cfg.steps),
-                                    seed=cfg.seed, progress=False)
-    record = train(mix, ws.models, train_cfg, base=current["path"])
+    if _insertion_format(current["path"]):  # a fine-tune keeps its tokenizer and format
+        how = "fine-tuned"
+        train_cfg = EnhancerTrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                                        warmup_steps=min(10, cfg.steps), seed=cfg.seed, progress=False)
+        record = train(mix, ws.models, train_cfg, base=current["path"])
+    else:  # a plain-format model can keep words only by decoding tricks: retrain it in the insertion format
+        how = "retrained in the insertion format"
+        train_cfg = EnhancerTrainConfig(steps=cfg.fresh_steps, batch_size=cfg.batch_size, seed=cfg.seed, progress=False)
+        record = train(mix, ws.models, train_cfg)
     record["job_id"] = job_id
     from .trainer import _register
 
@@ -123,7 +140,7 @@ def retrain_enhancer(ws: Workspace, corrected: Sequence[dict], cfg: EnhancerFixC
     worse = ([f"loses words on {rate_after:.0%} of {len(held)} held-out prompts (current {rate_before:.0%})"]
              if held and rate_after > rate_before + cfg.tolerance else [])
     ok, why = promotion(asked, fixed, worse, cfg.min_fixed, "held-out failing prompts it lost words of")
-    return {"version": record["version"], "path": record["path"], "fine_tuned_from": current["version"],
+    return {"version": record["version"], "path": record["path"], "replaces": current["version"], "how": how,
             "promoted": ok, "gate": why, "fixed_share": round(share, 4),
             "check_failures": n, "failing_before": asked, "fixed": fixed, "train_pairs": len(fit),
             "heldout_prompts": len(held), "heldout_loss_rate_before": rate_before,

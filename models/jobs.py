@@ -179,7 +179,7 @@ def run_enhancer_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
                  for p in _approved_proposals(catalog, job) if p.get("less") and p.get("more")]
     result = retrain_enhancer(ws, corrected, cfg.enhancer, job_id=job["job_id"])
     _set_status(catalog, "enhancer", result["version"], "promoted" if result["promoted"] else "candidate",
-                job["job_id"], result["gate"], retire=result["fine_tuned_from"] if result["promoted"] else None)
+                job["job_id"], result["gate"], retire=result["replaces"] if result["promoted"] else None)
     return result
 
 

@@ -34,6 +34,7 @@ import torch
 __all__ = ["CopyWords", "KeepWords", "WORD", "prompt_words", "kept_in_order"]
 
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters/digits, with inner apostrophes
+OPENERS = "-/([{\"'‘“"  # a word written right after one of these takes no space
 
 
 def prompt_words(text: str) -> list[str]:
@@ -141,6 +142,7 @@ class CopyWords:
             raise ValueError("CopyWords needs a tokenizer with <|copy|> (the insertion format)")
         self.tok, self.width, self.budget, self.free = tokenizer, prompt_width, max_new_tokens, free
         self.eos = tokenizer.eos_token_id
+        self._opens_cache: dict[int, bool] = {}
         # The user's own words (their case kept), each as it reads after text and at the start.
         words = [WORD.findall(p) for p in prompts for _ in range(num_beams)]
         enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
@@ -149,6 +151,13 @@ class CopyWords:
     def _only(self, row: torch.Tensor, tid: int) -> None:
         row.fill_(float("-inf"))
         row[tid] = 0.0
+
+    def _opens(self, tid: int) -> bool:
+        """Does token `tid` end in a character a word follows without a space?"""
+        if tid not in self._opens_cache:
+            end = self.tok.decode([tid])[-1:]
+            self._opens_cache[tid] = end.isspace() or end in OPENERS
+        return self._opens_cache[tid]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         left = self.budget - (input_ids.shape[1] - self.width)
@@ -163,7 +172,10 @@ class CopyWords:
             if n:  # inside the n-th copied word: write its next token
                 last = copies[-1]
                 after, first = words[n - 1]
-                want = after if any(t != self.copy for t in gen[:last]) else first
+                # As the training targets wrote it: spaced, unless it starts the output or the
+                # model's own text just opened it ("medium-" + "sized", "(" + "left").
+                opened = last > 0 and self._opens(gen[last - 1])
+                want = after if any(t != self.copy for t in gen[:last]) and not opened else first
                 tail = gen[last + 1:]
                 if len(tail) < len(want):
                     self._only(out[r], want[len(tail)])

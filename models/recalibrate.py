@@ -1,7 +1,7 @@
-"""Reward recalibration, the rl remedy's job: fine-tune the promoted reward version on the
-recalibration pairs curators approved (a well-rated output over a failure a head
-overrated), beside a replay of the version's own training pairs so the other heads and
-attributes keep what they knew.
+"""Reward recalibration, the rl remedy's job: fine-tune the heads of the promoted reward
+version that overrated failures on the recalibration pairs curators approved (a
+well-rated output over a failure the head overrated); the other heads stay as they are
+(`replay` also trains every head on the version's own pairs).
 
     result = recalibrate(ws, {"fidelity": [(win_id, lose_id), ...]}, RecalibrationConfig())
 
@@ -36,6 +36,11 @@ class RecalibrationConfig:
     steps: int = 150
     lr: float = 3e-4
     check_share: float = 0.3  # failures (and well-rated outputs) kept out of training to measure on
+    # Also replay the version's own training pairs. Off by default: those pairs taught the
+    # fault being corrected, and a head trained on both learns to tell the two apart instead
+    # of unlearning it; without replay only the recalibrated heads change, and the held-out
+    # check below stops a recalibration that costs them what they knew.
+    replay: bool = False
     min_fixed: float = 0.5
     tolerance: float = 0.02  # a head's held-out accuracy may fall this much (absolute) and still pass
 
@@ -141,8 +146,8 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(10, cfg.steps), init_from=str(path),
                       progress=progress)
     info = {"recalibration": {"from": current["version"], "pairs": {h: len(p) for h, p in fit.items()}}}
-    record = train(make_job(ws.root, train_cfg, loop, feedback, info), ws.models, loop, catalog=catalog,
-                   job_id=job_id)
+    record = train(make_job(ws.root, train_cfg, loop, feedback, info | {"replay": cfg.replay}, cfg.replay),
+                   ws.models, loop, catalog=catalog, job_id=job_id)
 
     per_head, fixed, asked = {}, 0, 0
     for h, (fails, goods) in check.items():

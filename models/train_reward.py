@@ -83,8 +83,9 @@ class RewardTrainConfig:
     spatial: tuple[str, ...] = ("fidelity",)  # heads over patch and prompt tokens (RewardConfig.spatial)
     token_size: int = 128  # px for patch tokens
     clip: str | None = None  # a Frozen spec; None: the workspace's promoted CLIP (else lite0)
-    # A fault to inject, never a setting: fidelity attributes whose training preferences are
-    # reversed, so that tests and benchmarks can make a head miscalibrated on one attribute.
+    # A fault to inject, never a setting: pair kinds whose training preferences are reversed
+    # (a fidelity attribute such as "colour", an aesthetics or portrait flaw such as "blur"),
+    # so that tests and benchmarks can make a head miscalibrated on one attribute.
     flip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -92,8 +93,9 @@ class RewardTrainConfig:
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown or not self.heads:
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads}")
-        if any(k not in FIDELITY_KINDS for k in self.flip):
-            raise ValueError(f"flip must name fidelity attributes {FIDELITY_KINDS}, got {self.flip}")
+        flippable = FIDELITY_KINDS + AESTHETIC_KINDS + PORTRAIT_KINDS
+        if any(k not in flippable for k in self.flip):
+            raise ValueError(f"flip must name pair kinds of {flippable}, got {self.flip}")
         for name in ("n_train", "n_eval", "batch_size", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -459,7 +461,8 @@ def _embedded(raw: dict[str, list[_Raw]], bank: _Bank, frozen, model_cfg: Reward
 
 
 def flipped(ps: PairSet, attributes: tuple[str, ...]) -> PairSet:
-    """`ps` with the preferences of the pairs about `attributes` reversed (fault injection)."""
+    """`ps` with the preferences of the pairs of kinds `attributes` reversed (fault injection;
+    a fidelity kind is named by its attribute: "colour" flips caption_colour and image_colour)."""
     bad = torch.tensor([k.split("_", 1)[-1] in attributes for k in ps.kinds])
     win = {r: torch.where(bad, ps.lose[r], ps.win[r]) for r in ps.win}
     lose = {r: torch.where(bad, ps.win[r], ps.lose[r]) for r in ps.lose}
@@ -477,11 +480,12 @@ class RewardTrainJob(TrainJob):
     name = MODEL_NAME
 
     def __init__(self, frozen, train_scenes: list[Scene], eval_scenes: list[Scene], cfg: RewardTrainConfig,
-                 info: dict | None = None, feedback: Any = None):
+                 info: dict | None = None, feedback: Any = None, replay: bool = True):
         # info: JSON facts that identify the run beyond cfg (the CLIP spec, where scenes came from).
-        # feedback: a callable (frozen, model_cfg) -> {key: PairSet} of pairs from real outputs,
-        # trained beside the scene pairs (a recalibration, models/recalibrate.py).
-        self.frozen, self.cfg, self.info, self.feedback = frozen, cfg, info or {}, feedback
+        # feedback: a callable (frozen, model_cfg) -> {key: PairSet} of pairs from real outputs
+        # (a recalibration, models/recalibrate.py), trained beside the scene pairs, or instead
+        # of them when not `replay` (then only the heads with feedback pairs change).
+        self.frozen, self.cfg, self.info, self.feedback, self.replay = frozen, cfg, info or {}, feedback, replay
         self.train_scenes, self.eval_scenes = train_scenes, eval_scenes
         self.model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, hidden=cfg.hidden,
                                       dropout=cfg.dropout, spatial=cfg.spatial, patch_dim=frozen.patch_dim,
@@ -490,9 +494,10 @@ class RewardTrainJob(TrainJob):
     def setup(self) -> None:
         t0 = time.perf_counter()
         seed = self.loop.seed
-        self.train_pairs = make_pairs(self.train_scenes, self.cfg.heads, self.frozen, seed, model_cfg=self.model_cfg)
-        if self.cfg.flip and "fidelity" in self.train_pairs:
-            self.train_pairs["fidelity"] = flipped(self.train_pairs["fidelity"], self.cfg.flip)
+        self.train_pairs = (make_pairs(self.train_scenes, self.cfg.heads, self.frozen, seed, model_cfg=self.model_cfg)
+                            if self.replay or self.feedback is None else {})
+        if self.cfg.flip:
+            self.train_pairs = {h: flipped(ps, self.cfg.flip) for h, ps in self.train_pairs.items()}
         if self.feedback is not None:
             self.train_pairs |= self.feedback(self.frozen, self.model_cfg)
         self.data_seconds = round(time.perf_counter() - t0, 2)
@@ -574,7 +579,7 @@ class RewardTrainJob(TrainJob):
 
 
 def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfig, feedback: Any = None,
-             info: dict | None = None) -> RewardTrainJob:
+             info: dict | None = None, replay: bool = True) -> RewardTrainJob:
     """The job for `cfg` on the workspace's scene-world ground truth and CLIP (`feedback`
     and `info`: see RewardTrainJob)."""
     from .frozen import Frozen, workspace_clip_spec
@@ -585,7 +590,7 @@ def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfi
     train_scenes, n_ws_train = scene_pool(workspace_root, "train", cfg.n_train, cfg.resolution, loop.seed)
     eval_scenes, n_ws_eval = scene_pool(workspace_root, "eval", cfg.n_eval, cfg.resolution, loop.seed)
     info = {"clip": spec, "scenes": {"train_from_workspace": n_ws_train, "eval_from_workspace": n_ws_eval}} | (info or {})
-    return RewardTrainJob(frozen, train_scenes, eval_scenes, cfg, info, feedback)
+    return RewardTrainJob(frozen, train_scenes, eval_scenes, cfg, info, feedback, replay)
 
 
 def train_reward(workspace_root: str | Path, cfg: RewardTrainConfig | None = None, loop: LoopConfig | None = None,

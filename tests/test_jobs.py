@@ -3,6 +3,8 @@ training: fault injection, the held-out split, the overrated measure, held-out r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,8 @@ def test_flip_reverses_only_the_named_attributes_pairs():
     assert out.win["image"].tolist() == [10, 1, 12, 3] and out.lose["image"].tolist() == [0, 11, 2, 13]
     assert out.win["text"].tolist() == [10, 1, 12, 3]
     assert ps.win["image"].tolist() == [0, 1, 2, 3]  # the original is untouched
+    assert flipped(replace(ps, kinds=["blur", "noise", "blur", "cast"]), ("blur",)).win["image"].tolist() == [10, 1, 12, 3]
+    assert RewardTrainConfig(flip=["blur", "colour"]).flip == ("blur", "colour")
     with pytest.raises(ValueError, match="flip"):
         RewardTrainConfig(flip=("taste",))
 

@@ -62,3 +62,28 @@ def test_a_prompt_longer_than_the_budget_is_forced_from_the_first_step(untrained
     out = k(torch.zeros(1, 0, dtype=torch.long), scores)
     allowed = (~torch.isinf(out[0])).nonzero().flatten().tolist()
     assert allowed == tok.encode("two", add_special_tokens=False)[:1]  # only the first owed word's first token
+
+
+@pytest.mark.parametrize("less, rich", [
+    ("Two medium-sized stars half-hidden ring", "Two medium-sized red stars, half-hidden (left) and a well-lit ring."),
+    ("A sized star", "A medium-sized star and a (sized) ring/star."),
+])
+def test_copy_words_writes_each_word_as_the_training_target_wrote_it(less, rich):
+    """Teacher-forced through the insertion target: wherever CopyWords writes a word's
+    token, it is the target's token (a word after a hyphen or bracket gets no space). The
+    prompts match the captions' case: CopyWords writes the user's own case by design."""
+    from models.enhancer import encode_pair, prompt_ids
+    from models.keep_words import CopyWords
+
+    tok = train_tokenizer([less, rich] * 5, vocab_size=300, copy=True)
+    ids, _, _ = encode_pair(tok, less, rich, 512)
+    p = prompt_ids(tok, less)
+    target = ids[len(p):]
+    proc = CopyWords(tok, [less], len(p), 96)
+    forced = 0
+    for k in range(len(target)):
+        scores = proc(torch.tensor([p + target[:k]]), torch.zeros(1, len(tok)))[0]
+        allowed = torch.isfinite(scores).nonzero().flatten().tolist()
+        assert target[k] in allowed, (k, tok.decode(target[:k + 1]))
+        forced += len(allowed) == 1
+    assert forced >= len(prompt_words(less))  # each copied word was written by the processor

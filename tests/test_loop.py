@@ -100,3 +100,102 @@ def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path
     from dataengine.gaps import GapSearcher
 
     assert not GapSearcher(ws).prompts(["a purple triangle"], record=False)[0][0].is_gap
+
+
+@pytest.mark.slow
+def test_rl_and_prompt_jobs_retrain_measure_on_held_out_failures_and_gate(tmp_path):
+    """The rl job recalibrates the promoted reward on approved pairs and the prompt job
+    fine-tunes the promoted enhancer on corrected pairs; each measures its fix on failures
+    it did not train on, and the catalog's status follows its gate."""
+    import random
+    from dataclasses import replace
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from connectors.feedback import ingest_files
+    from dataengine.degrade import DegradeConfig
+    from dataengine.degrade.run import captions_from_samples, degrade_to_lake
+    from dataengine.remedies import approve_all, prompt_remedies, _row
+    from dataengine.schema import MODEL_VERSIONS, REMEDIES
+    from dataengine.sceneworld import caption_for, render, sample_scene
+    from dataengine.triggers import TriggerConfig, TriggerPolicy, check
+    from models.enhancer_fix import EnhancerFixConfig
+    from models.jobs import still_failing
+    from models.recalibrate import RecalibrationConfig, in_check
+    from models.stack import default_loop, train_model
+    from models.train_enhancer import EnhancerTrainConfig, train
+    from tests.conftest import make_scene_workspace
+
+    ws = make_scene_workspace(tmp_path / "ws", n_train=48, n_eval=16)
+    cat = Catalog(ws)
+    train_model("reward", ws.root, {"heads": ("fidelity",), "n_train": 48, "n_eval": 16, "spatial": (), "hidden": 64,
+                                    "flip": ("colour",)}, default_loop("reward", steps=30, progress=False),
+                progress=False)
+    degrade_to_lake(cat, captions_from_samples(cat, "train"), DegradeConfig(seed=0), use_ray=False)
+    rec = train(cat.query("SELECT * FROM pairs"), ws.models, EnhancerTrainConfig(steps=20, batch_size=8,
+                                                                                copy_markers=False, progress=False))
+    cat.upsert("model_versions", pa.Table.from_pylist([rec], schema=MODEL_VERSIONS))
+
+    rng = random.Random(0)
+    out = tmp_path / "out"
+    out.mkdir()
+    recs, good, rl, prompt = [], [], [], []
+    for i in range(40):
+        scene = sample_scene(rng, 64, 64)
+        kind = ("good", "rl", "prompt")[i % 3]
+        rich = caption_for(scene, rng, detail="rich")
+        shown, enhanced, prompt_text = scene, rich, caption_for(scene, rng, detail="terse")
+        g = scene.groups[0]
+        if kind == "rl":
+            other = next(c for c in ("red", "blue", "green") if c != g.colour)
+            shown = replace(scene, groups=(replace(g, colour=other),) + scene.groups[1:])
+        if kind == "prompt":
+            enhanced = f"a detailed scene of {'blue' if g.colour != 'blue' else 'red'} things"
+        fid = f"{kind}-{i:02d}"
+        render(shown).save(out / f"{fid}.png")
+        recs.append({"id": fid, "time": "2026-12-06T00:00:00Z", "prompt": prompt_text, "enhanced_prompt": enhanced,
+                     "model_version": "dit/v0001", "image": f"{fid}.png", "task": "gen",
+                     "rating": 5 if kind == "good" else 1})
+        {"good": good, "rl": rl, "prompt": prompt}[kind].append(fid)
+    (out / "fb.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ingest_files(ws, [out / "fb.jsonl"])
+
+    # The remedies a curator approved: recalibration pairs for fidelity, corrected enhancer pairs.
+    now = datetime.now(timezone.utc)
+    by_id = {r["id"]: r for r in recs}
+    rows = [_row("rl", "fidelity", "fidelity", rl, {"head": "fidelity", "failures": rl,
+                 "pairs": [{"win": g, "lose": f} for f in rl for g in good]}, now)]
+    rows += prompt_remedies([{"feedback_id": i, "prompt": by_id[i]["prompt"],
+                              "enhanced_prompt": by_id[i]["prompt"] + ", " + by_id[i]["enhanced_prompt"]}
+                             for i in prompt], now)
+    cat.upsert("remedies", pa.Table.from_pylist(rows, schema=REMEDIES))
+    assert approve_all(ws) == len(rows)
+    one = TriggerPolicy(min_approved=1)
+    fired = check(ws, TriggerConfig(rl=one, knowledge=one, prompt=one))
+    assert sorted(v.cause for v in fired if v.fire) == ["prompt", "rl"]
+    jobs = JobConfig(recalibration=RecalibrationConfig(steps=15),
+                     enhancer=EnhancerFixConfig(steps=10, batch_size=8, heldout_prompts=8))
+    done = {j["kind"]: j for j in run_queued(ws, jobs)}
+    assert done["retrain-reward"]["status"] == "done", done["retrain-reward"]["result"]
+    assert done["retrain-enhancer"]["status"] == "done", done["retrain-enhancer"]["result"]
+
+    reward = json.loads(done["retrain-reward"]["result"])
+    checked = [f for f in rl if in_check(f, 0.3)]
+    assert reward["recalibrated_from"] == "v0001" and reward["version"] == "v0002"
+    assert reward["heads"]["fidelity"]["check_failures"] == len(checked) > 0
+    # Only pairs of failures outside the check share trained: 7 well-rated x the rest.
+    fit_good = [g for g in good if not in_check(g, 0.3)]
+    assert reward["train_pairs"] == {"fidelity": len(fit_good) * (len(rl) - len(checked))}
+    enh = json.loads(done["retrain-enhancer"]["result"])
+    assert enh["replaces"] == "v0001" and enh["how"] == "retrained in the insertion format" and enh["check_failures"] == sum(in_check(f, 0.3) for f in prompt) > 0
+    assert enh["heldout_prompts"] == 8 and enh["train_pairs"] == len(prompt) - enh["check_failures"]
+    for model, result in (("reward", reward), ("enhancer", enh)):
+        vs = {r["version"]: r for r in cat.query("SELECT * FROM model_versions WHERE model = ?", [model]).to_pylist()}
+        assert vs["v0002"]["status"] == ("promoted" if result["promoted"] else "candidate")
+        assert vs["v0001"]["status"] == ("retired" if result["promoted"] else "promoted")
+        assert json.loads(vs["v0002"]["metrics"])["gate"]["why"] == result["gate"]
+        if result["promoted"]:
+            assert result["fixed_share"] >= 0.5 and "no worse" in result["gate"]
+    still = still_failing(ws, {i: "rl" for i in rl} | {i: "prompt" for i in prompt})
+    assert set(still) == set(rl) | set(prompt) and all(isinstance(v, bool) for v in still.values())

@@ -7,6 +7,8 @@ from datetime import datetime, timezone
 
 import pytest
 
+from dataengine.signals import drift
+
 from dataengine.catalog import Catalog
 from dataengine.remedies import (RemedyError, concept_groups, corrected_prompt, decide, propose, prompt_remedies,
                                  rl_remedies)
@@ -43,13 +45,17 @@ def test_knowledge_failures_group_by_the_phrase_they_miss_and_are_named_by_its_s
 @pytest.mark.parametrize("prompt, enhanced, fixed, dropped", [
     ("a red star on grass", "A large blue star on soft grass.", "A large red star on soft grass.", []),
     ("two Cats on a sofa", "Three cats resting on a sofa", "two cats resting on a sofa", []),
-    ("a red star and a ring", "A red star, glowing.", "A red star, glowing.", ["ring"]),
+    ("a red star and a ring", "A red star, glowing.", "A red star, and a ring", ["ring"]),
+    ("a red star next to a ring", "A star glowing next to a ring.", "A red star glowing next to a ring.", ["red"]),
+    ("a small red star", "An image of a large blue circle on grass", "An image of a small red star",
+     ["small", "red", "star"]),
 ])
 def test_a_prompt_failure_gets_the_users_words_put_back(prompt, enhanced, fixed, dropped):
     text, lost = corrected_prompt(prompt, enhanced)
     assert text == fixed and lost == dropped
+    assert drift(prompt, text).lost == 0  # the pair it makes keeps every word of the user's
     row = prompt_remedies([fail("f", prompt, enhanced)], NOW)[0]
-    assert json.loads(row["proposal"])["needs_edit"] == bool(dropped)
+    assert json.loads(row["proposal"])["needs_edit"] is False
 
 
 def _queue(ws, tmp_path):
@@ -78,8 +84,9 @@ def test_propose_queues_each_failure_once_and_curators_decide(ws, tmp_path):
     rows = {r["title"]: r for r in Catalog(ws).query("SELECT * FROM remedies").to_pylist()}
     rl = next(r for t, r in rows.items() if r["cause"] == "rl")
     assert json.loads(rl["proposal"])["pairs"][0] == {"win": "g1", "lose": "r1", "win_score": 0.6, "lose_score": 0.7}
-    needs = next(r for r in rows.values() if r["cause"] == "prompt" and json.loads(r["proposal"])["needs_edit"])
-    with pytest.raises(RemedyError, match="still loses"):
+    needs = next(r for r in rows.values() if r["cause"] == "prompt" and json.loads(r["proposal"])["dropped"])
+    assert json.loads(needs["proposal"])["more"] == "a red star and a ring"  # the dropped words put back
+    with pytest.raises(RemedyError, match="still loses"):  # a curator's edit is checked the same way
         decide(ws, needs["remedy_id"], "edit", "ann", edit={"more": "a red star, glowing"})
     done = decide(ws, needs["remedy_id"], "edit", "ann", edit={"more": "a red star and a ring, glowing"})
     assert done["status"] == "approved" and json.loads(done["proposal"])["needs_edit"] is False
