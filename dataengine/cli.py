@@ -800,7 +800,12 @@ def loop(
     for line in r.fired or ["no trigger fired"]:
         console.print(f"  fired {line}" if r.fired else f"  {line}")
     for j in r.jobs:
-        console.print(f"  job {j['job_id']}: {j['status']} {j['note'] or ''}")
+        res = j["result"] or {}
+        made = res["dit"] if isinstance(res.get("dit"), dict) else res  # a knowledge job's model is its DiT
+        console.print(f"  job {j['job_id']}: {j['status']} {j['note'] or ''}"
+                      + (f"; fixed {res['fixed_share']:.0%} of its measured failures" if "fixed_share" in res else "")
+                      + (f"; {made.get('version')} {'promoted' if made.get('promoted') else 'not promoted'}: "
+                         f"{made['gate']}" if made.get("gate") else ""))
     if r.confusion:
         console.print("injected cause -> triaged (rl / knowledge / prompt):")
         for t in CAUSES:

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from dataengine.catalog import Catalog
 from dataengine.workspace import Workspace
 
 from .gate import promotion
 from .rewards import MODEL_NAME
+from .train_reward import PairSet
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,16 @@ class RecalibrationConfig:
     steps: int = 150
     lr: float = 3e-4
     check_share: float = 0.3  # failures (and well-rated outputs) kept out of training to measure on
-    # Also replay the version's own training pairs. Off by default: those pairs taught the
-    # fault being corrected, and a head trained on both learns to tell the two apart instead
-    # of unlearning it; without replay only the recalibrated heads change, and the held-out
-    # check below stops a recalibration that costs them what they knew.
-    replay: bool = False
+    # Replay the version's own training pairs beside the approved ones, so that what the
+    # approved pairs do not speak to is kept (without replay a head recalibrated on blurred
+    # failures forgot noise and colour casts: benchmarks/results/loop-cpu.md). Replayed kinds
+    # that point the other way (the pairs that taught the fault) are left out: a head trained
+    # on both learns to tell them apart instead of unlearning the fault.
+    replay: bool = True
+    # A kind the approved pairs reverse points nearly the other way (-0.86 for the blur pairs
+    # of a head trained with blur flipped); kinds merely anti-correlated through a shared
+    # confound stay (noise -0.39, colour cast -0.50 in the same run).
+    opposed_below: float = -0.6
     min_fixed: float = 0.5
     tolerance: float = 0.02  # a head's held-out accuracy may fall this much (absolute) and still pass
 
@@ -77,8 +84,6 @@ def _outputs(catalog: Catalog, ids: Sequence[str], size: int) -> dict[str, tuple
 
 
 def _head_scores(version_path: str | Path, head: str, items: list[tuple[np.ndarray, str]]) -> np.ndarray:
-    import torch
-
     from .rewards import RewardBatch, load
 
     model = load(version_path)
@@ -97,6 +102,34 @@ def _train_cfg(version_path: Path):
     saved = json.loads((version_path / "config.json").read_text())["job"]["train"]
     known = {f.name for f in fields(RewardTrainConfig)}
     return RewardTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
+POOLED = ("image", "text", "source", "instruction")  # a head's pooled inputs (token inputs left aside)
+
+
+def _direction(ps: PairSet, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Where a pair set points in the frozen embedding space: the mean winner minus the mean
+    loser, over every pooled input (image, text, source, instruction) joined."""
+    win, lose = ps.side("win", idx), ps.side("lose", idx)
+    parts = [win[r].float().mean(0) - lose[r].float().mean(0) for r in POOLED if r in win]
+    return torch.cat(parts)
+
+
+def without_opposed(replay: PairSet, approved: PairSet, below: float) -> tuple[PairSet, dict[str, float]]:
+    """`replay` without the kinds whose direction opposes the approved pairs' (cosine below
+    `below`), and every kind's cosine."""
+    u = _direction(approved)
+    cos, keep = {}, torch.ones(len(replay), dtype=torch.bool)
+    for kind in sorted(set(replay.kinds)):
+        idx = torch.tensor([i for i, k in enumerate(replay.kinds) if k == kind])
+        v = _direction(replay, idx)
+        cos[kind] = round(float(torch.nn.functional.cosine_similarity(u, v, dim=0)), 3)
+        if cos[kind] < below:
+            keep[idx] = False
+    idx = keep.nonzero().flatten()
+    kept = PairSet(replay.head, {r: t[idx] for r, t in replay.win.items()}, {r: t[idx] for r, t in replay.lose.items()},
+                   [k for k, m in zip(replay.kinds, keep.tolist()) if m], replay.tables)
+    return kept, cos
 
 
 def heldout_drop(new: dict, current: dict, tolerance: float) -> list[str]:
@@ -139,9 +172,15 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     if not any(fit.values()):
         raise ValueError("every recalibration pair fell in the check share or lost its image: nothing to train on")
 
-    def feedback(frozen, model_cfg):
-        return {f"{h}/feedback": output_pairs(h, [outputs[w] for w, _ in p], [outputs[lo] for _, lo in p],
+    opposed: dict[str, dict[str, float]] = {}
+
+    def feedback(frozen, model_cfg, replay):
+        sets = {f"{h}/feedback": output_pairs(h, [outputs[w] for w, _ in p], [outputs[lo] for _, lo in p],
                                               frozen, model_cfg) for h, p in fit.items() if p}
+        for key, ps in sets.items():
+            if ps.head in replay:
+                replay[ps.head], opposed[ps.head] = without_opposed(replay[ps.head], ps, cfg.opposed_below)
+        return replay | sets
 
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(10, cfg.steps), init_from=str(path),
                       progress=progress)
@@ -170,6 +209,8 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     return {"version": record["version"], "path": record["path"], "recalibrated_from": current["version"],
             "promoted": ok, "gate": why, "fixed_share": round(share, 4), "heads": per_head,
             "train_pairs": {h: len(p) for h, p in fit.items()},
+            "replay_kind_cosines": opposed, "replay_left_out": {h: sorted(k for k, c in cs.items()
+                                                                   if c < cfg.opposed_below) for h, cs in opposed.items()},
             "heldout_before": _summary(json.loads(current["metrics"] or "{}")),
             "heldout_after": _summary(record["metrics"])}
 

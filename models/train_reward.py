@@ -482,9 +482,9 @@ class RewardTrainJob(TrainJob):
     def __init__(self, frozen, train_scenes: list[Scene], eval_scenes: list[Scene], cfg: RewardTrainConfig,
                  info: dict | None = None, feedback: Any = None, replay: bool = True):
         # info: JSON facts that identify the run beyond cfg (the CLIP spec, where scenes came from).
-        # feedback: a callable (frozen, model_cfg) -> {key: PairSet} of pairs from real outputs
-        # (a recalibration, models/recalibrate.py), trained beside the scene pairs, or instead
-        # of them when not `replay` (then only the heads with feedback pairs change).
+        # feedback: a callable (frozen, model_cfg, scene pairs) -> {key: PairSet}, the pairs to
+        # train on: a recalibration's pairs from real outputs with the scene pairs it keeps
+        # (models/recalibrate.py); without `replay` it gets no scene pairs to keep.
         self.frozen, self.cfg, self.info, self.feedback, self.replay = frozen, cfg, info or {}, feedback, replay
         self.train_scenes, self.eval_scenes = train_scenes, eval_scenes
         self.model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, hidden=cfg.hidden,
@@ -499,7 +499,7 @@ class RewardTrainJob(TrainJob):
         if self.cfg.flip:
             self.train_pairs = {h: flipped(ps, self.cfg.flip) for h, ps in self.train_pairs.items()}
         if self.feedback is not None:
-            self.train_pairs |= self.feedback(self.frozen, self.model_cfg)
+            self.train_pairs = self.feedback(self.frozen, self.model_cfg, self.train_pairs)
         self.data_seconds = round(time.perf_counter() - t0, 2)
         self.model = EmbeddedRewards(self.model_cfg, self.frozen).to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.loop.lr, weight_decay=self.cfg.weight_decay)

@@ -175,7 +175,7 @@ def test_rl_and_prompt_jobs_retrain_measure_on_held_out_failures_and_gate(tmp_pa
     fired = check(ws, TriggerConfig(rl=one, knowledge=one, prompt=one))
     assert sorted(v.cause for v in fired if v.fire) == ["prompt", "rl"]
     jobs = JobConfig(recalibration=RecalibrationConfig(steps=15),
-                     enhancer=EnhancerFixConfig(steps=10, batch_size=8, heldout_prompts=8))
+                     enhancer=EnhancerFixConfig(steps=10, fresh_steps=20, batch_size=8, heldout_prompts=8))
     done = {j["kind"]: j for j in run_queued(ws, jobs)}
     assert done["retrain-reward"]["status"] == "done", done["retrain-reward"]["result"]
     assert done["retrain-enhancer"]["status"] == "done", done["retrain-enhancer"]["result"]
@@ -189,7 +189,7 @@ def test_rl_and_prompt_jobs_retrain_measure_on_held_out_failures_and_gate(tmp_pa
     assert reward["train_pairs"] == {"fidelity": len(fit_good) * (len(rl) - len(checked))}
     enh = json.loads(done["retrain-enhancer"]["result"])
     assert enh["replaces"] == "v0001" and enh["how"] == "retrained in the insertion format" and enh["check_failures"] == sum(in_check(f, 0.3) for f in prompt) > 0
-    assert enh["heldout_prompts"] == 8 and enh["train_pairs"] == len(prompt) - enh["check_failures"]
+    assert 0 < enh["heldout_prompts"] <= 8 and enh["train_pairs"] == len(prompt) - enh["check_failures"]
     for model, result in (("reward", reward), ("enhancer", enh)):
         vs = {r["version"]: r for r in cat.query("SELECT * FROM model_versions WHERE model = ?", [model]).to_pylist()}
         assert vs["v0002"]["status"] == ("promoted" if result["promoted"] else "candidate")
