@@ -44,9 +44,11 @@ apply_offline_defaults()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gaps import draw_held_out  # noqa: E402
-from triage import CAUSES, _word_re, build_workspace, log_scores, make_failure, named_groups, terse_and_rich  # noqa: E402
+from triage import build_workspace, log_scores  # noqa: E402
 
-from PIL import ImageFilter  # noqa: E402
+from dataengine.sceneworld.failures import (  # noqa: E402
+    CAUSES, Injected, draw, named_groups, terse_and_rich, word_re, write_feedback,
+)
 
 from dataengine.catalog import Catalog  # noqa: E402
 
@@ -176,21 +178,14 @@ def enhancer_truth(ws, failing: list[tuple[str, dict]], held: list[tuple[str, di
 
 
 def loop_feedback(ws, out: Path, held: tuple, n: int, n_good: int, seed: int, size: int = 128):
-    """Records for n failures per cause and n_good well-rated outputs, with the truth."""
+    """n failures per cause and n_good well-rated outputs written as feedback; returns the
+    records, the truth and each failure's scene."""
     from dataengine.enhance_eval import extract_attributes
-    from dataengine.sceneworld import render, sample_scene
+    from dataengine.sceneworld import sample_scene
 
-    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"loop/{seed}")
-    made: list[tuple[str, tuple]] = []
-    for _ in range(n):  # knowledge: the generator never learnt the held-out concept
-        while (m := make_failure("knowledge", held, rng, size)) is None:
-            pass
-        made.append(("knowledge", m))
-    while sum(c == "rl" for c, _ in made) < n:  # rl: a blurred output the miscalibrated reward prefers
-        scene = sample_scene(rng, size, size, forbid=held)
-        prompt, rich = terse_and_rich(scene, rng)
-        made.append(("rl", (scene, prompt, rich, scene)))
+    made = [draw("knowledge", held, rng, size) for _ in range(n)]
+    made += [draw("rl", held, rng, size, rl_kind="blur") for _ in range(n)]  # what the miscalibrated reward prefers
     # prompt: the serving enhancer's own outputs, kept where they lose an attribute the user asked for
     shift = colour_shift()
     cands = []
@@ -199,38 +194,20 @@ def loop_feedback(ws, out: Path, held: tuple, n: int, n_good: int, seed: int, si
         prompt, _ = terse_and_rich(scene, rng)
         if named_groups(prompt, scene):
             cands.append((scene, prompt))
-    outputs = _free_outputs(_enhancer_path(ws), [p for _, p in cands])
-    for (scene, prompt), enhanced in zip(cands, outputs):
-        if sum(c == "prompt" for c, _ in made) >= n:
+    prompt_failures = []
+    for (scene, prompt), enhanced in zip(cands, _free_outputs(_enhancer_path(ws), [p for _, p in cands])):
+        if len(prompt_failures) == n:
             break
         if extract_attributes(prompt) <= extract_attributes(enhanced):
             continue  # this output kept the user's attributes: not a prompt failure
         # The generator follows the enhanced prompt: the named groups come out in the shifted colour.
         named = set(named_groups(prompt, scene))
         groups = tuple(replace(g, colour=shift[g.colour]) if i in named and (shift[g.colour], g.shape) not in held
-                       and _word_re(shift[g.colour]).search(enhanced) else g for i, g in enumerate(scene.groups))
-        made.append(("prompt", (scene, prompt, enhanced, replace(scene, groups=groups))))
-    for _ in range(n_good):
-        scene = sample_scene(rng, size, size, forbid=held)
-        prompt, rich = terse_and_rich(scene, rng)
-        made.append(("good", (scene, prompt, rich, scene)))
-    records, truth, scenes = [], {}, {}
-    tag = time.strftime("%H%M%S")
-    counters: dict[str, int] = {}
-    for cause, (scene, prompt, enhanced, shown) in made:
-        i = counters[cause] = counters.get(cause, -1) + 1
-        fid = f"{tag}-{cause}-{i:04d}"
-        image = render(shown)
-        if cause == "rl":
-            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 3.0)))
-        image.save(out / f"{fid}.png")
-        records.append({"id": fid, "time": "2026-12-06T00:00:00Z", "prompt": prompt, "enhanced_prompt": enhanced,
-                        "model_version": "dit/v0007", "image": f"{fid}.png", "task": "gen",
-                        "rating": rng.choice((4, 5)) if cause == "good" else rng.choice((1, 1, 2, None)),
-                        "comment": None})
-        if cause != "good":
-            truth[fid] = cause
-            scenes[fid] = scene.to_json()
+                       and word_re(shift[g.colour]).search(enhanced) else g for i, g in enumerate(scene.groups))
+        prompt_failures.append(Injected("prompt", scene, prompt, enhanced, replace(scene, groups=groups)))
+    made += prompt_failures + [draw("good", held, rng, size) for _ in range(n_good)]
+    records, truth = write_feedback(out, made, rng, tag=time.strftime("%H%M%S"), model_version="dit/v0007")
+    scenes = {r["id"]: m.scene.to_json() for r, m in zip(records, made) if m.cause != "good"}
     return records, truth, scenes
 
 
@@ -286,10 +263,10 @@ def main() -> None:
     folder = work / f"loop-{time.strftime('%H%M%S')}"
     t0 = time.perf_counter()
     records, truth, scenes = loop_feedback(ws, folder, held, args.n_per_cause, args.n_good, args.seed)
-    log_scores(ws, records, folder)
+    log_scores(ws, records, folder)  # the serving stack's scores, added to the records
     with open(folder / "feedback.jsonl", "w") as f:
         for r in records:
-            f.write(json.dumps(r | ({"injected_cause": truth[r["id"]]} if r["id"] in truth else {})) + "\n")
+            f.write(json.dumps(r) + "\n")
     ingest_files(ws, [folder / "feedback.jsonl"])
     failing_prompts = [(r["prompt"], scenes[r["id"]]) for r in records if truth.get(r["id"]) == "prompt"]
     print(f"{len(records)} records in {time.perf_counter() - t0:.0f} s")

@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from dataengine.runtime import apply_offline_defaults
@@ -48,11 +46,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gaps import draw_held_out  # noqa: E402  (the gap benchmark's held-out draw)
 
+from dataengine.sceneworld.failures import CAUSES, draw  # noqa: E402
+
 from dataengine.catalog import Catalog  # noqa: E402
 from dataengine.workspace import Workspace  # noqa: E402
-
-CAUSES = ("rl", "knowledge", "prompt")
-
 
 def build_workspace(root: Path, held: tuple, seed: int, n_train: int, n_pool: int, reward_steps: int) -> Workspace:
     """Scene world -> ingest -> default CLIP -> embeddings -> indexes -> a reward version (once)."""
@@ -84,78 +81,8 @@ def build_workspace(root: Path, held: tuple, seed: int, n_train: int, n_pool: in
 
 
 # ---------------------------------------------------------------------------------------
-# Injected failures (the truth side: this is where the scene world's vocabulary lives)
+# Injected failures (the truth side: dataengine/sceneworld/failures.py makes them)
 # ---------------------------------------------------------------------------------------
-
-
-def terse_and_rich(scene, rng: random.Random) -> tuple[str, str]:
-    """A rich caption and a terser prompt degradation makes of it (the engine's pairs): a
-    random step of its chain among those that still name an object by colour and shape."""
-    from dataengine.degrade.chains import DegradeConfig, degrade_chain
-    from dataengine.sceneworld import caption_for
-
-    rich = caption_for(scene, rng, detail="rich")
-    steps = degrade_chain(rich, DegradeConfig(policy="fixed"))
-    naming = [st.less for st in steps if named_groups(st.less, scene)]
-    return (rng.choice(naming) if naming else rich), rich
-
-
-def named_groups(prompt: str, scene) -> list[int]:
-    """Indices of the scene's groups the prompt names by colour and shape."""
-    from dataengine.enhance_eval import extract_attributes
-
-    objects = {v for a, v in extract_attributes(prompt) if a == "object"}
-    return [i for i, g in enumerate(scene.groups) if f"{g.colour} {g.shape}" in objects]
-
-
-def _word_re(word: str) -> re.Pattern:
-    return re.compile(rf"(?<![\w-]){re.escape(word)}(?![\w-])", re.I)
-
-
-def make_failure(cause: str, held: tuple, rng: random.Random, size: int):
-    """(scene as drawn, user prompt, enhanced prompt, scene the output shows) or None when
-    this draw does not fit the cause (the caller draws again)."""
-    from dataengine.sceneworld import sample_scene
-    from dataengine.sceneworld.scene import COLOURS, PLURALS, SHAPES
-    from models.train_reward import change_one
-
-    if cause == "knowledge":
-        scene = sample_scene(rng, size, size, require=rng.choice(held))
-    else:
-        scene = sample_scene(rng, size, size, forbid=held)
-    prompt, rich = terse_and_rich(scene, rng)
-    named = named_groups(prompt, scene)
-    if cause == "knowledge":
-        hit = [k for k in named if (scene.groups[k].colour, scene.groups[k].shape) in held]
-        if not hit:
-            return None  # the prompt does not ask for the held-out concept
-        g = scene.groups[hit[0]]
-        # The generator never learnt the concept: it draws a colour it knows on that shape.
-        new = replace(g, colour=rng.choice([c for c in COLOURS if c != g.colour and (c, g.shape) not in held]))
-        shown = replace(scene, groups=tuple(new if k == hit[0] else x for k, x in enumerate(scene.groups)))
-        return scene, prompt, rich, shown
-    if cause == "rl":
-        shown = change_one(scene, rng.choice(("colour", "shape", "count", "position")), rng)
-        return (scene, prompt, rich, shown) if shown is not None else None
-    if not named:
-        return None
-    k = rng.choice(named)
-    g = scene.groups[k]
-    taken = {(x.colour, x.shape) for x in scene.groups}
-    how = rng.choice(("swap-colour", "swap-colour", "drop-colour", "swap-shape"))
-    if how == "swap-shape":
-        s = rng.choice([s for s in SHAPES if s != g.shape and (g.colour, s) not in taken | set(held)])
-        enhanced = _word_re(PLURALS[g.shape]).sub(PLURALS[s], _word_re(g.shape).sub(s, rich))
-        new = replace(g, shape=s)
-    else:
-        c = rng.choice([c for c in COLOURS if c != g.colour and (c, g.shape) not in taken | set(held)])
-        enhanced = _word_re(g.colour).sub("" if how == "drop-colour" else c, rich)
-        enhanced = re.sub(r"\s{2,}", " ", enhanced)
-        new = replace(g, colour=c)  # dropped: the generator picks some colour
-    if enhanced == rich:
-        return None
-    shown = replace(scene, groups=tuple(new if j == k else x for j, x in enumerate(scene.groups)))
-    return scene, prompt, enhanced, shown
 
 
 def paraphrase_of(prompt: str, scene, corrupt: bool, rng: random.Random, tries: int = 20) -> str | None:
@@ -177,7 +104,7 @@ def paraphrase_of(prompt: str, scene, corrupt: bool, rng: random.Random, tries: 
 def write_feedback(out: Path, held: tuple, n_per_cause: int, n_good: int, seed: int, size: int,
                    paraphrase: bool) -> tuple[list[dict], dict[str, str]]:
     """Render every output, write the records (scores added later), return them and the truth."""
-    from dataengine.sceneworld import render, sample_scene
+    from dataengine.sceneworld import render
 
     out.mkdir(parents=True, exist_ok=True)
     records, truth = [], {}
@@ -187,15 +114,8 @@ def write_feedback(out: Path, held: tuple, n_per_cause: int, n_good: int, seed: 
     jobs = [(c, i) for i in range(n_per_cause) for c in CAUSES] + [("good", i) for i in range(n_good)]
     for cause, i in jobs:
         while True:
-            if cause == "good":
-                scene = sample_scene(rng, size, size, forbid=held)
-                prompt, enhanced = terse_and_rich(scene, rng)
-                made = (scene, prompt, enhanced, scene)
-            else:
-                made = make_failure(cause, held, rng, size)
-            if made is None:
-                continue
-            scene, prompt, enhanced, shown = made
+            made = draw(cause, held, rng, size)
+            scene, prompt, enhanced, shown = made.scene, made.prompt, made.enhanced, made.shown
             if not paraphrase:
                 break
             enhanced = paraphrase_of(prompt, shown if cause == "prompt" else scene, cause == "prompt", rng)

@@ -905,12 +905,15 @@ def demo(
     config: Optional[Path] = ConfigOpt,
     fresh: bool = typer.Option(False, help="Delete the workspace first."),
     ray: bool = typer.Option(True, "--ray/--no-ray", help="Scan shards on Ray (default) or in-process."),
-    stack: bool = typer.Option(True, "--stack/--no-stack",
-                               help="Train each model of the stack briefly (VAE, DiT, rewards, distill, RL, "
-                                    "enhancer phase two) and print its figures."),
+    loop: bool = typer.Option(True, "--loop/--no-loop",
+                              help="Run one turn of the self-correcting loop on injected failures."),
+    stack: bool = typer.Option(False, "--stack/--no-stack",
+                               help="Also train each model of the stack briefly (VAE, DiT, rewards, distill, RL, "
+                                    "enhancer phase two) and print its figures (about 2 more minutes)."),
 ) -> None:
     """The main job: a workspace from nothing through ingest, enhancer pairs, embeddings,
-    gap search and patching, and a brief run of each model of the stack."""
+    gap search and patching, and one turn of the self-correcting loop (--stack: a brief run
+    of each model of the stack too)."""
     ws, cfg, _ = _setup(workspace, config, ingest=dict(use_ray=ray))
     if fresh and ws.root.exists():
         if not ws.exists() and any(ws.root.iterdir()):
@@ -921,7 +924,7 @@ def demo(
         shutil.rmtree(ws.root)
     from flows.demo import demo_flow
 
-    summary = demo_flow(str(ws.root), cfg, train_stack=stack)
+    summary = demo_flow(str(ws.root), cfg, train_stack=stack, loop=loop)
     print_summary(summary)
     if not summary.exact:
         raise typer.Exit(1)

@@ -2,10 +2,9 @@
 captioned images that install offline) -> ingest -> caption degradation into enhancer
 pairs -> a brief enhancer training -> the default embedding model (trained once) ->
 embeddings (the embedding model's run stores most of them) -> FAISS indexes -> gap
-search and patching for the scene world's held-out concepts -> a brief run of each model
-of the stack (STACK_DEMO) -> summary.
-
-Later stages (triage, retrain) join this flow as they land.
+search and patching for the scene world's held-out concepts -> one turn of the
+self-correcting loop on injected failures (flows/loop.py) -> with --stack, a brief run of
+each model of the stack (STACK_DEMO) -> summary.
 """
 
 from __future__ import annotations
@@ -295,16 +294,71 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 @stage
+def inject_failures(root: str, sceneworld: dict, n_per_cause: int, n_good: int) -> dict[str, int]:
+    """Failures of known cause in the demo's scene world (its held-out concept drawn wrong,
+    an enhanced prompt that changed the user's words, a blurred output), with well-rated
+    outputs, through the feedback contract; the same ids every run, so a rerun adds none."""
+    import random
+
+    from connectors.feedback import ingest_files
+    from dataengine.sceneworld import SceneWorldConfig
+    from dataengine.sceneworld.failures import CAUSES, draw, write_feedback
+
+    ws = Workspace.at(root)
+    world = SceneWorldConfig(**sceneworld)
+    rng = random.Random(f"demo-loop/{world.seed}")
+    items = [draw(c, world.holdout, rng, 128, rl_kind="blur") for c in CAUSES for _ in range(n_per_cause)]
+    items += [draw("good", world.holdout, rng, 128) for _ in range(n_good)]
+    folder = ws.root / "feedback" / "demo-injected"
+    write_feedback(folder, items, rng, tag="demo")
+    rep = ingest_files(ws, [folder / "feedback.jsonl"])
+    return {"stored": rep.accepted, "duplicates": rep.duplicates, "quarantined": rep.quarantined}
+
+
+def demo_loop_turn(root: str, sceneworld: dict) -> None:
+    """One turn of the self-correcting loop on injected failures, every remedy auto-approved
+    and every trigger firing on one: triage, remedies, the three retrain jobs, their gates."""
+    from dataengine.triage import CAUSES
+    from dataengine.triggers import TriggerConfig, TriggerPolicy
+    from flows.loop import loop_turn
+    from models.enhancer_fix import EnhancerFixConfig
+    from models.jobs import JobConfig
+    from models.recalibrate import RecalibrationConfig
+
+    reward = train_stack_model(root, *next(s for s in STACK_DEMO if s[0] == "reward"))  # the heads triage scores with
+    print(f"loop: reward {reward['version']} scores the feedback")
+    got = inject_failures(root, sceneworld, n_per_cause=8, n_good=16)
+    print(f"loop: injected feedback {got}")
+    one = TriggerPolicy(min_approved=1, cooldown_h=0)
+    jobs = JobConfig(dit_steps=0, recalibration=RecalibrationConfig(steps=40),
+                     enhancer=EnhancerFixConfig(steps=40, batch_size=16, heldout_prompts=20))
+    r = loop_turn(root, auto_approve=True, triggers=TriggerConfig(one, one, one), jobs=jobs)
+    if r.confusion:
+        print("loop: injected cause -> triaged (rl / knowledge / prompt): "
+              + "; ".join(f"{t} " + "/".join(str(r.confusion[t][c]) for c in CAUSES) for t in CAUSES))
+    for j in r.jobs:
+        res = j["result"] or {}
+        made = res["dit"] if isinstance(res.get("dit"), dict) else res
+        print(f"loop: job {j['kind']} {j['status']}" + (f" ({j['note']})" if j["note"] else "")
+              + (f": fixed {res['fixed_share']:.0%} of its measured failures" if "fixed_share" in res else "")
+              + (f"; {made.get('version')} {'promoted' if made.get('promoted') else 'kept a candidate'}: {made['gate']}"
+                 if made.get("gate") else ""))
+    print("loop: failures per cause, before -> after the turn: "
+          + ", ".join(f"{c} {r.before[c]} -> {r.after[c]}" for c in CAUSES))
+
+
+@stage
 def summarize_workspace(root: str) -> Summary:
     return summarize(Catalog(Workspace.at(root)))
 
 
 @flow(name="dataengine-demo", log_prints=True)
 def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 80,
-              real_images: bool = True, train_stack: bool = True) -> Summary:
+              real_images: bool = True, train_stack: bool = True, loop: bool = True) -> Summary:
     """Make a workspace from nothing, fill it with the scene world and real images, account
     for it, turn its captions into enhancer pairs and a first enhancer, embed, index, find
-    and patch gaps, and (train_stack) train each model of the stack briefly."""
+    and patch gaps, (loop) run one turn of the self-correcting loop on injected failures,
+    and (train_stack) train each model of the stack briefly."""
     prepare_workspace(workspace)
     shards = write_scene_world(workspace, cfg)
     print("scene world: " + ", ".join(f"{s} {len(p)} shard(s)" for s, p in shards.items()))
@@ -333,6 +387,8 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     for split, meta in build_indexes(workspace).items():
         print(f"index {split}: {meta['count']} vectors, {meta['factory']}, recall@10 {meta['recall_at_k']:.3f}")
     find_and_patch_gaps(workspace, cfg.sceneworld)
+    if loop:
+        demo_loop_turn(workspace, cfg.sceneworld)
     if train_stack:
         from models.rl import UntrustedReward
 

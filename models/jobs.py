@@ -37,6 +37,9 @@ from .enhancer_fix import EnhancerFixConfig
 from .recalibrate import RecalibrationConfig
 
 
+WS_SCORED = "ws:"  # triage's prefix for heads of the workspace's own reward (dataengine/triage_run.py)
+
+
 @dataclass(frozen=True)
 class JobConfig:
     min_fixed: float = 0.5  # share of the firing failures a new version must fix
@@ -163,9 +166,14 @@ def run_reward_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
 
     catalog = Catalog(ws)
     pairs: dict[str, list[tuple[str, str]]] = {}
+    unscored: dict[str, list[str]] = {}
     for p in _approved_proposals(catalog, job):
-        pairs.setdefault(p["head"], []).extend((x["win"], x["lose"]) for x in p.get("pairs", []))
-    result = recalibrate(ws, pairs, cfg.recalibration, job_id=job["job_id"])
+        head = p["head"].removeprefix(WS_SCORED)
+        if p["head"].startswith(WS_SCORED):  # scored by the workspace's heads at triage, not logged
+            unscored.setdefault(head, []).extend(p["failures"])
+        else:
+            pairs.setdefault(head, []).extend((x["win"], x["lose"]) for x in p.get("pairs", []))
+    result = recalibrate(ws, pairs, cfg.recalibration, job_id=job["job_id"], unscored=unscored)
     _set_status(catalog, "reward", result["version"], "promoted" if result["promoted"] else "candidate",
                 job["job_id"], result["gate"], retire=result["recalibrated_from"] if result["promoted"] else None)
     return result
@@ -225,7 +233,7 @@ def still_failing(ws: Workspace, causes: dict[str, str]) -> dict[str, bool]:
         rows = catalog.query("""SELECT feedback_id, json_extract_string(evidence, '$.reward_top') AS head FROM
             (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at) n FROM triage)
             WHERE n = 1 AND list_contains(?, feedback_id)""", [rl]).to_pylist()
-        first_head = {r["feedback_id"]: r["head"] for r in rows}
+        first_head = {r["feedback_id"]: (r["head"] or "").removeprefix(WS_SCORED) or None for r in rows}
         good = [r["feedback_id"] for r in catalog.query(
             "SELECT feedback_id FROM feedback WHERE rating >= 4 ORDER BY feedback_id LIMIT 500").to_pylist()]
         size = int(json.loads((Path(reward["path"]) / "config.json").read_text())["job"]["train"]["resolution"]) \

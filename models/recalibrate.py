@@ -140,10 +140,30 @@ def heldout_drop(new: dict, current: dict, tolerance: float) -> list[str]:
             if h in got and got[h]["accuracy"] < cur[h]["accuracy"] - tolerance]
 
 
+def scored_pairs(catalog: Catalog, version_path: str | Path, head: str, failures: Sequence[str], size: int,
+                 limit: int = 1000) -> list[tuple[str, str]]:
+    """Recalibration pairs for failures no one logged scores for: the version's `head` scores
+    them and the well-rated outputs, and each well-rated output it scored no higher than a
+    failure makes a pair (the remedy's rule, on this version's scores), spread over failures."""
+    good = [r["feedback_id"] for r in catalog.query("SELECT feedback_id FROM feedback WHERE rating >= 4 "
+                                                    "ORDER BY feedback_id").to_pylist()]
+    outputs = _outputs(catalog, list(failures) + good, size)
+    fails, good = [f for f in failures if f in outputs], [g for g in good if g in outputs]
+    if not fails or not good:
+        return []
+    s = _head_scores(version_path, head, [outputs[i] for i in fails + good])
+    s_fail, s_good = s[:len(fails)], s[len(fails):]
+    per = [[(good[j], f) for j in np.argsort(s_good) if s_good[j] <= s_fail[i]] for i, f in enumerate(fails)]
+    return [m[k] for k in range(max(map(len, per), default=0)) for m in per if k < len(m)][:limit]
+
+
 def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: RecalibrationConfig = RecalibrationConfig(),
-                job_id: str | None = None, progress: bool = False) -> dict[str, Any]:
+                job_id: str | None = None, progress: bool = False,
+                unscored: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Fine-tune the promoted reward version on `pairs` ({head: [(win id, lose id)]}), measure
-    the fix on the held-out failures, and promote or keep the result as a candidate."""
+    the fix on the held-out failures, and promote or keep the result as a candidate.
+    `unscored` ({head: failure ids}): failures whose pairs this version's scores decide
+    (feedback that came without logged scores)."""
     from .trainer import LoopConfig, train
     from .train_reward import make_job, output_pairs
 
@@ -155,6 +175,9 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     current = rows[0]
     path = Path(current["path"])
     train_cfg = _train_cfg(path)
+    for h, ids in (unscored or {}).items():
+        if h in train_cfg.heads:
+            pairs = pairs | {h: list(pairs.get(h, [])) + scored_pairs(catalog, path, h, ids, train_cfg.resolution)}
     pairs = {h: p for h, p in pairs.items() if h in train_cfg.heads and p}
     if not pairs:
         raise ValueError(f"no recalibration pairs for a head {current['version']} trains ({train_cfg.heads})")

@@ -52,7 +52,8 @@ from PIL import Image, ImageFilter
 from dataengine.sceneworld import (
     COLOURS, EDIT_OPS, SHAPES, Group, Scene, apply_edit, caption_for, instruction_for, render, sample_scene,
 )
-from dataengine.sceneworld.scene import layout_group, union
+from dataengine.sceneworld.failures import change_one
+from dataengine.sceneworld.scene import union
 
 from .rewards import (
     EDIT_HEADS, HEAD_INPUTS, HEADS, MODEL_NAME, SPATIAL_INPUTS, EmbeddedRewards, RewardConfig, bradley_terry,
@@ -149,44 +150,6 @@ def scene_pool(workspace_root: str | Path | None, split: str, n: int, size: int,
 # ---------------------------------------------------------------------------------------
 # Changes to scenes and images that make the losing side of a pair
 # ---------------------------------------------------------------------------------------
-
-
-def _free(boxes, others: tuple[Group, ...], size: int) -> bool:
-    """True when `boxes` stay in the frame and clear of every other group."""
-    a = union(boxes)
-    if a[0] < 0 or a[1] < 0 or a[2] > size or a[3] > size:
-        return False
-    gap = max(1, round(0.03 * size))
-    return all(not (a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap)
-               for b in (union(g.boxes) for g in others))
-
-
-def change_one(scene: Scene, kind: str, rng: random.Random) -> Scene | None:
-    """`scene` with one attribute of one group changed (colour, shape, count, position);
-    None when that change does not fit."""
-    gs = scene.groups
-    i = rng.randrange(len(gs))
-    g, others = gs[i], gs[:i] + gs[i + 1:]
-    taken = {(h.colour, h.shape) for h in gs}
-    if kind == "colour":
-        new = replace(g, colour=rng.choice([c for c in COLOURS if c != g.colour and (c, g.shape) not in taken]))
-    elif kind == "shape":
-        new = replace(g, shape=rng.choice([s for s in SHAPES if s != g.shape and (g.colour, s) not in taken]))
-    elif kind == "count":
-        for n in rng.sample([k for k in range(1, 6) if k != g.count], 4):
-            arr = "single" if n == 1 else ("row" if g.arrangement == "single" or (n < 3 and g.arrangement in ("grid", "stacked")) else g.arrangement)
-            boxes = layout_group(g.position, g.size, n, arr, scene.width, scene.height, rng)
-            if boxes is not None and _free(boxes, others, scene.width):
-                new = replace(g, count=n, arrangement=arr, boxes=boxes)
-                break
-        else:
-            return None
-    elif kind == "position":
-        done = apply_edit(scene, "move", rng)
-        return done[1] if done else None
-    else:
-        raise ValueError(f"unknown change {kind!r}; expected one of {FIDELITY_KINDS}")
-    return replace(scene, groups=gs[:i] + (new,) + gs[i + 1:])
 
 
 def _pil_degrade(img: Image.Image, kind: str, rng: random.Random) -> Image.Image:

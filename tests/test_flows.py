@@ -17,7 +17,7 @@ def test_demo_flow_from_nothing(tmp_path):
 
     cfg = load_config(None, sceneworld=dict(n_train=40, n_pool=20, n_eval=10, samples_per_shard=15,
                                             resolution=64), ingest=dict(use_ray=False))
-    summary = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False)
+    summary = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False, loop=False)
     assert summary.exact
     assert {s.split: s.accepted for s in summary.splits} == {"train": 40, "pool": 20, "eval": 10}
     assert summary.counts["pairs"] > 40
@@ -48,7 +48,7 @@ def test_demo_flow_from_nothing(tmp_path):
     # the patch the first run wrote (shards/patches/: training data, ingested and embedded);
     # the searches are recorded again (each search is a row).
     patch_shards = list((tmp_path / "ws" / "shards" / "patches").glob("*.tar"))
-    again = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False)
+    again = demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=10, real_images=False, loop=False)
     patched = Catalog(Workspace.at(tmp_path / "ws")).query(
         "SELECT count(*) AS n FROM samples WHERE split = 'patches'").to_pylist()[0]["n"]
     assert (patched > 0) == bool(patch_shards)
@@ -66,7 +66,7 @@ def test_demo_workspace_finds_and_patches_its_held_out_concept(tmp_path):
     from flows.demo import demo_flow, find_and_patch_gaps
 
     cfg = load_config(None, ingest=dict(use_ray=False))
-    demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=2, real_images=False, train_stack=False)
+    demo_flow(str(tmp_path / "ws"), cfg, enhancer_steps=2, real_images=False, train_stack=False, loop=False)
     rows = find_and_patch_gaps.fn(str(tmp_path / "ws"), cfg.sceneworld)
     held = [r for r in rows if r["held_out"]]
     covered = [r for r in rows if not r["held_out"]]
