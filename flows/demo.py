@@ -186,9 +186,10 @@ def build_indexes(root: str) -> dict[str, dict]:
 
 
 @stage
-def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
-    """Gap search for the scene world's held-out concepts and a few covered ones; a patch
-    shard for each gap, checked against the pool's ground truth."""
+def find_and_patch_gaps(root: str, sceneworld: dict, patch: bool = True) -> list[dict]:
+    """Gap search for the scene world's held-out concepts and a few covered ones; with
+    `patch`, a patch shard for each gap, checked against the pool's ground truth (without,
+    the loop's knowledge remedy patches what its failures miss)."""
     from dataengine.gaps import GapSearcher
     from dataengine.patch import PatchConfig, patch_found_gap
     from dataengine.sceneworld import SceneWorldConfig, concept_present
@@ -209,7 +210,7 @@ def find_and_patch_gaps(root: str, sceneworld: dict) -> list[dict]:
         line = (f"gap search {r.concept!r}: {verdict} (gap score {r.gap_score:.2f}, gap above "
                 f"{1 - r.threshold:.2f}; {r.explain()})")
         row = {"concept": r.concept, "held_out": is_held, "is_gap": r.is_gap, "score": r.gap_score}
-        if r.is_gap:
+        if r.is_gap and patch:
             p = patch_found_gap(searcher, r, v, PatchConfig(size=32))
             colour, shape = r.concept.split()[1:3]
             metas = Catalog(ws).query(
@@ -242,6 +243,10 @@ STACK_DEMO: tuple[tuple[str, dict, int], ...] = (
     ("rl", {"eval_prompts": 4, "prompts_per_step": 2}, 4),
     ("enhancer-rl", {"eval_prompts": 4, "prompts_per_step": 2}, 4),
 )
+
+
+# The loop turn's brief reward: the generation heads only, pooled (a few seconds on 2 cores).
+LOOP_REWARD = ("reward", {"heads": ("fidelity", "aesthetics"), "spatial": (), "n_train": 48, "n_eval": 24}, 80)
 
 
 @stage
@@ -325,13 +330,13 @@ def demo_loop_turn(root: str, sceneworld: dict) -> None:
     from models.jobs import JobConfig
     from models.recalibrate import RecalibrationConfig
 
-    reward = train_stack_model(root, *next(s for s in STACK_DEMO if s[0] == "reward"))  # the heads triage scores with
+    reward = train_stack_model(root, *LOOP_REWARD)  # the heads triage scores the feedback with
     print(f"loop: reward {reward['version']} scores the feedback")
-    got = inject_failures(root, sceneworld, n_per_cause=8, n_good=16)
+    got = inject_failures(root, sceneworld, n_per_cause=10, n_good=20)
     print(f"loop: injected feedback {got}")
     one = TriggerPolicy(min_approved=1, cooldown_h=0)
     jobs = JobConfig(dit_steps=0, recalibration=RecalibrationConfig(steps=40),
-                     enhancer=EnhancerFixConfig(steps=40, batch_size=16, heldout_prompts=20))
+                     enhancer=EnhancerFixConfig(steps=40, batch_size=16, heldout_prompts=10))
     r = loop_turn(root, auto_approve=True, triggers=TriggerConfig(one, one, one), jobs=jobs)
     if r.confusion:
         print("loop: injected cause -> triaged (rl / knowledge / prompt): "
@@ -386,7 +391,7 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     print(f"embed: {emb.summary()}")
     for split, meta in build_indexes(workspace).items():
         print(f"index {split}: {meta['count']} vectors, {meta['factory']}, recall@10 {meta['recall_at_k']:.3f}")
-    find_and_patch_gaps(workspace, cfg.sceneworld)
+    find_and_patch_gaps(workspace, cfg.sceneworld, patch=not loop)
     if loop:
         demo_loop_turn(workspace, cfg.sceneworld)
     if train_stack:

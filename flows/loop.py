@@ -31,7 +31,7 @@ stage = task(cache_policy=NONE)
 class TurnReport:
     triaged: dict[str, int] = field(default_factory=dict)  # this turn's new failures per cause
     before: dict[str, int] = field(default_factory=dict)  # every failure per cause, before the turn
-    after: dict[str, int] = field(default_factory=dict)  # the same failures re-triaged after it
+    after: dict[str, int] = field(default_factory=dict)  # of those, still failing for their cause after it
     remedies: dict[str, int] = field(default_factory=dict)
     approved: int = 0
     fired: list[str] = field(default_factory=list)  # "cause: why"
