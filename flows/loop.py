@@ -122,5 +122,7 @@ def loop_turn(workspace: str, auto_approve: bool = False, triggers: TriggerConfi
     report.fired = fire_triggers(workspace, triggers)
     report.jobs = run_jobs(workspace, jobs or JobConfig()) if report.fired else []
     after = retriage(workspace, list(causes))
-    report.after = {c: sum(v == c for v in after.values()) for c in CAUSES}
+    # Per cause, of the failures it had before the turn: those still failing for it (one that
+    # moved to another cause, e.g. a patched concept whose output is still wrong, left it).
+    report.after = {c: sum(after.get(i) == c for i, b in causes.items() if b == c) for c in CAUSES}
     return report
