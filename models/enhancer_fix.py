@@ -32,6 +32,7 @@ from dataengine.workspace import Workspace
 from .enhancer import MODEL_NAME
 from .gate import promotion
 from .recalibrate import in_check
+from .versions import promoted
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,9 @@ def retrain_enhancer(ws: Workspace, corrected: Sequence[dict], cfg: EnhancerFixC
     from .train_enhancer import EnhancerTrainConfig, train
 
     catalog = Catalog(ws)
-    rows = catalog.query("SELECT version, path FROM model_versions WHERE model = ? AND status = 'promoted' "
-                         "ORDER BY created_at DESC, version DESC LIMIT 1", [MODEL_NAME]).to_pylist()
-    if not rows:
+    current = promoted(catalog, MODEL_NAME)
+    if current is None:
         raise RuntimeError("no promoted enhancer version to retrain (dataengine demo or python -m models.train_enhancer)")
-    current = rows[0]
     corrected = [c for c in corrected if c.get("less") and c.get("more") and drift(c["less"], c["more"]).lost == 0]
     if not corrected:
         raise ValueError("no corrected pair keeps the user's words: nothing to retrain on")

@@ -35,6 +35,7 @@ from dataengine.workspace import Workspace
 
 from .enhancer_fix import EnhancerFixConfig
 from .recalibrate import RecalibrationConfig
+from .versions import promoted
 
 
 WS_SCORED = "ws:"  # triage's prefix for heads of the workspace's own reward (dataengine/triage_run.py)
@@ -68,12 +69,6 @@ def _uncovered(ws: Workspace, concepts: list[str], prompts: list[str], knowledge
     reports, _ = GapSearcher(ws).prompts(texts, record=False) if texts else ([], None)
     flags = [r.is_gap or r.percentile < knowledge_below for r in reports]
     return flags[:len(concepts)], flags[len(concepts):]
-
-
-def _promoted(catalog: Catalog, model: str) -> dict | None:
-    rows = catalog.query("SELECT * FROM model_versions WHERE model = ? AND status = 'promoted' "
-                         "ORDER BY created_at DESC, version DESC LIMIT 1", [model]).to_pylist()
-    return rows[0] if rows else None
 
 
 def gate(new_loss: float | None, current_loss: float | None, fixed: float, cfg: JobConfig) -> tuple[bool, str]:
@@ -121,7 +116,7 @@ def run_knowledge_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
                             for c, w, b, a in zip(concepts, weights, before_c, after_c)},
                "failures": sum(weights), "fixed_share": round(fixed, 4),
                "prompts_uncovered_before": sum(before_p), "prompts_uncovered_after": sum(after_p)}
-    current = _promoted(catalog, "dit")
+    current = promoted(catalog, "dit")
     if cfg.dit_steps <= 0 or current is None:
         result["dit"] = "not trained: " + ("dit_steps is 0" if cfg.dit_steps <= 0 else "no promoted DiT to fine-tune")
         return result
@@ -223,22 +218,20 @@ def still_failing(ws: Workspace, causes: dict[str, str]) -> dict[str, bool]:
     enhancer's own output for its prompt still loses a word of it (without a promoted
     enhancer: it is binned prompt)."""
     from .enhancer_fix import loses_words
-    from .recalibrate import _head_scores, _outputs, overrated
+    from .recalibrate import _head_scores, _outputs, _train_cfg, overrated
 
     catalog = Catalog(ws)
     out = {i: c == "knowledge" for i, c in causes.items() if c == "knowledge"}
     rl = [i for i, c in causes.items() if c == "rl"]
     if rl:
-        reward = _promoted(catalog, "reward")
+        reward = promoted(catalog, "reward")
         rows = catalog.query("""SELECT feedback_id, json_extract_string(evidence, '$.reward_top') AS head FROM
             (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at) n FROM triage)
             WHERE n = 1 AND list_contains(?, feedback_id)""", [rl]).to_pylist()
         first_head = {r["feedback_id"]: (r["head"] or "").removeprefix(WS_SCORED) or None for r in rows}
         good = [r["feedback_id"] for r in catalog.query(
             "SELECT feedback_id FROM feedback WHERE rating >= 4 ORDER BY feedback_id LIMIT 500").to_pylist()]
-        size = int(json.loads((Path(reward["path"]) / "config.json").read_text())["job"]["train"]["resolution"]) \
-            if reward else 64
-        outputs = _outputs(catalog, rl + good, size) if reward else {}
+        outputs = _outputs(catalog, rl + good, _train_cfg(Path(reward["path"])).resolution) if reward else {}
         good = [g for g in good if g in outputs]
         for head in sorted({h for h in first_head.values() if h}):
             ids = [i for i in rl if first_head.get(i) == head and i in outputs]
@@ -249,7 +242,7 @@ def still_failing(ws: Workspace, causes: dict[str, str]) -> dict[str, bool]:
         out |= {i: True for i in rl if i not in out}  # no head named or no image: nothing shows it fixed
     prompt = [i for i, c in causes.items() if c == "prompt"]
     if prompt:
-        enhancer = _promoted(catalog, "enhancer")
+        enhancer = promoted(catalog, "enhancer")
         if enhancer is None:
             out |= {i: True for i in prompt}
         else:

@@ -31,6 +31,7 @@ from dataengine.workspace import Workspace
 from .gate import promotion
 from .rewards import MODEL_NAME
 from .train_reward import PairSet
+from .versions import promoted
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,9 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     from .train_reward import make_job, output_pairs
 
     catalog = Catalog(ws)
-    rows = catalog.query("SELECT version, path, metrics FROM model_versions WHERE model = ? AND status = 'promoted' "
-                         "ORDER BY created_at DESC, version DESC LIMIT 1", [MODEL_NAME]).to_pylist()
-    if not rows:
+    current = promoted(catalog, MODEL_NAME)
+    if current is None:
         raise RuntimeError("no promoted reward version to recalibrate (dataengine train reward)")
-    current = rows[0]
     path = Path(current["path"])
     train_cfg = _train_cfg(path)
     for h, ids in (unscored or {}).items():

@@ -71,3 +71,10 @@ def save_version(models_root: str | Path, name: str, write: Callable[[Path], Non
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def promoted(catalog, name: str) -> dict | None:
+    """The newest promoted `model_versions` row of model `name` in a workspace's catalog."""
+    rows = catalog.query("SELECT * FROM model_versions WHERE model = ? AND status = 'promoted' "
+                         "ORDER BY created_at DESC, version DESC LIMIT 1", [name]).to_pylist()
+    return rows[0] if rows else None
