@@ -9,7 +9,8 @@ What it fixed is measured on failures it did not train on: the remedy's failures
 by a hash of their id, pairs whose failure (or well-rated output) falls in the check share
 are left out of training, and a check failure counts as fixed when the old version scored
 it at or above the median well-rated output of the check share and the new one scores it
-below. The new version is promoted
+below (the selection share that chooses what replay leaves out is measured the same way).
+The new version is promoted
 only when no head's held-out accuracy falls by more than the tolerance and it fixes at
 least `min_fixed` of the check failures it was asked to fix.
 """
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+import tempfile
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,25 +43,32 @@ class RecalibrationConfig:
     check_share: float = 0.3  # failures (and well-rated outputs) kept out of training to measure on
     # Replay the version's own training pairs beside the approved ones, so that what the
     # approved pairs do not speak to is kept (without replay a head recalibrated on blurred
-    # failures forgot noise and colour casts: benchmarks/results/loop-cpu.md). Replayed kinds
-    # that point the other way (the pairs that taught the fault) are left out: a head trained
-    # on both learns to tell them apart instead of unlearning the fault.
+    # failures forgot noise and colour casts: benchmarks/results/loop-cpu.md). A replayed kind
+    # that taught the fault points against the approved pairs, and a head trained on both
+    # learns to tell them apart instead of unlearning the fault; so when some kinds point
+    # against them (cosine < 0), candidates leaving out none, the most opposed one, or all of
+    # them are fitted, and the one that fixes most failures of a selection share (held out
+    # of the candidates' training, apart from the check share) is trained on everything.
     replay: bool = True
-    # A kind the approved pairs reverse points nearly the other way (-0.86 for the blur pairs
-    # of a head trained with blur flipped); kinds merely anti-correlated through a shared
-    # confound stay (noise -0.39, colour cast -0.50 in the same run).
-    opposed_below: float = -0.6
+    select_share: float = 0.25  # of the failures outside the check share
+    min_select: int = 8  # overrated failures the selection share needs, else nothing is left out
     min_fixed: float = 0.5
     tolerance: float = 0.02  # a head's held-out accuracy may fall this much (absolute) and still pass
 
     def __post_init__(self) -> None:
-        if not 0 < self.check_share < 1:
-            raise ValueError(f"check_share must be in (0, 1), got {self.check_share}")
+        for name in ("check_share", "select_share"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
 
 
 def in_check(feedback_id: str, share: float) -> bool:
     """Stable membership of the check share (the same id always lands on the same side)."""
     return int(hashlib.sha1(feedback_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
+
+
+def in_select(feedback_id: str, share: float) -> bool:
+    """Stable membership of the selection share (drawn independently of the check share)."""
+    return in_check(feedback_id + "#select", share)
 
 
 def overrated(fail: np.ndarray, good: np.ndarray) -> np.ndarray:
@@ -116,21 +125,31 @@ def _direction(ps: PairSet, idx: torch.Tensor | None = None) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def without_opposed(replay: PairSet, approved: PairSet, below: float) -> tuple[PairSet, dict[str, float]]:
-    """`replay` without the kinds whose direction opposes the approved pairs' (cosine below
-    `below`), and every kind's cosine."""
-    u = _direction(approved)
-    cos, keep = {}, torch.ones(len(replay), dtype=torch.bool)
-    for kind in sorted(set(replay.kinds)):
-        idx = torch.tensor([i for i, k in enumerate(replay.kinds) if k == kind])
-        v = _direction(replay, idx)
-        cos[kind] = round(float(torch.nn.functional.cosine_similarity(u, v, dim=0)), 3)
-        if cos[kind] < below:
-            keep[idx] = False
+def subset(ps: PairSet, keep: torch.Tensor) -> PairSet:
+    """The pairs of `ps` where the bool mask `keep` is true."""
     idx = keep.nonzero().flatten()
-    kept = PairSet(replay.head, {r: t[idx] for r, t in replay.win.items()}, {r: t[idx] for r, t in replay.lose.items()},
-                   [k for k, m in zip(replay.kinds, keep.tolist()) if m], replay.tables)
-    return kept, cos
+    return PairSet(ps.head, {r: t[idx] for r, t in ps.win.items()}, {r: t[idx] for r, t in ps.lose.items()},
+                   [k for k, m in zip(ps.kinds, keep.tolist()) if m], ps.tables)
+
+
+def kind_cosines(replay: PairSet, approved: PairSet) -> dict[str, float]:
+    """Per kind of `replay`: the cosine of its direction with the approved pairs'."""
+    u, out = _direction(approved), {}
+    for kind in sorted(set(replay.kinds)):
+        v = _direction(replay, torch.tensor([i for i, k in enumerate(replay.kinds) if k == kind]))
+        out[kind] = round(float(torch.nn.functional.cosine_similarity(u, v, dim=0)), 3)
+    return out
+
+
+def leave_out_candidates(cosines: dict[str, dict[str, float]]) -> list[dict[str, tuple[str, ...]]]:
+    """What replay may leave out, per head: nothing; the kind pointing most against the
+    approved pairs; every kind pointing against them (cosine < 0). Distinct, in that order."""
+    opposed = {h: tuple(k for k, c in sorted(cs.items(), key=lambda kc: kc[1]) if c < 0) for h, cs in cosines.items()}
+    out: list[dict[str, tuple[str, ...]]] = []
+    for cand in ({}, {h: o[:1] for h, o in opposed.items() if o}, {h: o for h, o in opposed.items() if o}):
+        if cand not in out:
+            out.append(cand)
+    return out
 
 
 def heldout_drop(new: dict, current: dict, tolerance: float) -> list[str]:
@@ -165,7 +184,7 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     the fix on the held-out failures, and promote or keep the result as a candidate.
     `unscored` ({head: failure ids}): failures whose pairs this version's scores decide
     (feedback that came without logged scores)."""
-    from .trainer import LoopConfig, train
+    from .trainer import LoopConfig, device_of, train
     from .train_reward import make_job, output_pairs
 
     catalog = Catalog(ws)
@@ -180,50 +199,65 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     pairs = {h: p for h, p in pairs.items() if h in train_cfg.heads and p}
     if not pairs:
         raise ValueError(f"no recalibration pairs for a head {current['version']} trains ({train_cfg.heads})")
-    # The reference a check failure is measured against: every well-rated output in the check share.
-    good = [r["feedback_id"] for r in catalog.query("SELECT feedback_id FROM feedback WHERE rating >= 4 "
-                                                    "ORDER BY feedback_id").to_pylist()
-            if in_check(r["feedback_id"], cfg.check_share)]
-    ids = {i for p in pairs.values() for pair in p for i in pair} | set(good)
+    # The reference a check (or selection) failure is measured against: every well-rated
+    # output in the same share.
+    all_good = [r["feedback_id"] for r in catalog.query("SELECT feedback_id FROM feedback WHERE rating >= 4 "
+                                                        "ORDER BY feedback_id").to_pylist()]
+    good = [g for g in all_good if in_check(g, cfg.check_share)]
+    select_good = [g for g in all_good if in_select(g, cfg.select_share) and not in_check(g, cfg.check_share)]
+    ids = {i for p in pairs.values() for pair in p for i in pair} | set(good) | set(select_good)
     outputs = _outputs(catalog, sorted(ids), train_cfg.resolution)
-    good = [g for g in good if g in outputs]
+    good, select_good = [g for g in good if g in outputs], [g for g in select_good if g in outputs]
     fit = {h: [(w, lo) for w, lo in p if w in outputs and lo in outputs
                and not in_check(w, cfg.check_share) and not in_check(lo, cfg.check_share)] for h, p in pairs.items()}
     check = {h: (sorted({lo for _, lo in p if lo in outputs and in_check(lo, cfg.check_share)}), good)
              for h, p in pairs.items()}
     if not any(fit.values()):
         raise ValueError("every recalibration pair fell in the check share or lost its image: nothing to train on")
-
-    opposed: dict[str, dict[str, float]] = {}
-
-    def feedback(frozen, model_cfg, replay):
-        sets = {f"{h}/feedback": output_pairs(h, [outputs[w] for w, _ in p], [outputs[lo] for _, lo in p],
-                                              frozen, model_cfg) for h, p in fit.items() if p}
-        for key, ps in sets.items():
-            if ps.head in replay:
-                replay[ps.head], opposed[ps.head] = without_opposed(replay[ps.head], ps, cfg.opposed_below)
-        return replay | sets
+    fit = {h: p for h, p in fit.items() if p}
 
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=min(10, cfg.steps), init_from=str(path),
                       progress=progress)
-    info = {"recalibration": {"from": current["version"], "pairs": {h: len(p) for h, p in fit.items()}}}
-    record = train(make_job(ws.root, train_cfg, loop, feedback, info | {"replay": cfg.replay}, cfg.replay),
-                   ws.models, loop, catalog=catalog, job_id=job_id)
+    base = make_job(ws.root, train_cfg, loop)
+    base.loop, base.device = loop, device_of(loop.device)
+    replay = base.scene_pairs(loop.seed) if cfg.replay else {}
+    approved = {h: output_pairs(h, [outputs[w] for w, _ in p], [outputs[lo] for _, lo in p], base.frozen,
+                                base.model_cfg) for h, p in fit.items()}
+    cosines = {h: kind_cosines(replay[h], ps) for h, ps in approved.items() if h in replay}
+    held = {h: torch.tensor([in_select(w, cfg.select_share) or in_select(lo, cfg.select_share) for w, lo in p])
+            for h, p in fit.items()}
 
-    per_head, fixed, asked = {}, 0, 0
-    for h, (fails, goods) in check.items():
-        if not fails or not goods:
-            per_head[h] = {"check_failures": len(fails), "check_good": len(goods), "note": "too few to measure"}
-            continue
-        items = [outputs[i] for i in fails + goods]
-        before = _head_scores(path, h, items)
-        after = _head_scores(record["path"], h, items)
-        n = len(fails)
-        was, now = overrated(before[:n], before[n:]), overrated(after[:n], after[n:])
-        per_head[h] = {"check_failures": n, "overrated_before": int(was.sum()), "overrated_after": int(now.sum()),
-                       "fixed": int((was & ~now).sum())}
-        fixed += int((was & ~now).sum())
-        asked += int(was.sum())
+    def pairs_for(leave: dict[str, tuple[str, ...]], selecting: bool) -> dict[str, PairSet]:
+        out = {h: subset(ps, torch.tensor([k not in leave.get(h, ()) for k in ps.kinds])) for h, ps in replay.items()}
+        out |= {f"{h}/feedback": subset(ps, ~held[h]) if selecting else ps for h, ps in approved.items()}
+        return {k: ps for k, ps in out.items() if len(ps)}
+
+    job, info = base, dict(base.info)
+
+    def job_for(leave: dict[str, tuple[str, ...]], selecting: bool) -> RewardTrainJob:
+        # One job instance for every fit: its held-out pairs are embedded once.
+        job.info = info | {"recalibration": {"from": current["version"], "replay": cfg.replay,
+                                                  "pairs": {h: len(p) for h, p in fit.items()},
+                                                  "leave_out": leave, "selecting": selecting}}
+        job.given_pairs = pairs_for(leave, selecting)
+        return job
+
+    # Choose what the replay leaves out on the selection share (failures and well-rated
+    # outputs outside the check share that the candidates do not train on).
+    candidates, trials = leave_out_candidates(cosines), []
+    select = {h: (sorted({lo for (_, lo), m in zip(p, held[h].tolist()) if m and in_select(lo, cfg.select_share)}),
+                  select_good) for h, p in fit.items()}
+    chosen = candidates[0]
+    if len(candidates) > 1 and _asked(path, select, outputs) >= cfg.min_select:
+        with tempfile.TemporaryDirectory(prefix="recalibrate-") as tmp:
+            for leave in candidates:
+                rec = train(job_for(leave, True), tmp, replace(loop, progress=False))
+                asked, fixed, _ = _fixed(path, rec["path"], select, outputs)
+                trials.append({"leave_out": leave, "fixed": fixed, "of": asked})
+        chosen = max(trials, key=lambda t: t["fixed"])["leave_out"]  # ties: the first, which leaves out least
+    record = train(job_for(chosen, False), ws.models, loop, catalog=catalog, job_id=job_id)
+
+    asked, fixed, per_head = _fixed(path, record["path"], check, outputs)
     share = fixed / asked if asked else 0.0
     dropped = heldout_drop(record["metrics"], json.loads(current["metrics"] or "{}"), cfg.tolerance)
     ok, why = promotion(asked, fixed, [f"held-out accuracy {d}" for d in dropped], cfg.min_fixed,
@@ -231,10 +265,39 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     return {"version": record["version"], "path": record["path"], "recalibrated_from": current["version"],
             "promoted": ok, "gate": why, "fixed_share": round(share, 4), "heads": per_head,
             "train_pairs": {h: len(p) for h, p in fit.items()},
-            "replay_kind_cosines": opposed, "replay_left_out": {h: sorted(k for k, c in cs.items()
-                                                                   if c < cfg.opposed_below) for h, cs in opposed.items()},
+            "replay_kind_cosines": cosines, "replay_left_out": chosen, "replay_trials": trials,
             "heldout_before": _summary(json.loads(current["metrics"] or "{}")),
             "heldout_after": _summary(record["metrics"])}
+
+
+def _asked(before: Path, sets: dict[str, tuple[list[str], list[str]]], outputs: dict) -> int:
+    """How many failures of `sets` ({head: (failures, well-rated)}) the version `before` overrates."""
+    n = 0
+    for h, (fails, goods) in sets.items():
+        if fails and goods:
+            s = _head_scores(before, h, [outputs[i] for i in fails + goods])
+            n += int(overrated(s[:len(fails)], s[len(fails):]).sum())
+    return n
+
+
+def _fixed(before: Path, after: str | Path, sets: dict[str, tuple[list[str], list[str]]],
+           outputs: dict) -> tuple[int, int, dict[str, Any]]:
+    """(failures `before` overrated, of those `after` no longer overrates, per head) over
+    `sets` ({head: (failures, well-rated outputs)})."""
+    per_head, fixed, asked = {}, 0, 0
+    for h, (fails, goods) in sets.items():
+        if not fails or not goods:
+            per_head[h] = {"check_failures": len(fails), "check_good": len(goods), "note": "too few to measure"}
+            continue
+        items = [outputs[i] for i in fails + goods]
+        b, a = _head_scores(before, h, items), _head_scores(after, h, items)
+        n = len(fails)
+        was, now = overrated(b[:n], b[n:]), overrated(a[:n], a[n:])
+        per_head[h] = {"check_failures": n, "overrated_before": int(was.sum()), "overrated_after": int(now.sum()),
+                       "fixed": int((was & ~now).sum())}
+        fixed += int((was & ~now).sum())
+        asked += int(was.sum())
+    return asked, fixed, per_head
 
 
 def _summary(metrics: dict) -> dict[str, Any]:

@@ -443,12 +443,12 @@ class RewardTrainJob(TrainJob):
     name = MODEL_NAME
 
     def __init__(self, frozen, train_scenes: list[Scene], eval_scenes: list[Scene], cfg: RewardTrainConfig,
-                 info: dict | None = None, feedback: Any = None, replay: bool = True):
+                 info: dict | None = None, pairs: dict[str, "PairSet"] | None = None):
         # info: JSON facts that identify the run beyond cfg (the CLIP spec, where scenes came from).
-        # feedback: a callable (frozen, model_cfg, scene pairs) -> {key: PairSet}, the pairs to
-        # train on: a recalibration's pairs from real outputs with the scene pairs it keeps
-        # (models/recalibrate.py); without `replay` it gets no scene pairs to keep.
-        self.frozen, self.cfg, self.info, self.feedback, self.replay = frozen, cfg, info or {}, feedback, replay
+        # pairs: the training pairs, embedded already ({key: PairSet}, key a head or a head's
+        # extra set such as "fidelity/feedback"): a recalibration's pairs from real outputs with
+        # the scene pairs it replays (models/recalibrate.py). Without, the scene pairs of cfg.
+        self.frozen, self.cfg, self.info, self.given_pairs = frozen, cfg, info or {}, pairs
         self.train_scenes, self.eval_scenes = train_scenes, eval_scenes
         self.model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, hidden=cfg.hidden,
                                       dropout=cfg.dropout, spatial=cfg.spatial, patch_dim=frozen.patch_dim,
@@ -457,15 +457,15 @@ class RewardTrainJob(TrainJob):
     def setup(self) -> None:
         t0 = time.perf_counter()
         seed = self.loop.seed
-        self.train_pairs = (make_pairs(self.train_scenes, self.cfg.heads, self.frozen, seed, model_cfg=self.model_cfg)
-                            if self.replay or self.feedback is None else {})
-        if self.cfg.flip:
-            self.train_pairs = {h: flipped(ps, self.cfg.flip) for h, ps in self.train_pairs.items()}
-        if self.feedback is not None:
-            self.train_pairs = self.feedback(self.frozen, self.model_cfg, self.train_pairs)
+        self.train_pairs = self.given_pairs if self.given_pairs is not None else self.scene_pairs(seed)
         self.data_seconds = round(time.perf_counter() - t0, 2)
         self.model = EmbeddedRewards(self.model_cfg, self.frozen).to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.loop.lr, weight_decay=self.cfg.weight_decay)
+
+    def scene_pairs(self, seed: int) -> dict[str, PairSet]:
+        """Each head's pairs from the training scenes (with cfg.flip's kinds reversed)."""
+        pairs = make_pairs(self.train_scenes, self.cfg.heads, self.frozen, seed, model_cfg=self.model_cfg)
+        return {h: flipped(ps, self.cfg.flip) for h, ps in pairs.items()} if self.cfg.flip else pairs
 
     def config(self) -> dict:
         return {"model": asdict(self.model_cfg), "train": asdict(self.cfg)} | self.info
@@ -512,10 +512,19 @@ class RewardTrainJob(TrainJob):
         self.model.train()
         return out
 
+    def _eval_pairs(self, seed: int, blur: float | None = None) -> dict[str, PairSet]:
+        # Kept per instance: a job trained again with other pairs (a recalibration's
+        # candidates) evaluates on the same pairs without embedding them again.
+        memo = self.__dict__.setdefault("_eval_memo", {})
+        if (seed, blur) not in memo:
+            heads = ("fidelity",) if blur else self.cfg.heads
+            memo[seed, blur] = make_pairs(self.eval_scenes, heads, self.frozen, seed, blur=blur, model_cfg=self.model_cfg)
+        return memo[seed, blur]
+
     def evaluate(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         seed = self.loop.seed + 7919  # other draws than training's, on other scenes
-        held = make_pairs(self.eval_scenes, self.cfg.heads, self.frozen, seed, model_cfg=self.model_cfg)
+        held = self._eval_pairs(seed)
         out: dict[str, Any] = {"heldout": self.accuracy(held), "train": self.accuracy(self.train_pairs)}
         if "fidelity" in held:
             ps = held["fidelity"]
@@ -523,8 +532,7 @@ class RewardTrainJob(TrainJob):
             win, lose = ps.side("win"), ps.side("lose")
             cos_w, cos_l = (win["image"] * win["text"]).sum(-1), (lose["image"] * lose["text"]).sum(-1)
             out["fidelity_clip_cosine"] = round(float(_wins(cos_w, cos_l).mean()), 4)
-            blurred = make_pairs(self.eval_scenes, ("fidelity",), self.frozen, seed, blur=self.cfg.eval_blur,
-                                 model_cfg=self.model_cfg)
+            blurred = self._eval_pairs(seed, blur=self.cfg.eval_blur)
             out["fidelity_blurred"] = self.accuracy(blurred)["fidelity"] | {"sigma_px": self.cfg.eval_blur}
         from .rewards import HELDOUT_BARS, trusted
 
@@ -541,10 +549,10 @@ class RewardTrainJob(TrainJob):
 # ---------------------------------------------------------------------------------------
 
 
-def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfig, feedback: Any = None,
-             info: dict | None = None, replay: bool = True) -> RewardTrainJob:
-    """The job for `cfg` on the workspace's scene-world ground truth and CLIP (`feedback`
-    and `info`: see RewardTrainJob)."""
+def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfig, info: dict | None = None,
+             pairs: dict[str, PairSet] | None = None) -> RewardTrainJob:
+    """The job for `cfg` on the workspace's scene-world ground truth and CLIP (`info` and
+    `pairs`: see RewardTrainJob)."""
     from .frozen import Frozen, workspace_clip_spec
     from .trainer import device_of
 
@@ -553,7 +561,7 @@ def make_job(workspace_root: str | Path, cfg: RewardTrainConfig, loop: LoopConfi
     train_scenes, n_ws_train = scene_pool(workspace_root, "train", cfg.n_train, cfg.resolution, loop.seed)
     eval_scenes, n_ws_eval = scene_pool(workspace_root, "eval", cfg.n_eval, cfg.resolution, loop.seed)
     info = {"clip": spec, "scenes": {"train_from_workspace": n_ws_train, "eval_from_workspace": n_ws_eval}} | (info or {})
-    return RewardTrainJob(frozen, train_scenes, eval_scenes, cfg, info, feedback, replay)
+    return RewardTrainJob(frozen, train_scenes, eval_scenes, cfg, info, pairs)
 
 
 def train_reward(workspace_root: str | Path, cfg: RewardTrainConfig | None = None, loop: LoopConfig | None = None,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from models.gate import promotion
-from models.recalibrate import RecalibrationConfig, heldout_drop, in_check, overrated
+from models.recalibrate import (RecalibrationConfig, heldout_drop, in_check, in_select, kind_cosines,
+                                leave_out_candidates, overrated, subset)
 from models.train_reward import PairSet, RewardTrainConfig, flipped
 
 
@@ -58,3 +59,37 @@ def test_heldout_drop_names_heads_that_fell_beyond_tolerance():
     cur = {"eval": {"heldout": {"fidelity": {"accuracy": 0.80}, "aesthetics": {"accuracy": 0.95}}}}
     new = {"eval": {"heldout": {"fidelity": {"accuracy": 0.79}, "aesthetics": {"accuracy": 0.90}}}}
     assert heldout_drop(new, cur, 0.02) == ["aesthetics 0.900 < 0.950"]
+
+
+def test_selection_share_is_drawn_apart_from_the_check_share():
+    ids = [f"fb-{i}" for i in range(4000)]
+    check = {i for i in ids if in_check(i, 0.3)}
+    select = {i for i in ids if in_select(i, 0.25)}
+    assert 0.22 < len(select) / len(ids) < 0.28
+    # Independent draws: about a quarter of the check share is in the selection share too.
+    assert 0.2 < len(check & select) / len(check) < 0.3
+    with pytest.raises(ValueError, match="select_share"):
+        RecalibrationConfig(select_share=0.0)
+
+
+def test_kind_cosines_find_the_replayed_kind_that_points_against_the_approved_pairs():
+    # Four embedding rows: 0 and 1 differ along x, 2 and 3 along y.
+    tables = {"img": torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])}
+    approved = PairSet("aesthetics", {"image": torch.tensor([0, 0])}, {"image": torch.tensor([1, 1])},
+                       ["feedback"] * 2, tables)
+    # blur was taught backwards (1 over 0); noise is orthogonal; crop agrees.
+    replay = PairSet("aesthetics", {"image": torch.tensor([1, 2, 0])}, {"image": torch.tensor([0, 3, 1])},
+                     ["blur", "noise", "crop"], tables)
+    cos = kind_cosines(replay, approved)
+    assert cos == {"blur": -1.0, "crop": 1.0, "noise": 0.0}
+    kept = subset(replay, torch.tensor([k != "blur" for k in replay.kinds]))
+    assert kept.kinds == ["noise", "crop"] and kept.win["image"].tolist() == [2, 0]
+
+
+def test_leave_out_candidates_go_from_nothing_to_every_opposed_kind():
+    cos = {"aesthetics": {"blur": -0.47, "noise": -0.22, "cast": -0.01, "crop": 0.18},
+           "fidelity": {"caption_colour": 0.3}}
+    assert leave_out_candidates(cos) == [{}, {"aesthetics": ("blur",)},
+                                         {"aesthetics": ("blur", "noise", "cast")}]
+    assert leave_out_candidates({"aesthetics": {"blur": -0.5, "crop": 0.2}}) == [{}, {"aesthetics": ("blur",)}]
+    assert leave_out_candidates({"fidelity": {"caption_colour": 0.3}}) == [{}]
