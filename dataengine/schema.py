@@ -240,6 +240,18 @@ REMEDIES = pa.schema(
     ]
 )
 
+# What a stage finished, unit by unit (a shard, a chunk, a caption): a restarted stage skips
+# these, and a unit is committed once however often its work ran (dataengine/fanout.py).
+STAGE_UNITS = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("unit", pa.string()),
+        ("status", pa.string()),  # done | quarantined
+        ("result", pa.string()),  # JSON: what the unit returned, or the error that quarantined it
+        ("finished_at", TS),
+    ]
+)
+
 CATALOG_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     # name: (schema, primary key)
     "shards": (SHARDS, ("shard_uid",)),
@@ -247,6 +259,7 @@ CATALOG_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "jobs": (JOBS, ("job_id",)),
     "model_versions": (MODEL_VERSIONS, ("model", "version")),
     "remedies": (REMEDIES, ("remedy_id",)),
+    "stage_units": (STAGE_UNITS, ("stage", "unit")),
 }
 
 ALL_TABLES = tuple(LAKE_TABLES) + tuple(CATALOG_TABLES)
