@@ -43,6 +43,7 @@ from dataengine.images import to_square  # noqa: E402
 from dataengine.ingest import IngestConfig, ingest  # noqa: E402
 from dataengine.sceneworld import SceneWorldConfig, write_scene_world  # noqa: E402
 from dataengine.workspace import Workspace  # noqa: E402
+from models.clip import load_clip  # noqa: E402
 
 
 def _process_tree(root: int) -> list[int]:
@@ -123,7 +124,6 @@ def baseline(shards: list[str], spec: str, batch_size: int, device: str) -> dict
     import torch
     import webdataset as wds
 
-    from models.clip import load_clip
 
     torch.set_num_threads(os.cpu_count())  # a plain loop gets every core (the runtime defaults say 1)
     t_load = time.perf_counter()
@@ -186,7 +186,7 @@ def main() -> None:
                           ray_min_rows=0)
     with PeakMemory(tree=True) as ray_mem:
         t0 = time.perf_counter()
-        report = embed(ws.root, ray_cfg, progress=False)
+        report = embed(ws.root, ray_cfg, progress=False, load_encoder=load_clip)
         ray_wall = time.perf_counter() - t0
     ray_ips = report.embedded["image"] / ray_wall
     _, threads, _ = _pool_size(ray_cfg, args.n)

@@ -36,6 +36,8 @@ from dataengine.ingest import IngestConfig, ingest  # noqa: E402
 from dataengine.patch import PatchConfig, patch_found_gap  # noqa: E402
 from dataengine.sceneworld import SceneWorldConfig, write_scene_world  # noqa: E402
 from dataengine.workspace import Workspace  # noqa: E402
+from models.clip import load_clip  # noqa: E402
+
 
 def draw_held_out(n: int, seed: int) -> tuple[tuple[str, str], ...]:
     """n (colour, shape) concepts, at most two per colour and per shape, so the rest of
@@ -132,9 +134,9 @@ def main() -> None:
         ingest(ws, [str(ws.shards)], IngestConfig(use_ray=True), cat)
     real = json.loads((ws.root / "tuxpaint-classes.json").read_text())
     clip = train_default_clip(ws.root, ClipTrainConfig(seed=args.seed), progress=False, reuse=True)
-    embed(ws.root, EmbedConfig(use_ray=fresh), progress=False)
+    embed(ws.root, EmbedConfig(use_ray=fresh), progress=False, load_encoder=load_clip)
     build_workspace_indexes(ws, "default", ("train", "pool"), gap_cfg=GapConfig(alpha=args.alpha, seed=args.seed),
-                            progress=False)
+                            progress=False, load_encoder=load_clip)
     setup_s = time.perf_counter() - t0
 
     train_counts, pool_meta = Counter(), {}
@@ -150,7 +152,7 @@ def main() -> None:
     concepts = list(HELD_OUT) + covered
     truth = {c: c in HELD_OUT for c in concepts}
 
-    searcher = GapSearcher(ws)
+    searcher = GapSearcher(ws, load_encoder=load_clip)
     t1 = time.perf_counter()
     reports, vecs = searcher.prompts([f"a {c} {s}" for c, s in concepts])
     search_ms = 1e3 * (time.perf_counter() - t1) / len(concepts)

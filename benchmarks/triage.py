@@ -50,6 +50,9 @@ from dataengine.sceneworld.failures import CAUSES, draw  # noqa: E402
 
 from dataengine.catalog import Catalog  # noqa: E402
 from dataengine.workspace import Workspace  # noqa: E402
+from models.clip import load_clip  # noqa: E402
+from models.feedback_rewards import WorkspaceRewards  # noqa: E402
+
 
 def build_workspace(root: Path, held: tuple, seed: int, n_train: int, n_pool: int, reward_steps: int) -> Workspace:
     """Scene world -> ingest -> default CLIP -> embeddings -> indexes -> a reward version (once)."""
@@ -72,8 +75,8 @@ def build_workspace(root: Path, held: tuple, seed: int, n_train: int, n_pool: in
         write_scene_world(ws.shards, world, progress=False, use_ray=True)
         ingest(ws, [str(ws.shards)], IngestConfig(use_ray=True), cat)
     train_default_clip(ws.root, ClipTrainConfig(seed=seed), progress=False, reuse=True)
-    embed(ws.root, EmbedConfig(use_ray=fresh), progress=False)
-    build_workspace_indexes(ws, "default", ("train", "pool"), gap_cfg=GapConfig(seed=seed), progress=False)
+    embed(ws.root, EmbedConfig(use_ray=fresh), progress=False, load_encoder=load_clip)
+    build_workspace_indexes(ws, "default", ("train", "pool"), gap_cfg=GapConfig(seed=seed), progress=False, load_encoder=load_clip)
     if not cat.query("SELECT 1 FROM model_versions WHERE model = 'reward' AND status = 'promoted'").num_rows:
         train_model("reward", ws.root, {"heads": ("fidelity", "aesthetics"), "n_train": 500, "n_eval": 100},
                     default_loop("reward", steps=reward_steps, progress=False, seed=seed), progress=False)
@@ -195,7 +198,7 @@ def stored_rate(ws: Workspace, records: list[dict], folder: Path) -> tuple[float
 
     faiss.omp_set_num_threads(1)
     torch.set_num_threads(1)
-    s = GapSearcher(ws)
+    s = GapSearcher(ws, load_encoder=load_clip)
     fails = [r for r in records if r["rating"] is None or r["rating"] <= 2]
     prompts = [r["prompt"] for r in fails]
     enh = [r["enhanced_prompt"] for r in fails]
@@ -260,7 +263,7 @@ def main() -> None:
         intake = ingest_files(ws, [folder / "feedback.jsonl"])
         intake_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rep = triage_workspace(ws, retriage=False)
+        rep = triage_workspace(ws, retriage=False, load_encoder=load_clip, scorer=WorkspaceRewards)
         triage_s = time.perf_counter() - t0
         print(f"\n[{label}] {len(records)} records ({len(truth)} failures) made and scored by {version} in "
               f"{make_s:.0f} s; intake {intake.accepted} stored / {intake.duplicates} dup / {intake.quarantined} "

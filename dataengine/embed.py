@@ -12,6 +12,8 @@ Captions go through EmbedTexts the same way. Only what has no vector yet for thi
 model id and kind is embedded, so a rerun after a crash or after a new ingest picks up
 where the lake stands. An image that can no longer be read (its shard changed or went
 away since ingest) is quarantined with stage "embed" and counted, never dropped.
+
+    embed(ws.root, EmbedConfig(), load_encoder=models.clip.load_clip)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +37,11 @@ from dataengine.progress import bar
 from dataengine.schema import EMBEDDINGS, QUARANTINE
 from dataengine.workspace import Workspace
 
+# A stage that embeds takes its model loader, (spec, device=...) -> bundle with model_id,
+# image_size, model, device, encode_texts, encode_images (models.clip.load_clip is one):
+# the engine never imports the model stack (DESIGN: the direction of imports).
+Loader = Callable[..., Any]
+
 KINDS = ("image", "text")
 DEFAULT_MODEL = "default"  # the workspace's own trained model (models/train_clip.py)
 
@@ -45,7 +52,7 @@ log = logging.getLogger(__name__)
 class EmbedConfig:
     """What to embed with which model, and how to spread the work."""
 
-    model: str = DEFAULT_MODEL  # "default", or any spec models.clip.load_clip accepts
+    model: str = DEFAULT_MODEL  # "default", or any spec the stage's `load_encoder` accepts
     kinds: tuple[str, ...] = KINDS
     splits: tuple[str, ...] | None = None  # None: every split in the catalog
     batch_size: int = 64  # images or captions per model call
@@ -125,20 +132,16 @@ class DecodeImages:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(spec: str, device: str):
-    """A model per (spec, device) per process: the driver's look at the model's id and input
-    size and an in-process run share one load."""
-    from models.clip import load_clip  # registers the default architecture in this process too
-
-    return load_clip(spec, device=device)
+def _load(load_encoder: Loader, spec: str, device: str):
+    """A model per (loader, spec, device) per process: the driver's look at the model's id
+    and input size and an in-process run share one load."""
+    return load_encoder(spec, device=device)
 
 
 class _Encoder:
-    """Holds one model (loaded once per process or actor).
-
-    `model` is a spec to load, or a bundle the driver already loaded: Ray actors get the
-    driver's (one load, shipped once through the object store; it also reaches nodes that
-    cannot read the workspace's model folder) and only move it to their device.
+    """Holds one model: the bundle the driver loaded. Ray actors get it by reference (one
+    load, shipped once through the object store; it also reaches nodes that cannot read the
+    workspace's model folder) and only move it to their device.
     """
 
     def __init__(self, model, device: str = "auto", threads: int | None = None, store_dtype: str = "float16"):
@@ -153,9 +156,7 @@ class _Encoder:
         ray = sys.modules.get("ray")  # an actor gets the model by Ray reference; a local run never imports Ray
         if ray is not None and isinstance(model, ray.ObjectRef):
             model = ray.get(model)
-        if isinstance(model, str):
-            self.bundle = _load(model, device)
-        elif model.device != device:
+        if model.device != device:
             from dataclasses import replace
 
             self.bundle = replace(model, model=model.model.to(device), device=device)
@@ -209,9 +210,9 @@ def resolve_model(ws: Workspace, spec: str) -> str:
     return rows[0]["path"]
 
 
-def model_id_of(ws: Workspace, spec: str) -> str:
+def model_id_of(ws: Workspace, spec: str, load_encoder: Loader) -> str:
     """The id under which `spec` (as `EmbedConfig.model` takes it) stores its vectors."""
-    return _load(resolve_model(ws, spec), "cpu").model_id
+    return _load(load_encoder, resolve_model(ws, spec), "cpu").model_id
 
 
 def todo(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | None,
@@ -245,12 +246,12 @@ def todo(catalog: Catalog, model_id: str, kind: str, splits: Sequence[str] | Non
 # ---------------------------------------------------------------------------------------
 
 
-def _local_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str) -> Iterator[dict]:
+def _local_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, bundle) -> Iterator[dict]:
     cls = EmbedImages if kind == "image" else EmbedTexts
     # In this process: every core (the offline defaults set OMP_NUM_THREADS=1 for Ray's workers).
     import os
 
-    enc = cls(spec, cfg.device, cfg.threads_per_actor or os.cpu_count(), cfg.store_dtype)
+    enc = cls(bundle, cfg.device, cfg.threads_per_actor or os.cpu_count(), cfg.store_dtype)
     decode = DecodeImages(enc.image_size)
     for start in range(0, rows.num_rows, cfg.batch_size):
         batch = {c: rows[c].slice(start, cfg.batch_size).to_numpy(zero_copy_only=False) for c in rows.column_names}
@@ -285,10 +286,11 @@ def _pool_size(cfg: EmbedConfig, rows: int) -> tuple[int, int, dict[str, float]]
     return actors, threads, {"num_cpus": max(0.25, min(1.0, (cpus - 0.5) / actors))}
 
 
-def _ray_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str, image_size: int) -> Iterator[dict]:
+def _ray_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, bundle) -> Iterator[dict]:
     """Decode tasks feeding a model actor pool on Ray Data; yields the actors' output blocks."""
     import ray.data
 
+    image_size = bundle.image_size
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over the whole job
@@ -302,10 +304,10 @@ def _ray_batches(rows: pa.Table, kind: str, cfg: EmbedConfig, spec: str, image_s
         ds = ds.map_batches(_decode_fn, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size,
                             batch_format="numpy", num_cpus=0.5)
     cls = EmbedImages if kind == "image" else EmbedTexts
-    # The actors take the model the driver loaded for its id (cached by _load) rather than
-    # each loading it again. By reference, as Ray Data asks of large constructor arguments
-    # (held in the UDF, 100+ MB slowed the actors' start).
-    model = ray.put(_load(spec, "cpu"))
+    # The actors take the model the driver loaded rather than each loading it again. By
+    # reference, as Ray Data asks of large constructor arguments (held in the UDF, 100+ MB
+    # slowed the actors' start).
+    model = ray.put(bundle)
     out = ds.map_batches(cls, fn_constructor_args=(model, cfg.device, threads, cfg.store_dtype),
                          batch_size=cfg.batch_size, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=actors), **resources)
@@ -337,17 +339,18 @@ def _vectors_table(keys: Sequence[str], vectors: np.ndarray, model_id: str, kind
 
 def embed(
     workspace: str | Path, cfg: EmbedConfig = EmbedConfig(), progress: bool = True,
-    keys: Sequence[str] | None = None,
+    keys: Sequence[str] | None = None, *, load_encoder: Loader,
 ) -> EmbedReport:
     """Embed every catalogued sample (or only `keys`) that has no vector yet for this model
-    and has not failed with it before; returns counts."""
+    and has not failed with it before; returns counts. `load_encoder(spec, device=...)`
+    loads `cfg.model` (models.clip.load_clip)."""
     t0 = time.perf_counter()
     ws = Workspace.at(workspace)
     catalog = Catalog(ws)
     catalog.migrate()
     spec = resolve_model(ws, cfg.model)
-    probe = _load(spec, "cpu")  # the id and input size (an in-process CPU run reuses this load)
-    model_id, image_size = probe.model_id, probe.image_size
+    probe = _load(load_encoder, spec, "cpu")  # the id and input size (an in-process CPU run reuses this load)
+    model_id = probe.model_id
     report = EmbedReport(model_id)
     run_id = f"embed-{uuid.uuid4().hex[:12]}"
     for kind in cfg.kinds:
@@ -362,8 +365,7 @@ def embed(
 
             ensure_ray(cfg.ray_address)
             report.actors = max(report.actors, _pool_size(cfg, rows.num_rows)[0])
-        batches = (_ray_batches(rows, kind, cfg, spec, image_size) if on_ray
-                   else _local_batches(rows, kind, cfg, spec))
+        batches = (_ray_batches(rows, kind, cfg, probe) if on_ray else _local_batches(rows, kind, cfg, probe))
         with bar(progress, f"embed {kind}s", rows.num_rows) as advance:
             pending_k: list[np.ndarray] = []
             pending_v: list[np.ndarray] = []

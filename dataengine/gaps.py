@@ -52,7 +52,7 @@ import pyarrow as pa
 
 from dataengine import lake
 from dataengine.catalog import Catalog
-from dataengine.embed import PATCHED_POOL_KEYS
+from dataengine.embed import PATCHED_POOL_KEYS, Loader
 from dataengine.index import BuiltIndex, IndexConfig, MemoryBudgetError, build_index, config_of, grow_index
 from dataengine.lakevectors import LakeVectors
 from dataengine.phrases import PhraseIndex, PhraseMatch, build_phrase_index, phrase_margins, query_phrases
@@ -568,14 +568,14 @@ def record_gaps(ws: Workspace, reports: Sequence[GapReport]) -> None:
 def build_workspace_indexes(ws: Workspace, model: str = "default", splits: Sequence[str] = ("train", "pool"),
                             index_cfg: IndexConfig = IndexConfig(), gap_cfg: GapConfig = GapConfig(),
                             use_ray: bool = False, progress: bool = True,
-                            rebuild: bool = False) -> dict[str, BuiltIndex]:
+                            rebuild: bool = False, *, load_encoder: Loader) -> dict[str, BuiltIndex]:
     """Image index of each split, grown by new vectors or built (`rebuild`: always built),
     plus the gap split's coverage statistics (when both it and its reference split are
-    among `splits`), with the caption side when both splits have captions."""
+    among `splits`), with the caption side when both splits have captions. `model` is
+    loaded by `load_encoder` (models.clip.load_clip) to embed the caption phrases."""
     from dataengine.embed import resolve_model
-    from models.clip import load_clip
 
-    encoder = load_clip(resolve_model(ws, model))
+    encoder = load_encoder(resolve_model(ws, model))
     built = {split: build_split_index(ws, encoder.model_id, split, "image", index_cfg, use_ray, progress, rebuild)
              for split in splits}
     if gap_cfg.split in built and gap_cfg.reference_split in built:
@@ -605,14 +605,15 @@ def build_phrase_indexes(ws: Workspace, encoder, splits: Sequence[str], index_cf
 
 
 class GapSearcher:
-    """The split's index, its coverage and the model that embeds queries, loaded once."""
+    """The split's index, its coverage and the model that embeds queries (`model`, loaded
+    once by `load_encoder`: models.clip.load_clip)."""
 
-    def __init__(self, ws: Workspace, model: str = "default", split: str = "train", evidence: int = 5):
+    def __init__(self, ws: Workspace, model: str = "default", split: str = "train", evidence: int = 5, *,
+                 load_encoder: Loader):
         from dataengine.embed import resolve_model
-        from models.clip import load_clip
 
         self.ws = ws
-        self.encoder = load_clip(resolve_model(ws, model))
+        self.encoder = load_encoder(resolve_model(ws, model))
         self.index = load_split_index(ws, self.encoder.model_id, split)
         self.coverage = Coverage.load(index_dir(ws, self.encoder.model_id, split))
         self.reference = load_split_index(ws, self.encoder.model_id, self.coverage.reference_split)

@@ -125,8 +125,9 @@ def concept_groups(failures: Sequence[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def knowledge_remedies(ws: Workspace, failures: Sequence[dict], now: datetime, searcher=None,
-                       patch_size: int = 32) -> list[dict]:
-    """Per missing concept: its gap report and a patch shard from the pool."""
+                       patch_size: int = 32, load_encoder=None) -> list[dict]:
+    """Per missing concept: its gap report and a patch shard from the pool. The gap search
+    is `searcher`, or the workspace's, with its model loaded by `load_encoder`."""
     from dataengine.patch import PatchConfig, patch_found_gap
 
     out = []
@@ -134,7 +135,10 @@ def knowledge_remedies(ws: Workspace, failures: Sequence[dict], now: datetime, s
     if groups and searcher is None:
         from dataengine.gaps import GapSearcher
 
-        searcher = GapSearcher(ws)
+        if load_encoder is None:
+            raise ValueError("knowledge remedies search the gap index: pass a GapSearcher or load_encoder "
+                             "(models.clip.load_clip)")
+        searcher = GapSearcher(ws, load_encoder=load_encoder)
     for name, members in groups:
         ids = [f["feedback_id"] for f in members]
         reports, vecs = searcher.prompts([name], [ids[0]])
@@ -218,8 +222,10 @@ def _unanswered(catalog: Catalog) -> dict[str, list[dict]]:
     return out
 
 
-def propose(ws: Workspace, causes: Sequence[str] = tuple(KINDS), searcher=None, patch_size: int = 32) -> RemedyReport:
-    """Queue remedies for every triaged failure no remedy answers yet."""
+def propose(ws: Workspace, causes: Sequence[str] = tuple(KINDS), searcher=None, patch_size: int = 32,
+            load_encoder=None) -> RemedyReport:
+    """Queue remedies for every triaged failure no remedy answers yet (knowledge remedies
+    search gaps with `searcher`, or one whose model `load_encoder` loads)."""
     catalog = Catalog(ws)
     catalog.migrate()
     now = datetime.now(timezone.utc)
@@ -232,7 +238,7 @@ def propose(ws: Workspace, causes: Sequence[str] = tuple(KINDS), searcher=None, 
             "ORDER BY feedback_id LIMIT 500").to_pylist()]
         rows += rl_remedies(todo["rl"], good, now)
     if "knowledge" in causes and todo.get("knowledge"):
-        rows += knowledge_remedies(ws, todo["knowledge"], now, searcher, patch_size)
+        rows += knowledge_remedies(ws, todo["knowledge"], now, searcher, patch_size, load_encoder)
     if "prompt" in causes and todo.get("prompt"):
         rows += prompt_remedies(todo["prompt"], now)
     if rows:

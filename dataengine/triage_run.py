@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ import pyarrow as pa
 from dataengine import lake
 from dataengine import signals as sg
 from dataengine.catalog import Catalog
+from dataengine.embed import Loader
 from dataengine.schema import MODEL_VERSIONS, TRIAGE
 from dataengine.triage import (CAUSES, LearnedTriager, RuleTriager, SignalTable, compare, gather, rows_of,
                                table_from_evidence)
@@ -52,12 +54,14 @@ def current_triager(ws: Workspace, catalog: Catalog | None = None):
                                     f"learned/{r['version']}", json.loads(r["metrics"] or "{}"))
 
 
-def _gap_searcher(ws: Workspace, model: str):
+def _gap_searcher(ws: Workspace, model: str, load_encoder: Loader | None):
     """The workspace's gap searcher, or (None, why) when it has no index to search."""
     from dataengine.gaps import GapSearcher
 
+    if load_encoder is None:
+        return None, "no embedding model loader given"
     try:
-        return GapSearcher(ws, model), None
+        return GapSearcher(ws, model, load_encoder=load_encoder), None
     except (FileNotFoundError, ValueError) as e:
         return None, str(e).splitlines()[0]
 
@@ -83,8 +87,13 @@ def _image_vectors(encoder, refs: list[str]) -> tuple[np.ndarray, list[str]]:
 
 
 def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = False, limit: int | None = None,
-                     triager=None, score_missing: bool = True) -> TriageReport:
-    """Compute the signals of every untriaged failure, decide its cause, write the triage rows."""
+                     triager=None, *, load_encoder: Loader | None, scorer: Callable[..., Any] | None) -> TriageReport:
+    """Compute the signals of every untriaged failure, decide its cause, write the triage rows.
+
+    The models come as arguments: `load_encoder` (spec -> encoder, models.clip.load_clip)
+    embeds for coverage and similarity; `scorer(ws, catalog)` (models.feedback_rewards.
+    WorkspaceRewards) scores failures that came without logged scores, and raises
+    LookupError when the workspace has no reward model. None leaves that signal out."""
     catalog = Catalog(ws)
     catalog.migrate()
     skip = "" if retriage else "AND feedback_id NOT IN (SELECT feedback_id FROM triage)"
@@ -108,11 +117,9 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
     reference = sg.reference_from_feedback([sg.parse_scores(r["scores"]) for r in every], [r["rating"] for r in every])
     report.signals["reward"] = f"logged scores of {sum(s is not None for s in scores)} failures vs {len(every)} logged records"
     missing = [i for i, s in enumerate(scores) if s is None]
-    if missing and score_missing:
-        from models.feedback_rewards import NoRewardModel, WorkspaceRewards
-
+    if missing and scorer is not None:
         try:
-            heads = WorkspaceRewards(ws, catalog)
+            heads = scorer(ws, catalog)
             got = heads.score_rows([rows[i] for i in missing])
             ref = heads.reference()
             for k, i in enumerate(missing):
@@ -120,7 +127,7 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
                 scores[i] = {f"ws:{h}": float(v[k]) for h, v in got.items()}
             reference |= {f"ws:{h}": v for h, v in ref.items()}
             report.signals["reward"] += f"; {len(missing)} scored by {heads.version} vs its eval-set scores"
-        except NoRewardModel as e:
+        except LookupError as e:  # no reward model in this workspace
             report.signals["reward"] += f"; {len(missing)} unscored ({e})"
 
     # How much the enhancer rewords on outputs people rated well: drift beyond that is a fault.
@@ -135,7 +142,7 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
     report.signals["drift"] = (f"word alignment; against well-rated outputs of the same model_version for "
                                f"{sum(d is not None for d in drift_refs)} of {len(rows)} (the rest: every lost word counts)")
 
-    searcher, why = _gap_searcher(ws, model)
+    searcher, why = _gap_searcher(ws, model, load_encoder)
     reports = image_vecs = prompt_vecs = enh_vecs = None
     if searcher is not None:
         reports, prompt_vecs = searcher.prompts(prompts, ids, record=True)
@@ -180,7 +187,7 @@ def reviewed(catalog: Catalog) -> tuple[SignalTable, list[str]]:
 def learn_triager(ws: Workspace, min_reviews: int = 30) -> dict:
     """Fit a learned triager on the reviews; save it as the next version, promoted only if
     it beats the rules on the held-out reviews (else a candidate, with the reason)."""
-    from models.versions import save_version
+    from dataengine.versions import save_version
 
     catalog = Catalog(ws)
     catalog.migrate()

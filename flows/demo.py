@@ -89,6 +89,7 @@ def ingest_shards(root: str, cfg: EngineConfig) -> IngestReport:
 def holdout_coverage(root: str, sceneworld: dict) -> dict[str, dict[str, int]]:
     """Per held-out concept and split, how many ingested samples show it (train must be 0)."""
     from dataengine.sceneworld import SceneWorldConfig, concept_present
+    from models.clip import load_clip
 
     cfg = SceneWorldConfig(**sceneworld)
     rows = Catalog(Workspace.at(root)).query(
@@ -172,16 +173,20 @@ def train_embedding_model(root: str) -> dict:
 def embed_samples(root: str, cfg: EngineConfig):
     """Image and caption vectors for every sample that has none yet (Ray Data actor pool)."""
     from dataengine.embed import EmbedConfig, embed
+    from models.clip import load_clip
 
-    return embed(root, EmbedConfig(use_ray=cfg.ingest.use_ray, ray_address=cfg.engine.ray_address), progress=False)
+    return embed(root, EmbedConfig(use_ray=cfg.ingest.use_ray, ray_address=cfg.engine.ray_address), progress=False,
+                 load_encoder=load_clip)
 
 
 @stage
 def build_indexes(root: str) -> dict[str, dict]:
     """FAISS index of the train and pool images; coverage statistics of train."""
     from dataengine.gaps import build_workspace_indexes
+    from models.clip import load_clip
 
-    built = build_workspace_indexes(Workspace.at(root), "default", ("train", "pool"), progress=False)
+    built = build_workspace_indexes(Workspace.at(root), "default", ("train", "pool"), progress=False,
+                                    load_encoder=load_clip)
     return {split: b.meta for split, b in built.items()}
 
 
@@ -193,12 +198,13 @@ def find_and_patch_gaps(root: str, sceneworld: dict, patch: bool = True) -> list
     from dataengine.gaps import GapSearcher
     from dataengine.patch import PatchConfig, patch_found_gap
     from dataengine.sceneworld import SceneWorldConfig, concept_present
+    from models.clip import load_clip
 
     ws = Workspace.at(root)
     cfg = SceneWorldConfig(**sceneworld)
     held = [f"a {c} {s}" for c, s in cfg.holdout]
     covered = ["a red circle", "a blue square"]
-    searcher = GapSearcher(ws)
+    searcher = GapSearcher(ws, load_encoder=load_clip)
     reports, vecs = searcher.prompts(held + covered)
     out = []
     for r, v in zip(reports, vecs):

@@ -57,16 +57,19 @@ def _injected(ws: Workspace) -> dict[str, str]:
 @stage
 def triage_new(root: str) -> dict[str, int]:
     from dataengine.triage_run import triage_workspace
+    from models.clip import load_clip
+    from models.feedback_rewards import WorkspaceRewards
 
-    return triage_workspace(Workspace.at(root)).by_cause
+    return triage_workspace(Workspace.at(root), load_encoder=load_clip, scorer=WorkspaceRewards).by_cause
 
 
 @stage
 def queue_remedies(root: str, auto_approve: bool) -> tuple[dict[str, int], int]:
     from dataengine.remedies import approve_all, propose
+    from models.clip import load_clip
 
     ws = Workspace.at(root)
-    made = propose(ws).made
+    made = propose(ws, load_encoder=load_clip).made
     return made, approve_all(ws) if auto_approve else 0
 
 
@@ -94,9 +97,11 @@ def retriage(root: str, ids: list[str]) -> dict[str, str]:
     """The failures of this turn triaged again on the corrected workspace (rows appended),
     each with the cause it still fails for ("" when fixed)."""
     from dataengine.triage_run import triage_workspace
+    from models.clip import load_clip
+    from models.feedback_rewards import WorkspaceRewards
     from models.jobs import still_failing
 
-    triage_workspace(Workspace.at(root), retriage=True)
+    triage_workspace(Workspace.at(root), retriage=True, load_encoder=load_clip, scorer=WorkspaceRewards)
     now = _latest_causes(Workspace.at(root))
     causes = {i: now[i] for i in ids if i in now}
     failing = still_failing(Workspace.at(root), causes)

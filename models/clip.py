@@ -403,7 +403,7 @@ MODEL_NAME = "clip"
 
 def versions(models_root: str | Path) -> list[str]:
     """The saved versions under `models_root/clip/`, oldest first."""
-    from .versions import versions as _versions
+    from dataengine.versions import versions as _versions
 
     return _versions(models_root, MODEL_NAME)
 
@@ -412,7 +412,7 @@ def save_version(models_root: str | Path, model: torch.nn.Module, config: dict, 
                  metrics: dict | None = None) -> tuple[str, Path]:
     """Save as the next version under `models_root/clip/` (models.versions: atomic, like
     every model's); returns (version, path). `metrics` also goes to metrics.json."""
-    from .versions import save_version as _save
+    from dataengine.versions import save_version as _save
 
     return _save(models_root, MODEL_NAME, lambda folder: _write(folder, model, config, meta), metrics=metrics)
 

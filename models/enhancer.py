@@ -323,7 +323,7 @@ MODEL_NAME = "enhancer"
 
 def versions(models_root: str | Path) -> list[str]:
     """The saved versions under `models_root/enhancer/`, oldest first."""
-    from .versions import versions as _versions
+    from dataengine.versions import versions as _versions
 
     return _versions(models_root, MODEL_NAME)
 
@@ -334,7 +334,7 @@ def save_version(
 ) -> tuple[str, Path]:
     """Write a new version (the model and tokenizer in `model/`, `config.json`,
     `metrics.json`) through models.versions (atomic); returns (version, path)."""
-    from .versions import save_version as _save
+    from dataengine.versions import save_version as _save
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder / "model")

@@ -27,12 +27,12 @@ import pyarrow as pa
 
 from dataengine.catalog import Catalog
 from dataengine.signals import drift
+from dataengine.versions import promoted
 from dataengine.workspace import Workspace
 
 from .enhancer import MODEL_NAME
 from .gate import promotion
 from .recalibrate import in_check
-from .versions import promoted
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,12 @@ import pyarrow as pa
 from dataengine.catalog import Catalog
 from dataengine.schema import JOBS, MODEL_VERSIONS
 from dataengine.triage import RuleTriager
+from dataengine.versions import promoted
 from dataengine.workspace import Workspace
 
+from .clip import load_clip
 from .enhancer_fix import EnhancerFixConfig
 from .recalibrate import RecalibrationConfig
-from .versions import promoted
 
 
 WS_SCORED = "ws:"  # triage's prefix for heads of the workspace's own reward (dataengine/triage_run.py)
@@ -66,7 +67,7 @@ def _uncovered(ws: Workspace, concepts: list[str], prompts: list[str], knowledge
     from dataengine.gaps import GapSearcher
 
     texts = concepts + prompts
-    reports, _ = GapSearcher(ws).prompts(texts, record=False) if texts else ([], None)
+    reports, _ = GapSearcher(ws, load_encoder=load_clip).prompts(texts, record=False) if texts else ([], None)
     flags = [r.is_gap or r.percentile < knowledge_below for r in reports]
     return flags[:len(concepts)], flags[len(concepts):]
 
@@ -106,8 +107,8 @@ def run_knowledge_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
     if shards:
         rep = ingest(ws, shards, IngestConfig(use_ray=False), catalog)
         result["ingested"] = {"accepted": rep.accepted, "quarantined": rep.quarantined}
-        embed(ws.root, EmbedConfig(use_ray=False), progress=False)
-        build_workspace_indexes(ws, "default", ("train", "pool"), progress=False)
+        embed(ws.root, EmbedConfig(use_ray=False), progress=False, load_encoder=load_clip)
+        build_workspace_indexes(ws, "default", ("train", "pool"), progress=False, load_encoder=load_clip)
     after_c, after_p = _uncovered(ws, concepts, prompts, line)
     weights = [len(p["failures"]) for p in proposals]
     missing = sum(w for w, b in zip(weights, before_c) if b)

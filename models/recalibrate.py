@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from dataengine.catalog import Catalog
+from dataengine.versions import promoted
 from dataengine.workspace import Workspace
 
 from .gate import promotion
 from .rewards import MODEL_NAME
 from .train_reward import PairSet
-from .versions import promoted
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import versions as _versions
+from dataengine import versions as _versions
 
 __all__ = ["LoopConfig", "TrainJob", "TrainingInterrupted", "train", "load_weights", "latest",
            "versions", "device_of", "lr_scale"]

@@ -10,7 +10,7 @@ import tarfile
 from typer.testing import CliRunner
 
 from conftest import good_sample
-from dataengine.cli import app
+from cli.app import app
 from dataengine.shards import write_shards
 
 runner = CliRunner()

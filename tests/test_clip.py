@@ -258,7 +258,7 @@ def test_training_lowers_the_loss_saves_a_loadable_version_and_runs_once(tiny_wo
     seen = count("task = 'gen' AND split <> 'pool'")
     assert count("task = 'gen' AND split = 'pool'") > 0
     assert first["stored_vectors"] == {"image": seen, "text": seen}
-    report = embed(tiny_world.root, EmbedConfig(use_ray=False, batch_size=16), progress=False)
+    report = embed(tiny_world.root, EmbedConfig(use_ray=False, batch_size=16), progress=False, load_encoder=load_clip)
     assert report.model_id == first["model_id"] and report.skipped == {"image": seen, "text": seen}
     assert report.embedded["image"] >= count("task = 'gen' AND split = 'pool'")
     keys, stored = load_vectors(Catalog(tiny_world), first["model_id"], "image", splits=("eval",))

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from dataengine.cli import app
+from cli.app import app
 from dataengine.degrade import DegradeConfig
 from dataengine.degrade.run import degrade_to_lake, read_caption_files
 

@@ -10,6 +10,7 @@ from dataengine.embed import EmbedConfig, embed, load_vectors, todo
 from dataengine.ingest import IngestConfig, ingest
 from dataengine.sceneworld import SceneWorldConfig, write_scene_world
 from dataengine.status import summarize
+from models.clip import load_clip
 
 # The default architecture built from its packaged pretrained trunks, untrained
 # projections: real weights, no training needed to exercise the pipeline.
@@ -30,13 +31,13 @@ def _local(**kw) -> EmbedConfig:
 
 def test_embedding_skips_what_is_done_and_picks_up_new_samples(small_world):
     ws = small_world
-    first = embed(ws.root, _local(splits=("train",)), progress=False)
+    first = embed(ws.root, _local(splits=("train",)), progress=False, load_encoder=load_clip)
     assert first.embedded == {"image": 24, "text": 24} and first.skipped == {"image": 0, "text": 0}
 
-    again = embed(ws.root, _local(splits=("train",)), progress=False)
+    again = embed(ws.root, _local(splits=("train",)), progress=False, load_encoder=load_clip)
     assert again.embedded == {"image": 0, "text": 0} and again.skipped == {"image": 24, "text": 24}
 
-    rest = embed(ws.root, _local(), progress=False)  # every split: only the pool is new
+    rest = embed(ws.root, _local(), progress=False, load_encoder=load_clip)  # every split: only the pool is new
     assert rest.embedded == {"image": 8, "text": 8} and rest.skipped == {"image": 24, "text": 24}
 
     keys, vecs = load_vectors(Catalog(ws), first.model_id, "image")
@@ -49,13 +50,12 @@ def test_embedding_skips_what_is_done_and_picks_up_new_samples(small_world):
 
 def test_images_and_captions_land_in_one_space(small_world):
     ws = small_world
-    report = embed(ws.root, _local(splits=("train",)), progress=False)
+    report = embed(ws.root, _local(splits=("train",)), progress=False, load_encoder=load_clip)
     ik, iv = load_vectors(Catalog(ws), report.model_id, "image")
     tk, tv = load_vectors(Catalog(ws), report.model_id, "text")
     assert ik == tk and iv.shape == tv.shape and iv.shape[1] > 0
     # Same image, same vector: the stored vector is the model's output for the decoded image.
     from dataengine.images import iter_images
-    from models.clip import load_clip
 
     row = Catalog(ws).query("SELECT key, shard, image_offset, image_size FROM samples WHERE key = ?", [ik[0]]).to_pylist()
     bundle = load_clip(SPEC)
@@ -70,7 +70,7 @@ def test_an_unreadable_image_is_quarantined_with_its_reason(small_world):
     # The shard is cut short after ingest: its images can no longer be read back.
     with open(shard, "r+b") as f:
         f.truncate(2048)
-    report = embed(ws.root, _local(splits=("pool",), kinds=("image",)), progress=False)
+    report = embed(ws.root, _local(splits=("pool",), kinds=("image",)), progress=False, load_encoder=load_clip)
     assert report.failed["image"] + report.embedded["image"] == 8
     assert report.failed["image"] >= 7
     q = Catalog(ws).query("SELECT key, reason, stage FROM quarantine WHERE stage = 'embed'").to_pylist()
@@ -84,7 +84,7 @@ def test_an_unreadable_image_is_quarantined_with_its_reason(small_world):
     assert all(r["model_id"] == report.model_id and r["offsets"] == [r["image_offset"]]
                and r["sizes"] == [r["image_size"]] for r in rows)
     # A failure is recorded once: the next run does not try (and quarantine) them again.
-    again = embed(ws.root, _local(splits=("pool",), kinds=("image",)), progress=False)
+    again = embed(ws.root, _local(splits=("pool",), kinds=("image",)), progress=False, load_encoder=load_clip)
     assert again.failed["image"] == again.embedded["image"] == 0
     assert Catalog(ws).query("SELECT count(*) n FROM quarantine WHERE stage = 'embed'")["n"][0].as_py() == len(q)
 
@@ -96,12 +96,11 @@ def test_ray_data_actor_pool_gives_the_same_vectors(small_world):
     ws = small_world
     ensure_ray(num_cpus=2)
     ray_report = embed(ws.root, EmbedConfig(model=SPEC, use_ray=True, ray_min_rows=0, batch_size=8, splits=("train",)),
-                       progress=False)
+                       progress=False, load_encoder=load_clip)
     assert ray_report.embedded == {"image": 24, "text": 24} and ray_report.actors >= 1
     assert ray_report.ran_on == {"image": "ray", "text": "ray"}
     keys, ray_vecs = load_vectors(Catalog(ws), ray_report.model_id, "image")
     from dataengine.images import iter_images
-    from models.clip import load_clip
 
     bundle = load_clip(SPEC)
     rows = Catalog(ws).query(
@@ -113,7 +112,7 @@ def test_ray_data_actor_pool_gives_the_same_vectors(small_world):
 
 def test_a_job_smaller_than_ray_min_rows_runs_in_process(small_world):
     report = embed(small_world.root, EmbedConfig(model=SPEC, use_ray=True, ray_min_rows=25, batch_size=8,
-                                                 splits=("train",)), progress=False)
+                                                 splits=("train",)), progress=False, load_encoder=load_clip)
     assert report.embedded == {"image": 24, "text": 24}
     assert report.ran_on == {"image": "local", "text": "local"} and report.actors == 0
     assert "(local)" in report.summary()
@@ -137,7 +136,7 @@ def test_requeue_retries_only_the_failed_images_once_the_shard_is_back(small_wor
     whole = open(shard, "rb").read()
     with open(shard, "r+b") as f:
         f.truncate(2048)  # e.g. a copy still in flight while embed ran
-    first = embed(ws.root, _local(kinds=("image",)), progress=False)
+    first = embed(ws.root, _local(kinds=("image",)), progress=False, load_encoder=load_clip)
     assert first.failed["image"] >= 7 and first.embedded["image"] + first.failed["image"] == 32
     open(shard, "wb").write(whole)  # the copy finished
 
@@ -145,7 +144,7 @@ def test_requeue_retries_only_the_failed_images_once_the_shard_is_back(small_wor
 
     def embed_keys(keys, kind):
         calls.append((sorted(keys), kind))
-        rep = embed(ws.root, _local(kinds=(kind,)), progress=False, keys=keys)
+        rep = embed(ws.root, _local(kinds=(kind,)), progress=False, keys=keys, load_encoder=load_clip)
         return rep.embedded[kind], rep.failed[kind]
 
     rep = requeue(ws, "embed", None, cat, embed_keys, first.model_id)

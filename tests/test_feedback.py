@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from connectors.feedback import (FolderWatcher, NonLoopbackBind, check_bind, ingest_files, make_server,
                                  serve_in_thread)
 from dataengine.catalog import Catalog
-from dataengine.cli import app
+from cli.app import app
 from dataengine.feedback import RawRecord, store
 
 from conftest import image_bytes

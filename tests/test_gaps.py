@@ -23,6 +23,7 @@ from dataengine.sceneworld import SceneWorldConfig, write_scene_world
 from dataengine.shards import iter_raw_samples, write_shard
 from dataengine.status import summarize
 from dataengine.workspace import Workspace
+from models.clip import load_clip
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +54,8 @@ def world(tmp_path_factory):
     write_shard(copies, ws.shards / "pool" / "copies-000000.tar")
     ingest(ws, [str(ws.shards)], IngestConfig(use_ray=False), catalog)
     record = train_default_clip(ws.root, ClipTrainConfig(), progress=False, reuse=True)
-    embed(ws.root, EmbedConfig(use_ray=False), progress=False)
-    build_workspace_indexes(ws, "default", ("train", "pool"), progress=False)
+    embed(ws.root, EmbedConfig(use_ray=False), progress=False, load_encoder=load_clip)
+    build_workspace_indexes(ws, "default", ("train", "pool"), progress=False, load_encoder=load_clip)
     train_counts = Counter()
     for row in catalog.query("SELECT meta FROM samples WHERE split = 'train'").to_pylist():
         train_counts.update(_concepts(json.loads(row["meta"])))
@@ -65,7 +66,7 @@ def test_held_out_concept_is_a_gap_and_a_common_one_is_not(world):
     ws, _, train_counts = world
     assert train_counts[HELD_OUT] == 0
     common = [c for c, _ in train_counts.most_common(3)]
-    searcher = GapSearcher(ws)
+    searcher = GapSearcher(ws, load_encoder=load_clip)
     prompts = [f"a {c} {s}" for c, s in [HELD_OUT, *common]]
     reports, _ = searcher.prompts(prompts)
     held, *covered = reports
@@ -92,7 +93,7 @@ def test_held_out_concept_is_a_gap_and_a_common_one_is_not(world):
 
 def test_threshold_comes_from_the_data(world):
     ws, _, _ = world
-    searcher = GapSearcher(ws)
+    searcher = GapSearcher(ws, load_encoder=load_clip)
     cov = searcher.coverage
     # The alpha quantile of the set's own reference coverage, not a constant.
     assert cov.threshold("text") == pytest.approx(np.quantile(cov.ref_text, cov.alpha))
@@ -108,7 +109,7 @@ def test_threshold_comes_from_the_data(world):
 
 def test_patch_takes_only_pool_samples_with_provenance_and_no_train_duplicates(world):
     ws, _, _ = world
-    searcher = GapSearcher(ws)
+    searcher = GapSearcher(ws, load_encoder=load_clip)
     pool = searcher.reference  # the pool: the corpus coverage compares train with
     (report,), vecs = searcher.prompts(["a purple triangle"], feedback_ids=["fb-001"])
     assert report.is_gap
@@ -150,7 +151,7 @@ def test_patch_takes_only_pool_samples_with_provenance_and_no_train_duplicates(w
 
 def test_duplicates_of_train_are_filtered(world):
     ws, _, train_counts = world
-    searcher = GapSearcher(ws)
+    searcher = GapSearcher(ws, load_encoder=load_clip)
     pool = searcher.reference  # the pool: the corpus coverage compares train with
     # A covered concept that the copied training images show: patching it anyway (forced)
     # meets the copies among the nearest pool images, and must refuse every one.
@@ -174,7 +175,7 @@ def test_bad_patch_config_is_refused():
 def test_cli_gaps_and_patch_print_the_evidence(world):
     from typer.testing import CliRunner
 
-    from dataengine.cli import app
+    from cli.app import app
 
     ws, _, _ = world
     runner = CliRunner()
@@ -215,7 +216,7 @@ def test_image_side_patch_keeps_its_cut_off_and_provenance(world):
     """Without caption phrases (a pool with no captions), candidates come from the image
     index, closer to the query than its k nearest training images."""
     ws, _, _ = world
-    searcher = GapSearcher(ws)
+    searcher = GapSearcher(ws, load_encoder=load_clip)
     (report,), vecs = searcher.prompts(["a purple triangle"], record=False)
     result = patch_gap(ws, report, vecs[0], searcher.index, searcher.reference, PatchConfig(size=8))
     assert result.side == "image" and result.cutoff == pytest.approx(report.similarity)

@@ -11,6 +11,7 @@ import pytest
 from dataengine.catalog import Catalog
 from dataengine.workspace import Workspace
 from models.jobs import JobConfig, gate, run_queued
+from models.clip import load_clip
 
 
 def test_the_gate_promotes_only_a_version_that_fixes_enough_and_is_no_worse():
@@ -44,8 +45,8 @@ def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path
                                                   holdout_pool_fraction=0.3, samples_per_shard=100), progress=False)
     ingest(ws, [str(ws.shards)], IngestConfig(use_ray=False), cat)
     train_default_clip(ws.root, ClipTrainConfig(steps=120, baseline=False), progress=False, reuse=True)
-    embed(ws.root, EmbedConfig(use_ray=False), progress=False)
-    build_workspace_indexes(ws, "default", ("train", "pool"), progress=False)
+    embed(ws.root, EmbedConfig(use_ray=False), progress=False, load_encoder=load_clip)
+    build_workspace_indexes(ws, "default", ("train", "pool"), progress=False, load_encoder=load_clip)
     train_model("vae", ws.root, {"eval_images": 4, "batch_size": 8}, default_loop("vae", steps=5, progress=False),
                 progress=False)
     train_model("dit", ws.root, {"eval_prompts": 2, "sample_steps": 4, "batch_size": 8, "fidelity": False},
@@ -99,7 +100,7 @@ def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path
     # The patched concept is now covered: asked again, it is not a gap.
     from dataengine.gaps import GapSearcher
 
-    assert not GapSearcher(ws).prompts(["a purple triangle"], record=False)[0][0].is_gap
+    assert not GapSearcher(ws, load_encoder=load_clip).prompts(["a purple triangle"], record=False)[0][0].is_gap
 
 
 @pytest.mark.slow

@@ -33,4 +33,4 @@ def test_dependencies_pinned_and_one_faiss():
     extras = meta["optional-dependencies"]
     faiss_in = {name for name, reqs in extras.items() if any(r.startswith("faiss") for r in reqs)}
     assert faiss_in == {"cpu", "gpu"}, "faiss-cpu and faiss-gpu both install `faiss`: never both"
-    assert meta["scripts"]["dataengine"] == "dataengine.cli:app"
+    assert meta["scripts"]["dataengine"] == "cli.app:app"

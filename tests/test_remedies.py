@@ -7,11 +7,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from dataengine.signals import drift
-
 from dataengine.catalog import Catalog
 from dataengine.remedies import (RemedyError, concept_groups, corrected_prompt, decide, propose, prompt_remedies,
                                  rl_remedies)
+from dataengine.signals import drift
+from models.clip import load_clip
 
 NOW = datetime(2026, 12, 6, tzinfo=timezone.utc)
 
@@ -73,14 +73,14 @@ def _queue(ws, tmp_path):
             f.write(json.dumps(r | {"time": "2026-12-06T00:00:00Z", "model_version": "g", "image": "o.png",
                                     "task": "gen", "scores": {"fidelity": [0.9, 0.8, 0.7, 0.6][i]}}) + "\n")
     ingest_files(ws, [tmp_path / "f.jsonl"])
-    triage_workspace(ws, score_missing=False)
+    triage_workspace(ws, load_encoder=load_clip, scorer=None)
 
 
 def test_propose_queues_each_failure_once_and_curators_decide(ws, tmp_path):
     _queue(ws, tmp_path)
-    r = propose(ws)
+    r = propose(ws, load_encoder=load_clip)
     assert r.made == {"rl": 1, "knowledge": 0, "prompt": 2} and r.failures["prompt"] == 2
-    assert propose(ws).made == {"rl": 0, "knowledge": 0, "prompt": 0}  # nothing new
+    assert propose(ws, load_encoder=load_clip).made == {"rl": 0, "knowledge": 0, "prompt": 0}  # nothing new
     rows = {r["title"]: r for r in Catalog(ws).query("SELECT * FROM remedies").to_pylist()}
     rl = next(r for t, r in rows.items() if r["cause"] == "rl")
     assert json.loads(rl["proposal"])["pairs"][0] == {"win": "g1", "lose": "r1", "win_score": 0.6, "lose_score": 0.7}
@@ -101,16 +101,16 @@ def test_a_failure_still_failing_after_its_remedy_was_used_gets_a_new_one(ws, tm
     from dataengine.triage_run import triage_workspace
 
     _queue(ws, tmp_path)
-    first = propose(ws)
+    first = propose(ws, load_encoder=load_clip)
     rows = Catalog(ws).query("SELECT * FROM remedies WHERE cause = 'rl'").to_pylist()
     import pyarrow as pa
     from dataengine.schema import REMEDIES
 
     rows[0].update(status="used", job_id="job-1")
     Catalog(ws).upsert("remedies", pa.Table.from_pylist(rows, schema=REMEDIES))
-    assert propose(ws).made["rl"] == 0  # used, but not triaged again since
-    triage_workspace(ws, retriage=True, score_missing=False)  # after the job: still failing
-    again = propose(ws)
+    assert propose(ws, load_encoder=load_clip).made["rl"] == 0  # used, but not triaged again since
+    triage_workspace(ws, retriage=True, load_encoder=load_clip, scorer=None)  # after the job: still failing
+    again = propose(ws, load_encoder=load_clip)
     assert again.made["rl"] == 1 and again.made["prompt"] == 0  # pending prompt remedies still answer theirs
     assert Catalog(ws).query("SELECT count(*) AS n FROM remedies WHERE cause = 'rl'").to_pylist()[0]["n"] == 2
     assert first.made["rl"] == 1

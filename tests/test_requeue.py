@@ -97,7 +97,7 @@ def test_bad_arguments_are_refused(ws, catalog):
 def test_cli_dry_run_then_requeue(ws, catalog, tmp_path):
     from typer.testing import CliRunner
 
-    from dataengine.cli import app
+    from cli.app import app
 
     bad = good_sample("k1")
     bad["png"] = b"garbage"

@@ -19,6 +19,7 @@ from dataengine.triage import (FEATURES, LearnedTriager, RuleTriager, SignalTabl
 from dataengine.triage_run import current_triager, learn_triager, triage_workspace
 
 from conftest import image_bytes
+from models.clip import load_clip
 
 
 def table(**cols) -> SignalTable:
@@ -133,14 +134,14 @@ def test_a_workspace_without_an_index_triages_its_failures_once_and_skips_good_r
             f.write(json.dumps(r | {"time": "2026-12-01T00:00:00Z", "model_version": "g1", "image": "out.png",
                                     "task": "gen", "scores": {"fidelity": 0.5}}) + "\n")
     ingest_files(ws, [tmp_path / "f.jsonl"])
-    r = triage_workspace(ws, score_missing=False)
+    r = triage_workspace(ws, load_encoder=load_clip, scorer=None)
     assert r.failures == 3 and r.triaged == 3 and r.by_cause == {"rl": 2, "knowledge": 0, "prompt": 1}
     assert "not measured" in r.signals["coverage"]
     rows = {x["feedback_id"]: x for x in Catalog(ws).query("SELECT * FROM triage").to_pylist()}
     assert set(rows) == {"drifted", "kept", "eval"} and rows["drifted"]["cause"] == "prompt"
     assert "coverage unknown" in json.loads(rows["kept"]["evidence"])["text"]
-    assert triage_workspace(ws, score_missing=False).failures == 0  # nothing new
-    assert triage_workspace(ws, retriage=True, score_missing=False).triaged == 3
+    assert triage_workspace(ws, load_encoder=load_clip, scorer=None).failures == 0  # nothing new
+    assert triage_workspace(ws, retriage=True, load_encoder=load_clip, scorer=None).triaged == 3
 
 
 def test_drift_counts_only_beyond_what_the_enhancer_does_on_well_rated_outputs():

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from models import clip, enhancer, trainer
-from models.versions import latest, save_version, versions
+from dataengine.versions import latest, save_version, versions
 
 
 def test_versions_are_numbered_in_order_and_a_failed_save_leaves_nothing(tmp_path):

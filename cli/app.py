@@ -162,10 +162,12 @@ def requeue(
         from dataengine.embed import EmbedConfig, model_id_of
         from dataengine.embed import embed as run_embed
 
-        model_id = model_id_of(ws, model)
+        from models.clip import load_clip
+
+        model_id = model_id_of(ws, model, load_clip)
 
         def embed_keys(keys, kind):
-            rep = run_embed(ws.root, EmbedConfig(model=model, kinds=(kind,)), keys=keys)
+            rep = run_embed(ws.root, EmbedConfig(model=model, kinds=(kind,)), keys=keys, load_encoder=load_clip)
             return rep.embedded.get(kind, 0), rep.failed.get(kind, 0)
 
     report = run_requeue(ws, stage, reason, catalog, embed_keys, model_id)
@@ -429,6 +431,7 @@ def embed(
     """Embed images and captions that have no vector yet for this model into the lake."""
     from dataengine.embed import EmbedConfig
     from dataengine.embed import embed as run_embed
+    from models.clip import load_clip
 
     ws = _existing(workspace)
     if model == "default":
@@ -439,7 +442,7 @@ def embed(
     except ValueError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
-    report = run_embed(ws.root, cfg)
+    report = run_embed(ws.root, cfg, load_encoder=load_clip)
     console.print(report.summary())
 
 
@@ -469,12 +472,14 @@ def index(
 ) -> None:
     """Grow each split's FAISS index by its new vectors (or build it), and the training split's coverage statistics."""
     from dataengine.gaps import build_workspace_indexes
+    from models.clip import load_clip
     from dataengine.index import IndexConfig
 
     ws = _existing(workspace)
     try:
         cfg = IndexConfig(kind=kind, target_recall=target_recall, memory_budget_mb=memory_budget_mb)
-        built = build_workspace_indexes(ws, model, tuple(splits), cfg, use_ray=ray, rebuild=rebuild)
+        built = build_workspace_indexes(ws, model, tuple(splits), cfg, use_ray=ray, rebuild=rebuild,
+                                        load_encoder=load_clip)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)
@@ -505,13 +510,14 @@ def gaps(
 ) -> None:
     """How well does the training set cover each prompt or image? Prints the gap score and evidence."""
     from dataengine.gaps import GapSearcher
+    from models.clip import load_clip
 
     ws = _existing(workspace)
     if not prompts and not image:
         console.print("[red]give at least one prompt or --image[/red]")
         raise typer.Exit(2)
     try:
-        searcher = GapSearcher(ws, model, evidence=evidence)
+        searcher = GapSearcher(ws, model, evidence=evidence, load_encoder=load_clip)
         reports = (searcher.prompts(prompts)[0] if prompts else []) + (searcher.images(image)[0] if image else [])
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
@@ -546,12 +552,13 @@ def patch(
 ) -> None:
     """Gap search, then a patch shard of pool samples for each gap (shards/patches/), recorded in the lake."""
     from dataengine.gaps import GapSearcher
+    from models.clip import load_clip
     from dataengine.patch import PatchConfig, patch_found_gap
 
     ws = _existing(workspace)
     try:
         cfg = PatchConfig(size=size, min_similarity=min_similarity, duplicate_similarity=duplicate_similarity)
-        searcher = GapSearcher(ws, model)
+        searcher = GapSearcher(ws, model, load_encoder=load_clip)
         reports, vecs = searcher.prompts(prompts, [feedback_id] * len(prompts) if feedback_id else None)
     except (ValueError, FileNotFoundError) as e:
         console.print(f"[red]{e}[/red]")
@@ -668,9 +675,12 @@ def triage(
 ) -> None:
     """Bin each untriaged failure (rating 1-2, or none) into rl / knowledge / prompt, with evidence."""
     from dataengine.triage_run import triage_workspace
+    from models.clip import load_clip
+    from models.feedback_rewards import WorkspaceRewards
 
     ws = _existing(workspace)
-    r = triage_workspace(ws, model, retriage=retriage, limit=limit, score_missing=score)
+    r = triage_workspace(ws, model, retriage=retriage, limit=limit, load_encoder=load_clip,
+                         scorer=WorkspaceRewards if score else None)
     if not r.failures:
         console.print("no untriaged failures (dataengine feedback ingest FILE; --retriage to redo)")
         return
@@ -710,10 +720,11 @@ def remedies(
 ) -> None:
     """Queue a remedy for each triaged failure none answers yet (review them with `dataengine review`)."""
     from dataengine.remedies import approve_all, propose
+    from models.clip import load_clip
 
     ws = _existing(workspace)
     try:
-        r = propose(ws, patch_size=patch_size)
+        r = propose(ws, patch_size=patch_size, load_encoder=load_clip)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2)

@@ -1,4 +1,5 @@
-"""Model versions on disk: `models/<name>/vNNNN/`, listed and saved by one helper.
+"""Versions on disk: `models/<name>/vNNNN/`, listed and saved by one helper (the model
+stack's models and the engine's own, such as the learned triager).
 
 Every model of the stack (the trainer's jobs, the CLIP, the enhancer) saves through
 `save_version`: the files are written into a hidden temporary folder that is renamed
