@@ -8,11 +8,13 @@ import os
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
     """Start or join Ray once per process; returns the cluster's resources.
 
-    `address=None` starts a local Ray bound to 127.0.0.1 with no dashboard; an address
-    ("auto", "ray://host:10001", "host:6379") joins an existing cluster unchanged.
+    `address=None` joins the cluster `RAY_ADDRESS` names, else starts a local Ray bound to
+    127.0.0.1 with no dashboard; an address ("auto", "ray://host:10001", "host:6379") joins
+    an existing cluster unchanged.
     """
     import ray
 
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         kwargs: dict = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         if address:

@@ -41,3 +41,50 @@ def test_local_ray_binds_loopback_only():
         assert {addr for addr, _ in new} <= LOOPBACK, f"non-loopback listeners: {new}"
     finally:
         ray.shutdown()
+
+
+RUN_ON_CLUSTER = r'''
+import json, sys
+from flows.units import JsonlUnits, units_flow
+
+def where(rec):
+    import os
+    import ray
+    return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+root, units = sys.argv[1], sys.argv[2]
+print("REPORT " + json.dumps(units_flow(root, "where", where, JsonlUnits(units), chunk_size=5, max_in_flight=4)))
+'''
+
+
+@pytest.mark.slow
+def test_a_flow_joins_the_two_node_cluster_ray_address_names(tmp_path, ws):
+    """A flow run with RAY_ADDRESS set joins that cluster (it does not start its own) and
+    its units run on both of its nodes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    from dataengine.catalog import Catalog
+
+    units = tmp_path / "units.jsonl"
+    units.write_text("".join(json.dumps({"id": f"u{i:03d}"}) + "\n" for i in range(200)))
+    script = tmp_path / "run.py"
+    script.write_text(RUN_ON_CLUSTER)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = dict(os.environ, RAY_ADDRESS=cluster.address)
+        out = subprocess.run([sys.executable, str(script), str(ws.root), str(units)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    report = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    assert report["committed"] == 200
+    rows = Catalog(ws).query("SELECT result FROM stage_units WHERE stage = 'where'").column("result").to_pylist()
+    assert len(rows) == 200 and len({json.loads(r)["node"] for r in rows}) == 2
