@@ -142,3 +142,60 @@ def test_fan_out_reports_what_it_could_not_finish(tmp_path):
     more: list = []
     second = fan_out(DegradeAndLog(tmp_path / "log"), units, more.extend, done={r[0] for r in got}, chunk_size=25)
     assert second.complete and {r[0] for r in more} == lost and second.skipped == 175
+
+
+RUN_STAGE = r'''
+import sys, time
+from flows.units import JsonlUnits, units_flow
+
+DELAY = float(sys.argv[3])  # read here: a Ray worker's sys.argv is its own
+
+def degrade(rec):
+    from dataengine.degrade.chains import degrade_chain
+    time.sleep(DELAY)
+    chain = degrade_chain(rec["caption"])
+    return {"steps": len(chain), "terse": chain[-1].less if chain else rec["caption"]}
+
+units_flow(sys.argv[1], "degrade", degrade, JsonlUnits(sys.argv[2]), chunk_size=20, max_in_flight=4)
+'''
+
+
+def _run_stage(script: Path, root: Path, units: Path, delay: float, **kw):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, str(script), str(root), str(units), str(delay)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_flow_killed_mid_stage_and_started_again_ends_with_the_rows_of_a_clean_run(tmp_path):
+    import time
+
+    from dataengine.workspace import Workspace
+
+    script = tmp_path / "run.py"
+    script.write_text(RUN_STAGE)
+    units = Path(_jsonl(tmp_path / "captions.jsonl", _captions(1000)).path)
+    clean, killed = Workspace.at(tmp_path / "clean"), Workspace.at(tmp_path / "killed")
+    for w in (clean, killed):
+        Catalog(w).migrate()
+
+    def rows(w) -> list[tuple]:
+        return sorted(tuple(r.values()) for r in Catalog(w).query(
+            "SELECT unit, status, result FROM stage_units WHERE stage = 'degrade'").to_pylist())
+
+    first = _run_stage(script, clean.root, units, 0.0)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    proc = _run_stage(script, killed.root, units, 0.01)  # 10 ms a unit: about 5 s in all on 2 workers
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if len(rows(killed)) >= 200:
+            break
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray and its Prefect server, mid-stage
+    proc.wait(timeout=30)
+    partial = rows(killed)
+    assert 200 <= len(partial) < 1000
+    again = _run_stage(script, killed.root, units, 0.0)
+    assert again.wait(timeout=300) == 0, again.stderr.read()[-3000:]
+    assert rows(killed) == rows(clean) and len(rows(clean)) == 1000
