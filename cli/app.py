@@ -941,5 +941,90 @@ def demo(
         raise typer.Exit(1)
 
 
+server_app = typer.Typer(
+    help="A Prefect server and a Ray head on this machine (loopback by default), so flows and "
+         "workers share one server instead of each starting a temporary one.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+HomeOpt = typer.Option(None, "--home", envvar="DATAENGINE_HOME",
+                       help="Where the server keeps its database, log and pid (default ~/.dataengine).")
+
+
+@server_app.command("start")
+def server_start(
+    host: str = typer.Option("127.0.0.1", help="Listen address (loopback unless --allow-remote)."),
+    port: int = typer.Option(4200, help="Prefect API port."),
+    ray: bool = typer.Option(True, "--ray/--no-ray", help="Start a Ray head too."),
+    ray_port: int = typer.Option(6379, help="Ray head port."),
+    allow_remote: bool = typer.Option(False, help="Allow a non-loopback --host."),
+    home: Optional[Path] = HomeOpt,
+) -> None:
+    """Start both, print their addresses, and stop both on Ctrl-C or SIGTERM (or `dataengine server stop`)."""
+    import signal
+    import time
+
+    from flows import server
+
+    try:
+        s = server.start(host, port, ray, ray_port, home, allow_remote)
+    except server.ServerError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"prefect  {s.prefect_url}  (pid {s.prefect_pid}, log {s.log})")
+    if s.ray_address:
+        console.print(f"ray      {s.ray_address}")
+    console.print("for flows and workers: " + " ".join(f"{k}={v}" for k, v in s.env().items()))
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)  # also where a shell started us with SIGINT ignored
+    try:
+        while server._alive(s.prefect_pid):
+            time.sleep(1)
+        console.print("the server stopped")
+    except KeyboardInterrupt:
+        server.stop(s.home)
+        console.print("stopped")
+
+
+@server_app.command("stop")
+def server_stop(home: Optional[Path] = HomeOpt) -> None:
+    """Stop the server (and Ray head) `dataengine server start` started."""
+    from flows import server
+
+    try:
+        s = server.stop(home)
+    except server.ServerError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"stopped prefect (pid {s.prefect_pid})" + (" and the ray head" if s.ray_address else ""))
+
+
+@app.command()
+def deploy(
+    workspace: Path = WorkspaceOpt,
+    pool: str = typer.Option("dataengine", help="Work pool (created as a process pool if missing)."),
+    intake_every: float = typer.Option(300, help="Seconds between runs of the feedback intake and triage."),
+    review_window: float = typer.Option(0, help="Seconds a queued retrain job waits before its flow runs."),
+) -> None:
+    """Register the deployments with the Prefect server PREFECT_API_URL names: intake + triage on
+    a schedule; one retrain deployment per job kind, run when a trigger policy queues a job."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deploy import deploy_all
+
+    if not PREFECT_API_URL.value():
+        console.print("[red]PREFECT_API_URL is not set: start a server (dataengine server start) or point it "
+                      "at yours[/red]")
+        raise typer.Exit(2)
+    ws = _existing(workspace)
+    for name, dep_id in deploy_all(str(ws.root), pool, intake_every, review_window).items():
+        console.print(f"{name}  {dep_id}")
+    console.print(f"run them with a worker: prefect worker start --pool {pool}")
+
+
 if __name__ == "__main__":
     app()

@@ -81,11 +81,11 @@ def fire_triggers(root: str, cfg: TriggerConfig) -> list[str]:
 
 
 @stage
-def run_jobs(root: str, cfg) -> list[dict]:
+def run_jobs(root: str, cfg, kinds: tuple[str, ...] | None = None) -> list[dict]:
     from models.jobs import run_queued
 
     out = []
-    for j in run_queued(Workspace.at(root), cfg):
+    for j in run_queued(Workspace.at(root), cfg, kinds):
         out.append({"job_id": j["job_id"], "kind": j["kind"], "status": j["status"],
                     "result": json.loads(j["result"]) if isinstance(j.get("result"), str) else j.get("result"),
                     "note": j.get("note")})

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 
@@ -190,13 +190,16 @@ def run_enhancer_job(ws: Workspace, job: dict, cfg: JobConfig) -> dict:
 RUNNERS = {"retrain-dit": run_knowledge_job, "retrain-reward": run_reward_job, "retrain-enhancer": run_enhancer_job}
 
 
-def run_queued(ws: Workspace, cfg: JobConfig = JobConfig()) -> list[dict]:
-    """Run every queued job a runner exists for (oldest first); each ends done or failed
-    with its result. Jobs of other kinds stay queued and are reported as waiting."""
+def run_queued(ws: Workspace, cfg: JobConfig = JobConfig(), kinds: Sequence[str] | None = None) -> list[dict]:
+    """Run every queued job (of `kinds`, default all) a runner exists for, oldest first; each
+    ends done or failed with its result. Jobs of other kinds stay queued and are reported
+    as waiting."""
     catalog = Catalog(ws)
     catalog.migrate()
     out = []
     for job in catalog.query("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at").to_pylist():
+        if kinds is not None and job["kind"] not in kinds:
+            continue
         runner = RUNNERS.get(job["kind"])
         if runner is None:
             out.append(job | {"note": f"no runner for {job['kind']} yet: stays queued"})
