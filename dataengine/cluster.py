@@ -20,5 +20,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> dict[
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+            # "local": a new instance even where `ray start` left a cluster running here
+            # (without an address, ray.init joins the newest one it finds).
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
     return ray.cluster_resources()

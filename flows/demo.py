@@ -1,36 +1,30 @@
-"""The main job on the embedded default: workspace -> scene world shards (+ the real
-captioned images that install offline) -> ingest -> caption degradation into enhancer
-pairs -> a brief enhancer training -> the default embedding model (trained once) ->
-embeddings (the embedding model's run stores most of them) -> FAISS indexes -> gap
-search and patching for the scene world's held-out concepts -> one turn of the
-self-correcting loop on injected failures (flows/loop.py) -> with --stack, a brief run of
-each model of the stack (STACK_DEMO) -> summary.
+"""The main job on the embedded default, composed of the stage flows (flows/stages.py):
+workspace -> scene world shards (+ the real captioned images that install offline) ->
+ingest_flow -> enhancer_flow (caption degradation into enhancer pairs, a brief enhancer
+training) -> embed_index_flow (the default embedding model, trained once; embeddings;
+FAISS indexes) -> gap search for the scene world's held-out concepts (checked against its
+ground truth) -> one turn of the self-correcting loop on injected failures (flows/loop.py)
+-> with --stack, a brief run of each model of the stack (STACK_DEMO) -> summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from dataengine.catalog import Catalog, LockRetry
+from dataengine.catalog import Catalog
 from dataengine.config import EngineConfig
-from dataengine.ingest import IngestReport, ingest
 from dataengine.status import Summary, summarize
 from dataengine.workspace import Workspace
 
+from flows.stages import embed_index_flow, enhancer_flow, ingest_flow, prepare_workspace, train_model
+
 # Stage outputs are Arrow tables and reports, not values worth hashing for a cache.
 stage = task(cache_policy=NONE)
-
-
-@stage
-def prepare_workspace(root: str) -> int:
-    """Create the folders and the catalog (or migrate an existing one)."""
-    return Catalog(Workspace.at(root)).migrate()
 
 
 @stage
@@ -76,14 +70,6 @@ def import_real_images(root: str) -> dict[str, int]:
     return written
 
 
-@stage
-def ingest_shards(root: str, cfg: EngineConfig) -> IngestReport:
-    """Validate every shard of the workspace into the catalog (Ray tasks, one per shard)."""
-    ws = Workspace.at(root)
-    catalog = Catalog(ws, LockRetry(timeout_s=cfg.engine.lock_timeout_s))
-    return ingest(ws, [str(ws.shards)], cfg.ingest, catalog,
-                  ray_address=cfg.engine.ray_address, num_cpus=cfg.engine.num_cpus)
-
 
 @stage
 def holdout_coverage(root: str, sceneworld: dict) -> dict[str, dict[str, int]]:
@@ -105,38 +91,6 @@ def holdout_coverage(root: str, sceneworld: dict) -> dict[str, dict[str, int]]:
     return out
 
 
-@stage
-def degrade_captions(root: str, cfg: EngineConfig):
-    """Degrade the train split's captions into enhancer pairs (new pairs only)."""
-    from dataengine.degrade import DegradeConfig
-    from dataengine.degrade.run import captions_from_samples, degrade_to_lake
-
-    catalog = Catalog(Workspace.at(root))
-    return degrade_to_lake(catalog, captions_from_samples(catalog, "train"), DegradeConfig(seed=0),
-                           use_ray=cfg.ingest.use_ray, batch_size=256,
-                           ray_address=cfg.engine.ray_address, num_cpus=cfg.engine.num_cpus)
-
-
-@stage
-def train_enhancer(root: str, steps: int, retrain: bool) -> dict:
-    """Train the nano enhancer on the workspace's pairs; reuse the newest if nothing changed."""
-    import pyarrow as pa
-
-    from dataengine.schema import MODEL_VERSIONS
-    from models.enhancer import versions
-    from models.train_enhancer import EnhancerTrainConfig, train
-
-    ws = Workspace.at(root)
-    catalog = Catalog(ws)
-    done = versions(ws.models)
-    if done and not retrain:
-        return {"version": done[-1], "path": str(ws.models / "enhancer" / done[-1]), "reused": True}
-    pairs = catalog.query("SELECT * FROM pairs ORDER BY pair_id")
-    # OMP_NUM_THREADS=1 is the default for Ray's workers; training here uses every core.
-    record = train(pairs, ws.models, EnhancerTrainConfig(size="nano", steps=steps, batch_size=16,
-                                                         num_threads=os.cpu_count(), progress=False))
-    catalog.upsert("model_versions", pa.Table.from_pylist([record], schema=MODEL_VERSIONS))
-    return record
 
 
 @stage
@@ -158,36 +112,7 @@ def show_examples(root: str, enhancer_path: str, n: int = 2) -> None:
         print(f"enhance {prompt!r} -> {rich!r}")
 
 
-@stage
-def train_embedding_model(root: str) -> dict:
-    """The workspace's default open_clip model: trained once, reused after."""
-    from models.train_clip import ClipTrainConfig, train_default_clip
 
-    # Demo budget: no composite baseline (a fifth of the run; `dataengine train-clip`
-    # measures it) and 120 steps, not 200 (held-out recall within 0.03 on the demo's data).
-    return train_default_clip(root, ClipTrainConfig(num_threads=os.cpu_count(), baseline=False, steps=120),
-                              progress=False, reuse=True)
-
-
-@stage
-def embed_samples(root: str, cfg: EngineConfig):
-    """Image and caption vectors for every sample that has none yet (Ray Data actor pool)."""
-    from dataengine.embed import EmbedConfig, embed
-    from models.clip import load_clip
-
-    return embed(root, EmbedConfig(use_ray=cfg.ingest.use_ray, ray_address=cfg.engine.ray_address), progress=False,
-                 load_encoder=load_clip)
-
-
-@stage
-def build_indexes(root: str) -> dict[str, dict]:
-    """FAISS index of the train and pool images; coverage statistics of train."""
-    from dataengine.gaps import build_workspace_indexes
-    from models.clip import load_clip
-
-    built = build_workspace_indexes(Workspace.at(root), "default", ("train", "pool"), progress=False,
-                                    load_encoder=load_clip)
-    return {split: b.meta for split, b in built.items()}
 
 
 @stage
@@ -255,18 +180,9 @@ STACK_DEMO: tuple[tuple[str, dict, int], ...] = (
 LOOP_REWARD = ("reward", {"heads": ("fidelity", "aesthetics"), "spatial": (), "n_train": 48, "n_eval": 24}, 80)
 
 
-@stage
 def train_stack_model(root: str, name: str, overrides: dict, steps: int) -> dict:
     """One brief run of a model of the stack; reuses the newest version if one exists."""
-    from models.stack import default_loop, train_model
-    from models.trainer import latest, load_weights
-
-    ws = Workspace.at(root)
-    found = latest(ws.models, name)
-    if found is not None:
-        _, _, metrics = load_weights(found)
-        return {"model": name, "version": found.name, "path": str(found), "metrics": metrics, "reused": True}
-    return train_model(name, root, overrides, default_loop(name, steps=steps, progress=False), progress=False)
+    return train_model(root, name, overrides, steps, reuse=True)
 
 
 # The held-out figures each brief run prints (fnmatch patterns over the flattened eval
@@ -376,7 +292,7 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     real = import_real_images(workspace) if real_images else {}
     if real:
         print("real images: " + ", ".join(f"{k} {v}" for k, v in real.items()))
-    report = ingest_shards(workspace, cfg)
+    report = ingest_flow(workspace, cfg)
     print(
         f"ingest: {report.shards} shard(s) scanned, {report.skipped_unchanged} unchanged; "
         f"read {report.read} = accepted {report.accepted} + quarantined {report.quarantined} "
@@ -384,18 +300,16 @@ def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps
     )
     for concept, per_split in holdout_coverage(workspace, cfg.sceneworld).items():
         print(f"held-out concept '{concept}': " + ", ".join(f"{k} {v}" for k, v in sorted(per_split.items())))
-    pairs = degrade_captions(workspace, cfg)
+    pairs, enhancer = enhancer_flow(workspace, cfg, enhancer_steps)
     print(f"degrade: {pairs.captions} captions -> {pairs.pairs_made} pairs "
           f"({pairs.pairs_per_caption:.1f} per caption), {pairs.pairs_written} new")
-    enhancer = train_enhancer(workspace, enhancer_steps, retrain=pairs.pairs_written > 0)
     print(f"enhancer {enhancer['version']} ({'reused' if enhancer.get('reused') else 'trained'})")
     show_examples(workspace, enhancer["path"])
-    clip = train_embedding_model(workspace)
+    clip, emb, indexes = embed_index_flow(workspace, cfg)
     print(f"embedding model clip {clip['version']} ({'reused' if clip.get('reused') else 'trained'})")
     _print_recall(clip.get("metrics", {}))
-    emb = embed_samples(workspace, cfg)
     print(f"embed: {emb.summary()}")
-    for split, meta in build_indexes(workspace).items():
+    for split, meta in indexes.items():
         print(f"index {split}: {meta['count']} vectors, {meta['factory']}, recall@10 {meta['recall_at_k']:.3f}")
     find_and_patch_gaps(workspace, cfg.sceneworld, patch=not loop)
     if loop:

@@ -33,7 +33,7 @@ def test_demo_flow_from_nothing(tmp_path):
         default_weights(tmp_path / "ws")
     # Each brief run's printed headline figures exist under those names in its metrics.
     for name in trained:
-        record = train_stack_model.fn(str(tmp_path / "ws"), name, {}, 1)  # reuses the version
+        record = train_stack_model(str(tmp_path / "ws"), name, {}, 1)  # reuses the version
         line = _stack_line(record)
         assert record["reused"] and line.startswith(f"{name} v0001 (reused)")
         flat = _flat(record["metrics"]["eval"])
@@ -42,6 +42,10 @@ def test_demo_flow_from_nothing(tmp_path):
                 continue
             assert any(fnmatchcase(k, pattern) for k in flat), (name, pattern)
             assert pattern.split(".")[-1] in line
+    from flows.stages import train_flow
+
+    assert train_flow(str(tmp_path / "ws"), "vae", reuse=True) | {"metrics": None} == \
+        train_stack_model(str(tmp_path / "ws"), "vae", {}, 1) | {"metrics": None}
     assert summary.counts["embeddings"] == 2 * 70  # an image and a caption vector per sample
     assert summary.counts["gaps"] == 3  # the held-out concept and two covered ones, searched
     # A second run finds the same shards, pairs and vectors, reuses every model and adds only
@@ -75,3 +79,8 @@ def test_demo_workspace_finds_and_patches_its_held_out_concept(tmp_path):
     assert not any(r["is_gap"] for r in covered), covered
     for r in held:
         assert r["patched"] >= 8 and r["hits"] / r["patched"] >= 0.8, r
+    # The same search as the engine's stage flow, which knows nothing of the scene world.
+    from flows.stages import gaps_flow
+
+    got = gaps_flow(str(tmp_path / "ws"), [held[0]["concept"], covered[0]["concept"]], patch=True, patch_size=8)
+    assert [g["is_gap"] for g in got] == [True, False] and got[0]["patched"] == 8 and "patched" not in got[1]
