@@ -24,21 +24,44 @@ from dataengine.config import EngineConfig
 from dataengine.ingest import IngestReport, ingest
 from dataengine.workspace import Workspace
 
-# Stage outputs are Arrow tables and reports, not values worth hashing for a cache.
+
+def transient(task, task_run, state) -> bool:
+    """Retry a stage only for what a second try can cure: an OS-level failure (a lock held
+    past its back-off, a full disk freed, a mount back) or Ray losing a node or worker. A
+    bad input is quarantined inside the stage, and a wrong config fails the same way again."""
+    try:
+        state.result()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        return False  # the same path fails the same way
+    except (OSError, TimeoutError):
+        return True
+    except Exception as e:  # noqa: BLE001 - sorted by where it came from
+        return type(e).__module__.startswith("ray.")
+    return False
+
+
+# Stage outputs are Arrow tables and reports, not values worth hashing for a cache. Stages
+# that read and write the workspace retry transient faults with back-off.
 stage = task(cache_policy=NONE)
+io_stage = task(cache_policy=NONE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient)
+
 
 @stage
 def prepare_workspace(root: str) -> int:
     """Create the folders and the catalog (or migrate an existing one)."""
     return Catalog(Workspace.at(root)).migrate()
-@stage
+
+
+@io_stage
 def ingest_shards(root: str, cfg: EngineConfig) -> IngestReport:
     """Validate every shard of the workspace into the catalog (Ray tasks, one per shard)."""
     ws = Workspace.at(root)
     catalog = Catalog(ws, LockRetry(timeout_s=cfg.engine.lock_timeout_s))
     return ingest(ws, [str(ws.shards)], cfg.ingest, catalog,
                   ray_address=cfg.engine.ray_address, num_cpus=cfg.engine.num_cpus)
-@stage
+
+
+@io_stage
 def degrade_captions(root: str, cfg: EngineConfig):
     """Degrade the train split's captions into enhancer pairs (new pairs only)."""
     from dataengine.degrade import DegradeConfig
@@ -48,6 +71,8 @@ def degrade_captions(root: str, cfg: EngineConfig):
     return degrade_to_lake(catalog, captions_from_samples(catalog, "train"), DegradeConfig(seed=0),
                            use_ray=cfg.ingest.use_ray, batch_size=256,
                            ray_address=cfg.engine.ray_address, num_cpus=cfg.engine.num_cpus)
+
+
 @stage
 def train_enhancer(root: str, steps: int, retrain: bool) -> dict:
     """Train the nano enhancer on the workspace's pairs; reuse the newest if nothing changed."""
@@ -68,6 +93,8 @@ def train_enhancer(root: str, steps: int, retrain: bool) -> dict:
                                                          num_threads=os.cpu_count(), progress=False))
     catalog.upsert("model_versions", pa.Table.from_pylist([record], schema=MODEL_VERSIONS))
     return record
+
+
 @stage
 def train_embedding_model(root: str) -> dict:
     """The workspace's default open_clip model: trained once, reused after."""
@@ -77,7 +104,9 @@ def train_embedding_model(root: str) -> dict:
     # measures it) and 120 steps, not 200 (held-out recall within 0.03 on the demo's data).
     return train_default_clip(root, ClipTrainConfig(num_threads=os.cpu_count(), baseline=False, steps=120),
                               progress=False, reuse=True)
-@stage
+
+
+@io_stage
 def embed_samples(root: str, cfg: EngineConfig):
     """Image and caption vectors for every sample that has none yet (Ray Data actor pool)."""
     from dataengine.embed import EmbedConfig, embed
@@ -85,7 +114,9 @@ def embed_samples(root: str, cfg: EngineConfig):
 
     return embed(root, EmbedConfig(use_ray=cfg.ingest.use_ray, ray_address=cfg.engine.ray_address), progress=False,
                  load_encoder=load_clip)
-@stage
+
+
+@io_stage
 def build_indexes(root: str) -> dict[str, dict]:
     """FAISS index of the train and pool images; coverage statistics of train."""
     from dataengine.gaps import build_workspace_indexes
