@@ -8,8 +8,8 @@ both alike. Prefect runs without a server, as the embedded default does: its tem
 server starts with the first flow of the process, reported apart ("cold") from the flows
 after it ("warm"), which are what a deployed stage pays.
 
-    python benchmarks/flows.py                 # 6,000 samples at 64 px, 3 pairs of runs
-    python benchmarks/flows.py --n 12000 --repeats 5
+    python benchmarks/flow_overhead.py                 # 15,000 samples at 64 px, 3 pairs of runs
+    python benchmarks/flow_overhead.py --n 30000 --repeats 5
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def linked_workspace(root: Path, shards: Path) -> Workspace:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=6000, help="scene-world samples (train split)")
+    ap.add_argument("--n", type=int, default=15000, help="scene-world samples (train split)")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="pairs of runs (direct, flow)")
     ap.add_argument("--workdir", type=Path, default=None)
