@@ -46,9 +46,10 @@ class RecalibrationConfig:
     # failures forgot noise and colour casts: benchmarks/results/loop-cpu.md). A replayed kind
     # that taught the fault points against the approved pairs, and a head trained on both
     # learns to tell them apart instead of unlearning the fault; so when some kinds point
-    # against them (cosine < 0), candidates leaving out none, the most opposed one, or all of
-    # them are fitted, and the one that fixes most failures of a selection share (held out
-    # of the candidates' training, apart from the check share) is trained on everything.
+    # against them (cosine < 0), candidates leaving out none, each of the most opposed
+    # alone, or all of them are fitted, and the one that fixes most failures of a selection
+    # share (held out of the candidates' training, apart from the check share) is trained
+    # on everything.
     replay: bool = True
     select_share: float = 0.25  # of the failures outside the check share
     min_select: int = 8  # overrated failures the selection share needs, else nothing is left out
@@ -141,12 +142,16 @@ def kind_cosines(replay: PairSet, approved: PairSet) -> dict[str, float]:
     return out
 
 
-def leave_out_candidates(cosines: dict[str, dict[str, float]]) -> list[dict[str, tuple[str, ...]]]:
-    """What replay may leave out, per head: nothing; the kind pointing most against the
-    approved pairs; every kind pointing against them (cosine < 0). Distinct, in that order."""
+def leave_out_candidates(cosines: dict[str, dict[str, float]], singles: int = 3) -> list[dict[str, tuple[str, ...]]]:
+    """What replay may leave out, per head: nothing; each of the `singles` kinds pointing
+    most against the approved pairs, alone (the k-th most opposed of every head at once);
+    every kind pointing against them (cosine < 0). Distinct, in that order. Singles matter:
+    a kind confounded with the fault can point further against the feedback than the
+    kind that taught it (seed 0: colour casts -0.725, the reversed blur -0.68)."""
     opposed = {h: tuple(k for k, c in sorted(cs.items(), key=lambda kc: kc[1]) if c < 0) for h, cs in cosines.items()}
+    cands = [{}] + [{h: o[r:r + 1] for h, o in opposed.items() if len(o) > r} for r in range(singles)]
     out: list[dict[str, tuple[str, ...]]] = []
-    for cand in ({}, {h: o[:1] for h, o in opposed.items() if o}, {h: o for h, o in opposed.items() if o}):
+    for cand in cands + [{h: o for h, o in opposed.items() if o}]:
         if cand not in out:
             out.append(cand)
     return out

@@ -86,10 +86,15 @@ def test_kind_cosines_find_the_replayed_kind_that_points_against_the_approved_pa
     assert kept.kinds == ["noise", "crop"] and kept.win["image"].tolist() == [2, 0]
 
 
-def test_leave_out_candidates_go_from_nothing_to_every_opposed_kind():
+def test_leave_out_candidates_go_from_nothing_through_single_kinds_to_every_opposed_kind():
     cos = {"aesthetics": {"blur": -0.47, "noise": -0.22, "cast": -0.01, "crop": 0.18},
-           "fidelity": {"caption_colour": 0.3}}
-    assert leave_out_candidates(cos) == [{}, {"aesthetics": ("blur",)},
-                                         {"aesthetics": ("blur", "noise", "cast")}]
+           "fidelity": {"caption_colour": -0.3, "caption_shape": 0.2}}
+    assert leave_out_candidates(cos) == [
+        {}, {"aesthetics": ("blur",), "fidelity": ("caption_colour",)}, {"aesthetics": ("noise",)},
+        {"aesthetics": ("cast",)}, {"aesthetics": ("blur", "noise", "cast"), "fidelity": ("caption_colour",)}]
+    # A confounded kind can point further against the feedback than the reversed one: the
+    # reversed one is still a candidate on its own.
+    two = leave_out_candidates({"aesthetics": {"cast": -0.725, "blur": -0.68, "crop": 0.3}})
+    assert {"aesthetics": ("blur",)} in two and two[-1] == {"aesthetics": ("cast", "blur")}
     assert leave_out_candidates({"aesthetics": {"blur": -0.5, "crop": 0.2}}) == [{}, {"aesthetics": ("blur",)}]
     assert leave_out_candidates({"fidelity": {"caption_colour": 0.3}}) == [{}]
