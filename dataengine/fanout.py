@@ -8,7 +8,7 @@ Ray sees at most `max_in_flight` chunks, and a chunk's results reach `commit` on
 the driver:
 
 - a chunk whose worker dies is re-run by Ray (`max_retries`); its units are committed
-  when the re-run returns, once, because the driver skips ids it has committed;
+  when the re-run returns, once: only the driver commits, and it reads each finished chunk once;
 - a unit that raises is quarantined (committed with its error), never retried forever;
 - a chunk that still fails after Ray's retries is left uncommitted and named in
   `FanoutReport.unfinished`, so the caller's retry (a Prefect task's `retries`) redoes
@@ -44,7 +44,6 @@ class FanoutReport:
     committed: int = 0
     quarantined: int = 0  # committed with an error
     chunks: int = 0
-    duplicates: int = 0  # results for units already committed (a chunk that ran twice), ignored
     unfinished: list[str] = field(default_factory=list)  # units of chunks that failed past Ray's retries
     errors: list[str] = field(default_factory=list)  # why those chunks failed
     seconds: float = 0.0
@@ -104,11 +103,11 @@ def fan_out(fn: Callable[[Any], Any], units: Iterable[tuple[str, Any]], commit: 
     resources = ensure_ray(ray_address)
     bound = max_in_flight or max(2, 2 * int(resources.get("CPU", 1)))
     report = FanoutReport()
-    committed = set(done)
+    done = set(done)
     remote = ray.remote(num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False)(run_chunk)
     fn_ref = ray.put(fn)  # shipped once, not once per chunk
     pending: dict[Any, list[tuple[str, Any]]] = {}
-    source = _chunks(units, committed, chunk_size, report)
+    source = _chunks(units, done, chunk_size, report)
 
     def submit() -> bool:
         chunk = next(source, None)
@@ -130,15 +129,12 @@ def fan_out(fn: Callable[[Any], Any], units: Iterable[tuple[str, Any]], commit: 
                 report.unfinished += [uid for uid, _ in chunk]
                 report.errors.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            fresh = [r for r in results if r[0] not in committed]
-            report.duplicates += len(results) - len(fresh)
-            if fresh:
-                commit(fresh)
-                committed.update(r[0] for r in fresh)
-                report.committed += len(fresh)
-                report.quarantined += sum(r[2] is not None for r in fresh)
-                if progress:
-                    progress(len(fresh))
+            # Chunks are disjoint and a finished ref is read once: each unit lands here once.
+            commit(results)
+            report.committed += len(results)
+            report.quarantined += sum(r[2] is not None for r in results)
+            if progress:
+                progress(len(results))
             submit()
     report.seconds = round(time.perf_counter() - t0, 3)
     return report

@@ -64,12 +64,10 @@ def take_inbox(root: str, settle_s: float) -> dict:
 @stage
 def queue_jobs(root: str, triggers: TriggerConfig) -> list[dict]:
     """The trigger policies; the jobs they queued."""
-    from dataengine.triggers import check
+    from dataengine.triggers import JOB_KIND, check
 
-    fired = [v for v in check(Workspace.at(root), triggers) if v.fire and v.job_id]
-    rows = Catalog(Workspace.at(root)).query("SELECT job_id, kind, status, trigger FROM jobs WHERE list_contains(?, job_id)",
-                                             [[v.job_id for v in fired]]).to_pylist() if fired else []
-    return rows
+    return [{"job_id": v.job_id, "kind": JOB_KIND[v.cause], "status": "queued", "trigger": v.why}
+            for v in check(Workspace.at(root), triggers) if v.fire and v.job_id]
 
 
 @flow(name="dataengine-intake")

@@ -134,16 +134,6 @@ def load(home: str | Path | None = None) -> Servers:
     return Servers(**json.loads(path.read_text()))
 
 
-def _listening(host: str, port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def _alive(pid: int) -> bool:
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:

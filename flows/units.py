@@ -97,7 +97,7 @@ def run_units(root: str, stage: str, fn: Callable[[Any], Any], units: Units,
 
 
 def _summary(report: FanoutReport) -> dict:
-    return {k: getattr(report, k) for k in ("units", "skipped", "committed", "quarantined", "chunks", "duplicates",
+    return {k: getattr(report, k) for k in ("units", "skipped", "committed", "quarantined", "chunks",
                                             "seconds")}
 
 
