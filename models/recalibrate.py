@@ -253,16 +253,17 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
     select = {h: (sorted({lo for (_, lo), m in zip(p, held[h].tolist()) if m and in_select(lo, cfg.select_share)}),
                   select_good) for h, p in fit.items()}
     chosen = candidates[0]
-    if len(candidates) > 1 and _asked(path, select, outputs) >= cfg.min_select:
+    select_was = _overrated(path, select, outputs) if len(candidates) > 1 else {}
+    if len(candidates) > 1 and sum(int(w.sum()) for w in select_was.values()) >= cfg.min_select:
         with tempfile.TemporaryDirectory(prefix="recalibrate-") as tmp:
             for leave in candidates:
                 rec = train(job_for(leave, True), tmp, replace(loop, progress=False))
-                asked, fixed, _ = _fixed(path, rec["path"], select, outputs)
+                asked, fixed, _ = _fixed(select_was, rec["path"], select, outputs)
                 trials.append({"leave_out": leave, "fixed": fixed, "of": asked})
         chosen = max(trials, key=lambda t: t["fixed"])["leave_out"]  # ties: the first, which leaves out least
     record = train(job_for(chosen, False), ws.models, loop, catalog=catalog, job_id=job_id)
 
-    asked, fixed, per_head = _fixed(path, record["path"], check, outputs)
+    asked, fixed, per_head = _fixed(_overrated(path, check, outputs), record["path"], check, outputs)
     share = fixed / asked if asked else 0.0
     dropped = heldout_drop(record["metrics"], json.loads(current["metrics"] or "{}"), cfg.tolerance)
     ok, why = promotion(asked, fixed, [f"held-out accuracy {d}" for d in dropped], cfg.min_fixed,
@@ -275,33 +276,32 @@ def recalibrate(ws: Workspace, pairs: dict[str, list[tuple[str, str]]], cfg: Rec
             "heldout_after": _summary(record["metrics"])}
 
 
-def _asked(before: Path, sets: dict[str, tuple[list[str], list[str]]], outputs: dict) -> int:
-    """How many failures of `sets` ({head: (failures, well-rated)}) the version `before` overrates."""
-    n = 0
+def _overrated(version: str | Path, sets: dict[str, tuple[list[str], list[str]]], outputs: dict) -> dict[str, np.ndarray]:
+    """Per head of `sets` ({head: (failures, well-rated outputs)}) with both sides: which
+    failures `version` scores at or above the median well-rated output."""
+    out = {}
     for h, (fails, goods) in sets.items():
         if fails and goods:
-            s = _head_scores(before, h, [outputs[i] for i in fails + goods])
-            n += int(overrated(s[:len(fails)], s[len(fails):]).sum())
-    return n
+            s = _head_scores(version, h, [outputs[i] for i in fails + goods])
+            out[h] = overrated(s[:len(fails)], s[len(fails):])
+    return out
 
 
-def _fixed(before: Path, after: str | Path, sets: dict[str, tuple[list[str], list[str]]],
+def _fixed(was: dict[str, np.ndarray], after: str | Path, sets: dict[str, tuple[list[str], list[str]]],
            outputs: dict) -> tuple[int, int, dict[str, Any]]:
-    """(failures `before` overrated, of those `after` no longer overrates, per head) over
-    `sets` ({head: (failures, well-rated outputs)})."""
+    """(failures overrated before (`was`, from `_overrated`), of those `after` no longer
+    overrates, per head) over `sets`."""
+    now_all = _overrated(after, sets, outputs)
     per_head, fixed, asked = {}, 0, 0
     for h, (fails, goods) in sets.items():
-        if not fails or not goods:
+        if h not in was:
             per_head[h] = {"check_failures": len(fails), "check_good": len(goods), "note": "too few to measure"}
             continue
-        items = [outputs[i] for i in fails + goods]
-        b, a = _head_scores(before, h, items), _head_scores(after, h, items)
-        n = len(fails)
-        was, now = overrated(b[:n], b[n:]), overrated(a[:n], a[n:])
-        per_head[h] = {"check_failures": n, "overrated_before": int(was.sum()), "overrated_after": int(now.sum()),
-                       "fixed": int((was & ~now).sum())}
-        fixed += int((was & ~now).sum())
-        asked += int(was.sum())
+        now = now_all[h]
+        per_head[h] = {"check_failures": len(fails), "overrated_before": int(was[h].sum()),
+                       "overrated_after": int(now.sum()), "fixed": int((was[h] & ~now).sum())}
+        fixed += int((was[h] & ~now).sum())
+        asked += int(was[h].sum())
     return asked, fixed, per_head
 
 
