@@ -342,7 +342,7 @@ class RLJob(TrainJob):
         each: dict[str, dict[str, torch.Tensor]] = {}
         figures = compare_samplers({"before": ode_sampler(self.reference, c.sample_steps, c.cfg_scale, c.shift),
                                     "after": ode_sampler(self.policy, c.sample_steps, c.cfg_scale, c.shift)},
-                                   p, noise, judge, samples=each)
+                                   p, noise, judge, samples=each, repeats=1)  # rewards, not speed
         return {"samplers": figures, "n_prompts": len(p),
                 "verdict": verdict(each["before"], each["after"], tuple(c.reward_weights or (
                     k[len("reward_"):] for k in each["before"] if k.startswith("reward_"))))}
