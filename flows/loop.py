@@ -1,8 +1,13 @@
-"""One turn of the self-correcting loop as a Prefect flow:
+"""One turn of the self-correcting loop as a parent Prefect flow over four sub-flows, each
+one an ML-ops engineer can also run or deploy alone:
 
-    feedback (already ingested) -> triage -> remedies (auto-approved with `auto_approve`,
-    standing in for a curator) -> triggers -> the fired jobs -> the same failures triaged
-    again on the corrected workspace
+    feedback (already ingested)
+      -> triage_flow     new failures binned into rl / knowledge / prompt
+      -> remedies_flow   a remedy per group, queued for review (auto-approved with
+                         `auto_approve`, standing in for a curator)
+      -> trigger policies (a task of the parent)
+      -> jobs_flow       the fired jobs: train, evaluate on held-out failures, gate
+      -> evaluate_flow   the same failures triaged again on the corrected workspace
 
 It reports, per cause, how many failures were binned there before the turn and how many
 still fail for it after (models.jobs.still_failing: a knowledge failure whose concept a
@@ -80,8 +85,8 @@ def fire_triggers(root: str, cfg: TriggerConfig) -> list[str]:
     return [f"{v.cause}: {v.why}" for v in check(Workspace.at(root), cfg) if v.fire]
 
 
-@stage
-def run_jobs(root: str, cfg, kinds: tuple[str, ...] | None = None) -> list[dict]:
+def _run_jobs(root: str, cfg, kinds: tuple[str, ...] | None) -> list[dict]:
+    """models.jobs.run_queued, flattened to what a flow returns. Runs where it is placed."""
     from models.jobs import run_queued
 
     out = []
@@ -93,40 +98,80 @@ def run_jobs(root: str, cfg, kinds: tuple[str, ...] | None = None) -> list[dict]
 
 
 @stage
-def retriage(root: str, ids: list[str]) -> dict[str, str]:
-    """The failures of this turn triaged again on the corrected workspace (rows appended),
-    each with the cause it still fails for ("" when fixed)."""
+def run_jobs(root: str, cfg, kinds: tuple[str, ...] | None = None, ray_address: str | None = None) -> list[dict]:
+    """The queued jobs, on a Ray GPU worker when the flow joins a cluster (`ray_address` or
+    RAY_ADDRESS) that has one (the flow's own process may hold no GPU), else here."""
+    import os
+
+    from dataengine.cluster import ensure_ray, on_gpu
+
+    if ray_address or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(ray_address)
+    return on_gpu(_run_jobs, root, cfg, kinds)
+
+
+@stage
+def retriage(root: str) -> dict[str, str]:
+    """Every failure triaged again on the corrected workspace (rows appended), each with the
+    cause it still fails for ("" when fixed). Failures are read from the catalog, not passed
+    in: a flow parameter is capped at 512 KB, a few thousand ids."""
     from dataengine.triage_run import triage_workspace
     from models.clip import load_clip
     from models.feedback_rewards import WorkspaceRewards
     from models.jobs import still_failing
 
-    triage_workspace(Workspace.at(root), retriage=True, load_encoder=load_clip, scorer=WorkspaceRewards)
-    now = _latest_causes(Workspace.at(root))
-    causes = {i: now[i] for i in ids if i in now}
-    failing = still_failing(Workspace.at(root), causes)
+    ws = Workspace.at(root)
+    ids = set(_latest_causes(ws))
+    triage_workspace(ws, retriage=True, load_encoder=load_clip, scorer=WorkspaceRewards)
+    causes = {i: c for i, c in _latest_causes(ws).items() if i in ids}
+    failing = still_failing(ws, causes)
     return {i: c if failing.get(i, True) else "" for i, c in causes.items()}
+
+
+@flow(name="dataengine-triage")
+def triage_flow(workspace: str) -> dict[str, int]:
+    """Triage the failures no triage row covers yet; how many went to each cause."""
+    Catalog(Workspace.at(workspace)).migrate()
+    return triage_new(workspace)
+
+
+@flow(name="dataengine-remedies")
+def remedies_flow(workspace: str, auto_approve: bool = False) -> tuple[dict[str, int], int]:
+    """A remedy per group of triaged failures, queued for review; (made per cause, approved)."""
+    return queue_remedies(workspace, auto_approve)
+
+
+@flow(name="dataengine-jobs")
+def jobs_flow(workspace: str, jobs=None, kinds: tuple[str, ...] | None = None,
+              ray_address: str | None = None) -> list[dict]:
+    """Run the queued jobs (of `kinds`; None: all). `jobs`: a models.jobs.JobConfig."""
+    from models.jobs import JobConfig
+
+    return run_jobs(workspace, jobs or JobConfig(), kinds, ray_address)
+
+
+@flow(name="dataengine-evaluate")
+def evaluate_flow(workspace: str) -> dict[str, str]:
+    """Each failure with the cause it still fails for on the current versions ("" when fixed)."""
+    return retriage(workspace)
 
 
 @flow(name="dataengine-loop-turn", log_prints=False)
 def loop_turn(workspace: str, auto_approve: bool = False, triggers: TriggerConfig = TriggerConfig(),
               jobs=None) -> TurnReport:
     """`jobs`: a models.jobs.JobConfig (None: its defaults)."""
-    from models.jobs import JobConfig
-
     ws = Workspace.at(workspace)
-    Catalog(ws).migrate()
-    report = TurnReport(triaged=triage_new(workspace))
+    report = TurnReport(triaged=triage_flow(workspace))
     causes = _latest_causes(ws)
     report.before = {c: sum(v == c for v in causes.values()) for c in CAUSES}
     truth = _injected(ws)
     if truth:
         report.confusion = {t: {p: sum(truth[i] == t and causes.get(i) == p for i in truth) for p in CAUSES}
                             for t in CAUSES}
-    report.remedies, report.approved = queue_remedies(workspace, auto_approve)
+    report.remedies, report.approved = remedies_flow(workspace, auto_approve)
     report.fired = fire_triggers(workspace, triggers)
-    report.jobs = run_jobs(workspace, jobs or JobConfig()) if report.fired else []
-    after = retriage(workspace, list(causes))
+    report.jobs = jobs_flow(workspace, jobs) if report.fired else []
+    after = evaluate_flow(workspace)
     # Per cause, of the failures it had before the turn: those still failing for it (one that
     # moved to another cause, e.g. a patched concept whose output is still wrong, left it).
     report.after = {c: sum(after.get(i) == c for i, b in causes.items() if b == c) for c in CAUSES}

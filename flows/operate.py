@@ -75,12 +75,12 @@ def intake_flow(workspace: str, triggers: dict | None = None, auto_approve: bool
                 settle_s: float = 2.0) -> dict:
     """Feedback inbox -> triage -> remedies -> trigger policies -> `dataengine.job.queued` events.
     `triggers`: the [triggers] table of the config ({cause: policy fields})."""
-    from flows.loop import queue_remedies, triage_new
+    from flows.loop import remedies_flow, triage_flow
 
     Catalog(Workspace.at(workspace)).migrate()
     intake = take_inbox(workspace, settle_s)
-    triaged = triage_new(workspace)
-    remedies, approved = queue_remedies(workspace, auto_approve)
+    triaged = triage_flow(workspace)
+    remedies, approved = remedies_flow(workspace, auto_approve)
     jobs = queue_jobs(workspace, TriggerConfig.from_dict(triggers or {}))
     for job in jobs:
         announce(QUEUED, job, workspace)
@@ -88,13 +88,14 @@ def intake_flow(workspace: str, triggers: dict | None = None, auto_approve: bool
 
 
 @flow(name="dataengine-retrain")
-def retrain_flow(workspace: str, kind: str | None = None) -> list[dict]:
+def retrain_flow(workspace: str, kind: str | None = None, ray_address: str | None = None) -> list[dict]:
     """Run the queued jobs (of `kind`: retrain-reward, retrain-dit, retrain-enhancer; None:
-    all): train, evaluate on held-out failures, promote or keep a candidate."""
+    all): train, evaluate on held-out failures, promote or keep a candidate. On a Ray
+    cluster with a GPU (`ray_address` or RAY_ADDRESS) the training runs on a GPU worker."""
     from flows.loop import run_jobs
     from models.jobs import JobConfig
 
-    done = run_jobs(workspace, JobConfig(), kinds=(kind,) if kind else None)
+    done = run_jobs(workspace, JobConfig(), (kind,) if kind else None, ray_address)
     for job in done:
         announce(FINISHED, job, workspace)
     return done

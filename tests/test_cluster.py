@@ -52,15 +52,24 @@ def where(rec):
     import ray
     return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
+def gpu_where():
+    import ray
+    return {"node": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
 root, units = sys.argv[1], sys.argv[2]
 print("REPORT " + json.dumps(units_flow(root, "where", where, JsonlUnits(units), chunk_size=5, max_in_flight=4)))
+import ray
+from dataengine.cluster import on_gpu
+gpu_node = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU"))
+print("GPU " + json.dumps(on_gpu(gpu_where) | {"gpu_node": gpu_node}))
 '''
 
 
 @pytest.mark.slow
 def test_a_flow_joins_the_two_node_cluster_ray_address_names(tmp_path, ws):
-    """A flow run with RAY_ADDRESS set joins that cluster (it does not start its own) and
-    its units run on both of its nodes."""
+    """A flow run with RAY_ADDRESS set joins that cluster (it does not start its own), its
+    units run on both of its nodes, and the work it hands `on_gpu` runs on the node that
+    has a GPU (declared: Ray schedules by the resource, CUDA is not needed to test it)."""
     import json
     import os
     import subprocess
@@ -76,7 +85,7 @@ def test_a_flow_joins_the_two_node_cluster_ray_address_names(tmp_path, ws):
     script.write_text(RUN_ON_CLUSTER)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
-        cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1, num_gpus=1)
         cluster.wait_for_nodes()
         env = dict(os.environ, RAY_ADDRESS=cluster.address)
         out = subprocess.run([sys.executable, str(script), str(ws.root), str(units)], env=env, capture_output=True,
@@ -88,3 +97,13 @@ def test_a_flow_joins_the_two_node_cluster_ray_address_names(tmp_path, ws):
     assert report["committed"] == 200
     rows = Catalog(ws).query("SELECT result FROM stage_units WHERE stage = 'where'").column("result").to_pylist()
     assert len(rows) == 200 and len({json.loads(r)["node"] for r in rows}) == 2
+    gpu = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("GPU "))[4:])
+    assert gpu["node"] == gpu["gpu_node"] and gpu["gpus"] == ["0"], gpu
+
+
+def test_on_gpu_runs_in_process_without_a_cluster_gpu():
+    import os
+
+    from dataengine.cluster import on_gpu
+
+    assert on_gpu(os.getpid) == os.getpid()

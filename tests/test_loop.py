@@ -25,6 +25,18 @@ def test_the_gate_promotes_only_a_version_that_fixes_enough_and_is_no_worse():
     assert gate(0.5, None, 0.6, cfg)[0] and not gate(None, 1.0, 0.9, cfg)[0]
 
 
+def _child_flows(parent_id) -> list[str]:
+    """The names of the flows Prefect recorded as sub-flows of the flow run `parent_id`."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        names = []
+        for run in client.read_flow_runs():
+            if run.parent_task_run_id and client.read_task_run(run.parent_task_run_id).flow_run_id == parent_id:
+                names.append(client.read_flow(run.flow_id).name)
+    return sorted(names)
+
+
 @pytest.mark.slow
 def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path):
     from connectors.feedback import ingest_files
@@ -70,8 +82,11 @@ def test_knowledge_failures_are_patched_reindexed_and_fixed_by_one_turn(tmp_path
 
     jobs = JobConfig(dit_steps=5, dit_overrides=(("eval_prompts", 2), ("sample_steps", 4), ("batch_size", 8),
                                                  ("fidelity", False)))
-    turn = loop_turn(str(ws.root), auto_approve=True, triggers=TriggerConfig(knowledge=TriggerPolicy(min_approved=1)),
-                     jobs=jobs)
+    state = loop_turn(str(ws.root), auto_approve=True, triggers=TriggerConfig(knowledge=TriggerPolicy(min_approved=1)),
+                      jobs=jobs, return_state=True)
+    turn = state.result()
+    assert _child_flows(state.state_details.flow_run_id) == ["dataengine-evaluate", "dataengine-jobs",
+                                                             "dataengine-remedies", "dataengine-triage"]
     first = {r["feedback_id"]: r["cause"] for r in cat.query(
         "SELECT feedback_id, arg_min(cause, triaged_at) AS cause FROM triage GROUP BY 1").to_pylist()}
     assert [first[f"f{i}"] for i in range(4)] == ["knowledge"] * 4, first
