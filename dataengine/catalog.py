@@ -20,11 +20,11 @@ import duckdb
 import pyarrow as pa
 
 from dataengine import lake
-from dataengine.schema import CATALOG_TABLES, LAKE_TABLES, conform
+from dataengine.schema import CATALOG_TABLES, CATALOG_VIEWS, LAKE_TABLES, conform
 from dataengine.workspace import Workspace
 
-SCHEMA_VERSION = 4  # 2: quarantine.stage; 3: quarantine members, offsets, sizes, model_id;
-# 4: the feedback contract, quarantine.raw, remedies
+SCHEMA_VERSION = 5  # 2: quarantine.stage; 3: quarantine members, offsets, sizes, model_id;
+# 4: the feedback contract, quarantine.raw, remedies; 5: users, claims, reviews as events
 
 _DUCK_TYPES = {
     pa.string(): "VARCHAR",
@@ -53,7 +53,10 @@ class LockRetry:
 
 def _is_lock_conflict(err: Exception) -> bool:
     msg = str(err)
-    return "lock" in msg.lower() and ("Could not set lock" in msg or "Conflicting lock" in msg)
+    # Another process holds the file, or another thread of this one holds it open read-write
+    # while we ask read-only (or the other way round): both clear when that connection closes.
+    return ("lock" in msg.lower() and ("Could not set lock" in msg or "Conflicting lock" in msg)) or \
+        "different configuration than existing connections" in msg
 
 
 def _duck_type(t: pa.DataType) -> str:
@@ -108,7 +111,7 @@ class Catalog:
                 # The views name lake paths relative to the workspace (see `migrate`).
                 return duckdb.connect(str(self.ws.catalog_path), read_only=read_only,
                                       config={"file_search_path": str(self.ws.root)})
-            except duckdb.IOException as e:
+            except (duckdb.IOException, duckdb.ConnectionException) as e:
                 if not _is_lock_conflict(e):
                     raise
                 if time.monotonic() >= deadline:
@@ -146,6 +149,8 @@ class Catalog:
                     f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM "
                     f"read_parquet('{glob}', union_by_name = true)"
                 )
+            for name, sql in CATALOG_VIEWS.items():
+                con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
             for key, value in (("schema_version", str(SCHEMA_VERSION)), ("root", str(self.ws.root))):
                 con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
         return SCHEMA_VERSION

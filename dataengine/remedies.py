@@ -254,29 +254,35 @@ def decide(ws: Workspace, remedy_id: str, verdict: str, curator: str, note: str 
            edit: dict | None = None) -> dict:
     """A curator's verdict on one remedy: approve, reject, or edit (merge `edit` into its
     proposal, then approve). Used remedies cannot change."""
-    if verdict not in VERDICTS:
-        raise RemedyError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     catalog = Catalog(ws)
     with catalog.transaction() as con:
-        rows = con.sql("SELECT * FROM remedies WHERE remedy_id = ?", params=[remedy_id]).to_arrow_table().to_pylist()
-        if not rows:
-            raise RemedyError(f"no remedy {remedy_id!r}")
-        row = rows[0]
-        if row["status"] == "used":
-            raise RemedyError(f"remedy {remedy_id} was used by job {row['job_id']}; it cannot change")
-        if verdict == "edit":
-            if not edit:
-                raise RemedyError("an edit needs the fields to change")
-            proposal = json.loads(row["proposal"]) | edit
-            if row["cause"] == "prompt":
-                proposal["needs_edit"] = bool(sg.drift(proposal["less"], proposal["more"]).lost)
-                if proposal["needs_edit"]:
-                    raise RemedyError(f"the edited prompt still loses the user's words: "
-                                      f"{sg.drift(proposal['less'], proposal['more']).explain()}")
-            row["proposal"] = json.dumps(proposal, default=str)
-        row.update(status="rejected" if verdict == "reject" else "approved", curator=curator, note=note,
-                   decided_at=datetime.now(timezone.utc))
-        catalog.upsert("remedies", pa.Table.from_pylist([row], schema=REMEDIES), con)
+        return decide_in(catalog, con, remedy_id, verdict, curator, note, edit)
+
+
+def decide_in(catalog: Catalog, con, remedy_id: str, verdict: str, curator: str, note: str | None = None,
+              edit: dict | None = None) -> dict:
+    """`decide` inside the caller's transaction (a dashboard review writes its event with it)."""
+    if verdict not in VERDICTS:
+        raise RemedyError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    rows = con.sql("SELECT * FROM remedies WHERE remedy_id = ?", params=[remedy_id]).to_arrow_table().to_pylist()
+    if not rows:
+        raise RemedyError(f"no remedy {remedy_id!r}")
+    row = rows[0]
+    if row["status"] == "used":
+        raise RemedyError(f"remedy {remedy_id} was used by job {row['job_id']}; it cannot change")
+    if verdict == "edit":
+        if not edit:
+            raise RemedyError("an edit needs the fields to change")
+        proposal = json.loads(row["proposal"]) | edit
+        if row["cause"] == "prompt":
+            proposal["needs_edit"] = bool(sg.drift(proposal["less"], proposal["more"]).lost)
+            if proposal["needs_edit"]:
+                raise RemedyError(f"the edited prompt still loses the user's words: "
+                                  f"{sg.drift(proposal['less'], proposal['more']).explain()}")
+        row["proposal"] = json.dumps(proposal, default=str)
+    row.update(status="rejected" if verdict == "reject" else "approved", curator=curator, note=note,
+               decided_at=datetime.now(timezone.utc))
+    catalog.upsert("remedies", pa.Table.from_pylist([row], schema=REMEDIES), con)
     return row
 
 

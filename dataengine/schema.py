@@ -185,15 +185,42 @@ SHARDS = pa.schema(
     ]
 )
 
+# Curators' verdicts, append-only: a row is never changed or deleted, an undo is a row of its
+# own, and an item's current state is the view `review_state` over them (dataengine/review.py).
 REVIEWS = pa.schema(
     [
-        ("review_id", pa.string()),
+        ("review_id", pa.string()),  # chosen by the client per action: the same verdict sent twice is stored once
         ("feedback_id", pa.string()),
-        ("verdict", pa.string()),  # accept | reject | reassign
+        ("verdict", pa.string()),  # accept | reject | reassign | undo
         ("cause", pa.string()),  # the curator's cause when reassigning
         ("curator", pa.string()),
         ("note", pa.string()),
         ("reviewed_at", TS),
+        ("remedy_id", pa.string()),  # the remedy the verdict decided, if any
+        ("remedy_verdict", pa.string()),  # approve | reject | edit
+        ("remedy_edit", pa.string()),  # JSON of the fields an edit changed
+        ("undoes", pa.string()),  # undo: the review_id it takes back
+    ]
+)
+
+# Who may sign in to the dashboard, and as what (dataengine/accounts.py).
+USERS = pa.schema(
+    [
+        ("username", pa.string()),
+        ("role", pa.string()),  # viewer | curator | admin
+        ("password_hash", pa.string()),  # argon2id, with its own salt and parameters
+        ("created_by", pa.string()),
+        ("created_at", TS),
+    ]
+)
+
+# A curator's hold on a failure while reviewing it; it lapses at expires_at.
+CLAIMS = pa.schema(
+    [
+        ("feedback_id", pa.string()),
+        ("curator", pa.string()),
+        ("claimed_at", TS),
+        ("expires_at", TS),
     ]
 )
 
@@ -260,6 +287,19 @@ CATALOG_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "model_versions": (MODEL_VERSIONS, ("model", "version")),
     "remedies": (REMEDIES, ("remedy_id",)),
     "stage_units": (STAGE_UNITS, ("stage", "unit")),
+    "users": (USERS, ("username",)),
+    "claims": (CLAIMS, ("feedback_id",)),
+}
+
+# Views over the catalog's own tables (the lake's views are made from LAKE_TABLES).
+CATALOG_VIEWS: dict[str, str] = {
+    # An item's current verdict: its newest review that is not an undo and was not undone.
+    "review_state": """
+        SELECT * EXCLUDE (n) FROM (
+            SELECT r.*, row_number() OVER (PARTITION BY r.feedback_id ORDER BY r.reviewed_at DESC, r.review_id DESC) AS n
+            FROM reviews r
+            WHERE r.verdict <> 'undo' AND r.review_id NOT IN (SELECT undoes FROM reviews WHERE verdict = 'undo'))
+        WHERE n = 1""",
 }
 
 ALL_TABLES = tuple(LAKE_TABLES) + tuple(CATALOG_TABLES)
