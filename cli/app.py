@@ -941,6 +941,87 @@ def demo(
         raise typer.Exit(1)
 
 
+users_app = typer.Typer(help="Dashboard users: who may sign in, as viewer, curator or admin.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("add")
+def users_add(
+    username: str = typer.Argument(...),
+    role: str = typer.Option("curator", help="viewer (reads) | curator (reviews) | admin (users, triggers)."),
+    workspace: Path = WorkspaceOpt,
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from stdin (scripts)."),
+    replace: bool = typer.Option(False, help="Reset an existing user's password and role."),
+) -> None:
+    """Add a user; the password is asked for (twice) unless --password-stdin, and stored as an argon2id hash."""
+    import sys
+
+    from dataengine.accounts import AccountError, add_user
+
+    ws = _existing(workspace)
+    password = (sys.stdin.readline().rstrip("\n") if password_stdin
+                else typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+    try:
+        user = add_user(Catalog(ws), username, password, role, created_by=os.environ.get("USER", "cli"),
+                        replace=replace)
+    except AccountError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"{user.username}: {user.role}")
+
+
+@users_app.command("remove")
+def users_remove(username: str = typer.Argument(...), workspace: Path = WorkspaceOpt) -> None:
+    """Remove a user; their open sessions can do nothing more, their claims are freed."""
+    from dataengine.accounts import AccountError, remove_user
+
+    try:
+        remove_user(Catalog(_existing(workspace)), username)
+    except AccountError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+    console.print(f"removed {username}")
+
+
+@users_app.command("list")
+def users_list(workspace: Path = WorkspaceOpt) -> None:
+    from dataengine.accounts import list_users
+
+    for u in list_users(Catalog(_existing(workspace))):
+        console.print(f"{u['username']:<24} {u['role']:<8} added by {u['created_by']} {u['created_at']:%Y-%m-%d}")
+
+
+@app.command()
+def dashboard(
+    workspace: Path = WorkspaceOpt,
+    host: str = typer.Option("127.0.0.1", help="Listen address (loopback unless --allow-remote)."),
+    port: int = typer.Option(8501),
+    allow_remote: bool = typer.Option(False, help="Allow a non-loopback --host (put TLS in front of it)."),
+) -> None:
+    """The curators' dashboard (Streamlit) over the workspace's catalog; sign in with a `dataengine users` account."""
+    import subprocess
+    import sys
+
+    from dataengine.accounts import list_users
+
+    ws = _existing(workspace)
+    Catalog(ws).migrate()
+    if host not in ("127.0.0.1", "localhost", "::1") and not allow_remote:
+        console.print(f"[red]{host} is not loopback: pass --allow-remote to listen there[/red]")
+        raise typer.Exit(2)
+    if not list_users(Catalog(ws)):
+        console.print("[yellow]no users yet: add one with `dataengine users add NAME --role admin`[/yellow]")
+    app_path = Path(__file__).resolve().parents[1] / "dashboards" / "app.py"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
+    console.print(f"dashboard on http://{host}:{port} (Ctrl-C stops it)")
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=dict(os.environ, DATAENGINE_WORKSPACE=str(ws.root))))
+    except KeyboardInterrupt:
+        pass
+
+
 server_app = typer.Typer(
     help="A Prefect server and a Ray head on this machine (loopback by default), so flows and "
          "workers share one server instead of each starting a temporary one.",

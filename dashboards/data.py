@@ -25,7 +25,10 @@ def marked_diff(prompt: str, enhanced: str | None) -> tuple[str, str]:
     through on the left and words it added highlighted on the right (both escaped)."""
     a, b = _WORD.findall(prompt or ""), _WORD.findall(enhanced or "")
     left, right = [], []
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=[w.lower() for w in a], b=[w.lower() for w in b],
+    def norm(w: str) -> str:  # "39," and "39" are the same word
+        return re.sub(r"\W", "", w.lower()) or w
+
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=[norm(w) for w in a], b=[norm(w) for w in b],
                                                       autojunk=False).get_opcodes():
         la, rb = " ".join(html.escape(w) for w in a[i1:i2]), " ".join(html.escape(w) for w in b[j1:j2])
         if op == "equal":

@@ -136,3 +136,12 @@ def test_overview_pairs_and_admin_pages_render_from_the_catalog(site, ws):
     assert "added ben (curator)" in texts(at)
     assert {u["username"] for u in json.loads(json.dumps(site.query("SELECT username FROM users").to_pylist()))} == {
         "ana", "val", "root", "ben"}
+
+
+def test_the_prompt_diff_marks_dropped_and_added_words_and_escapes_html():
+    from dashboards.data import marked_diff
+
+    left, right = marked_diff("a red <script>x</script> cat", "a blue <script>x</script> cat, on a mat")
+    assert "<script>" not in left + right and "&lt;script&gt;" in left
+    assert '<del style="background:#fdd">red</del>' in left
+    assert ">blue</ins>" in right and ">on a mat</ins>" in right and "cat," in right  # "cat," is "cat"
