@@ -363,4 +363,7 @@ def main() -> None:
         admin_page(cat, user)
 
 
-main()
+# Streamlit runs this file as __main__; a multiprocessing child that re-imports the parent's
+# main module (spawn, after AppTest ran it in-process) runs it as __mp_main__ and must not draw.
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,7 @@ _DUCK_TYPES = {
     pa.string(): "VARCHAR",
     pa.int64(): "BIGINT",
     pa.int32(): "INTEGER",
+    pa.int8(): "TINYINT",
     pa.float64(): "DOUBLE",
     pa.float32(): "FLOAT",
     pa.bool_(): "BOOLEAN",
@@ -151,6 +152,10 @@ class Catalog:
                 )
             for name, sql in CATALOG_VIEWS.items():
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+            if version < 5:  # the queue table is new: fill it from the triage already in the lake
+                from dataengine.review import refresh_queue
+
+                refresh_queue(self, None, con)
             for key, value in (("schema_version", str(SCHEMA_VERSION)), ("root", str(self.ws.root))):
                 con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
         return SCHEMA_VERSION
@@ -158,7 +163,8 @@ class Catalog:
     @staticmethod
     def _sync_table(con, name: str, schema: pa.Schema, pkey: tuple[str, ...]) -> None:
         cols = ", ".join(f"{f.name} {_duck_type(f.type)}" for f in schema)
-        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols}, PRIMARY KEY ({', '.join(pkey)}))")
+        key = f", PRIMARY KEY ({', '.join(pkey)})" if pkey else ""
+        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols}{key})")
         have = {r[0] for r in con.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [name]
         ).fetchall()}
@@ -175,7 +181,9 @@ class Catalog:
 
     def upsert(self, name: str, rows: pa.Table, con: duckdb.DuckDBPyConnection | None = None) -> int:
         """Insert or replace rows (by primary key) of a catalog table; returns the row count."""
-        schema, _ = CATALOG_TABLES[name]
+        schema, pkey = CATALOG_TABLES[name]
+        if not pkey:
+            raise ValueError(f"catalog table {name!r} has no primary key to upsert by")
         rows = conform(rows, schema, name)
         if con is None:
             with self.transaction() as own:

@@ -85,7 +85,7 @@ def _current(con, feedback_id: str) -> dict | None:
 
 
 def _triaged(con, feedback_id: str) -> bool:
-    return con.execute("SELECT count(*) FROM triage WHERE feedback_id = ?", [feedback_id]).fetchall()[0][0] > 0
+    return con.execute("SELECT count(*) FROM queue WHERE feedback_id = ?", [feedback_id]).fetchall()[0][0] > 0
 
 
 def _claim_in(catalog: Catalog, con, feedback_id: str, username: str, ttl_s: float, now: datetime) -> dict:
@@ -299,18 +299,40 @@ class QueueFilter:
 
 
 QUEUE_SQL = """
-WITH t AS (
-    SELECT feedback_id, arg_max(cause, triaged_at) AS cause, arg_max(confidence, triaged_at) AS confidence,
-           arg_max(triager, triaged_at) AS triager, max(triaged_at) AS triaged_at
-    FROM triage GROUP BY feedback_id),
-q AS (
-    SELECT t.*, f.time, f.prompt, f.enhanced_prompt, f.rating, f.model_version, f.task,
-           s.verdict, s.cause AS reviewed_cause, s.curator AS reviewer,
+WITH q AS (
+    SELECT qu.*, s.verdict, s.cause AS reviewed_cause, s.curator AS reviewer,
            c.curator AS claimed_by, c.expires_at AS claim_expires
-    FROM t JOIN feedback f USING (feedback_id)
+    FROM queue qu
     LEFT JOIN review_state s USING (feedback_id)
     LEFT JOIN (SELECT * FROM claims WHERE expires_at > ?) c USING (feedback_id))
 """
+
+
+def refresh_queue(catalog: Catalog, feedback_ids: Iterable[str] | None = None, con=None) -> int:
+    """Bring the `queue` table up to date with the lake for these failures (None: all):
+    each one's latest triage and its feedback fields. Triage calls it after each write."""
+    if con is None:
+        with catalog.transaction() as own:
+            return refresh_queue(catalog, feedback_ids, own)
+    latest = """SELECT feedback_id, arg_max(cause, triaged_at) AS cause, arg_max(confidence, triaged_at) AS confidence,
+                       arg_max(triager, triaged_at) AS triager, max(triaged_at) AS triaged_at
+                FROM triage {where} GROUP BY feedback_id"""
+    if feedback_ids is None:
+        con.execute("DELETE FROM queue")
+        where = ""
+    else:
+        con.register("_ids", pa.table({"feedback_id": pa.array(list(dict.fromkeys(feedback_ids)), pa.string())}))
+        con.execute("DELETE FROM queue WHERE feedback_id IN (SELECT feedback_id FROM _ids)")
+        where = "WHERE feedback_id IN (SELECT feedback_id FROM _ids)"
+    try:
+        n = con.execute(f"""INSERT INTO queue
+            SELECT t.feedback_id, t.cause, t.confidence, t.triager, t.triaged_at, f.time, f.prompt,
+                   f.enhanced_prompt, f.rating, f.model_version, f.task
+            FROM ({latest.format(where=where)}) t JOIN feedback f USING (feedback_id)""").fetchall()[0][0]
+    finally:
+        if feedback_ids is not None:
+            con.unregister("_ids")
+    return n
 
 
 def queue_page(catalog: Catalog, flt: QueueFilter = QueueFilter(), sort: str = "confidence", descending: bool = True,
@@ -323,24 +345,20 @@ def queue_page(catalog: Catalog, flt: QueueFilter = QueueFilter(), sort: str = "
     now = _now()
     where, params = flt.where(now)
     order = f"{SORTS[sort]} {'DESC' if descending else 'ASC'} NULLS LAST, q.feedback_id"
-    sql = (QUEUE_SQL + f"SELECT *, count(*) OVER () AS total FROM q WHERE {where} ORDER BY {order} "
-           "LIMIT ? OFFSET ?")
-    rows = catalog.query(sql, [now, *params, limit, offset]).to_pylist()
-    total = rows[0]["total"] if rows else _count(catalog, where, [now, *params])
-    for r in rows:
-        r.pop("total", None)
+    with catalog.connect(read_only=True) as con:  # one open for both: the page and its count agree
+        rows = con.sql(QUEUE_SQL + f"SELECT * FROM q WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?",
+                       params=[now, *params, limit, offset]).to_arrow_table().to_pylist()
+        total = con.sql(QUEUE_SQL + f"SELECT count(*) AS n FROM q WHERE {where}",
+                        params=[now, *params]).fetchall()[0][0]
     return rows, total
-
-
-def _count(catalog: Catalog, where: str, params: list) -> int:
-    return catalog.query(QUEUE_SQL + f"SELECT count(*) AS n FROM q WHERE {where}", params).column("n")[0].as_py()
 
 
 def selection(catalog: Catalog, flt: QueueFilter, cap: int = 10_000) -> list[str]:
     """The ids a filter selects (for a bulk action), at most `cap`."""
-    where, params = flt.where(_now())
+    now = _now()
+    where, params = flt.where(now)
     sql = QUEUE_SQL + f"SELECT feedback_id FROM q WHERE {where} ORDER BY feedback_id LIMIT ?"
-    return catalog.query(sql, [_now(), *params, cap]).column("feedback_id").to_pylist()
+    return catalog.query(sql, [now, *params, cap]).column("feedback_id").to_pylist()
 
 
 def item(catalog: Catalog, feedback_id: str) -> dict | None:

@@ -23,6 +23,7 @@ from dataengine import signals as sg
 from dataengine.catalog import Catalog
 from dataengine.embed import Loader
 from dataengine.schema import MODEL_VERSIONS, TRIAGE
+from dataengine.review import refresh_queue
 from dataengine.triage import (CAUSES, LearnedTriager, RuleTriager, SignalTable, compare, gather, rows_of,
                                table_from_evidence)
 from dataengine.workspace import Workspace
@@ -157,6 +158,7 @@ def triage_workspace(ws: Workspace, model: str = "default", retriage: bool = Fal
     decision = triager.decide(table)
     out = rows_of(table, decision)
     lake.write_part(ws.lake, "triage", pa.Table.from_pylist(out, schema=TRIAGE))
+    refresh_queue(catalog, [r["feedback_id"] for r in out])  # what the dashboard pages
     report.triaged = len(out)
     report.by_cause = {c: decision.causes.count(c) for c in CAUSES}
     report.examples = [json.loads(r["evidence"])["text"] for r in out[:5]]

@@ -13,7 +13,7 @@ from dataengine import lake
 from dataengine.accounts import AccountError, Forbidden, add_user, authenticate, list_users, remove_user, require
 from dataengine.catalog import Catalog
 from dataengine.review import (ClaimTaken, QueueFilter, ReviewError, Verdict, bulk, claim, history, item,
-                               queue_page, release, selection, submit, undo)
+                               queue_page, refresh_queue, release, selection, submit, undo)
 from dataengine.schema import FEEDBACK, REMEDIES, TRIAGE
 
 INJECTION = "x'); DROP TABLE reviews; --"
@@ -32,6 +32,7 @@ def seed_failures(ws, n: int, start: int = 0, causes=("rl", "knowledge", "prompt
                    "evidence": json.dumps({"why": f"because {i}"}), "triager": "rules/v1", "triaged_at": now})
     lake.write_part(ws.lake, "feedback", pa.Table.from_pylist(fb, schema=FEEDBACK))
     lake.write_part(ws.lake, "triage", pa.Table.from_pylist(tr, schema=TRIAGE))
+    refresh_queue(Catalog(ws), [r["feedback_id"] for r in fb])  # as triage does after writing
     return [r["feedback_id"] for r in fb]
 
 
