@@ -145,3 +145,56 @@ def test_the_prompt_diff_marks_dropped_and_added_words_and_escapes_html():
     assert "<script>" not in left + right and "&lt;script&gt;" in left
     assert '<del style="background:#fdd">red</del>' in left
     assert ">blue</ins>" in right and ">on a mat</ins>" in right and "cat," in right  # "cat," is "cat"
+
+
+def test_a_knowledge_item_shows_its_nearest_training_samples_read_from_the_shard_by_offset(site, ws, tmp_path):
+    from PIL import Image
+
+    from conftest import good_sample
+    from dashboards.data import nearest_samples, thumbnail
+    from dataengine.ingest import IngestConfig, ingest
+    from dataengine.schema import GAPS
+    from dataengine.shards import write_shards
+
+    urls = write_shards([good_sample(f"train-{i}", f"caption {i}") for i in range(4)], tmp_path / "shards", "t", 10)
+    ingest(ws, urls, IngestConfig(use_ray=False), site)
+    fid = "fb-00001"  # a knowledge failure of the seeded queue
+    evidence = {"neighbours": [{"key": "train-2", "similarity": 0.41, "caption": "caption 2"},
+                               {"key": "train-0", "similarity": 0.37, "caption": "caption 0"}]}
+    lake.write_part(ws.lake, "gaps", pa.Table.from_pylist([
+        {"gap_id": "g1", "feedback_id": fid, "concept": "prompt 1", "kind": "text", "coverage": -0.2,
+         "similarity": 0.4, "is_gap": True, "evidence": json.dumps(evidence)}], schema=GAPS))
+    shown = nearest_samples(site, fid)
+    assert [n["key"] for n in shown] == ["train-2", "train-0"] and all(n["image_offset"] > 0 for n in shown)
+    import io
+
+    thumb = Image.open(io.BytesIO(thumbnail(shown[0]["shard"], shown[0]["image_offset"], shown[0]["image_size"])))
+    assert thumb.size == (32, 24)  # the sample's own image, decoded from its bytes in the tar
+    at = signed_in("ana", "correct horse 1")
+    at.text_input(key="f_text").input("prompt 1").run()  # it, and prompts 10-19
+    at.selectbox(key="item").set_value(fid).run()
+    assert not at.exception and "Nearest training samples" in texts(at) and "0.41 caption 2" in texts(at)
+    at.sidebar.radio(key="nav").set_value("Overview").run()
+    assert len(at.get("vega_lite_chart")) >= 2  # failure rate and the gap map
+
+
+def test_sql_in_every_text_box_is_matched_or_stored_as_plain_text(site):
+    at = signed_in("ana", "correct horse 1")
+    at.text_input(key="f_text").input(INJECTION).run()
+    assert not at.exception and "0 items match" in texts(at)
+    at.text_input(key="f_text").input("").run()
+    fid = at.selectbox(key="item").value
+    at.button(key=f"claim-{fid}").click().run()
+    at.text_area(key=f"e-{fid}").input(INJECTION)  # not JSON: refused, nothing written
+    at.selectbox(key=f"r-{fid}").set_value("edit")
+    at.button[[b.label for b in at.button].index("Submit verdict")].click().run()
+    assert "not JSON" in texts(at) and site.query("SELECT count(*) FROM reviews").column(0)[0].as_py() == 0
+    at.text_area(key=f"e-{fid}").input("")
+    at.selectbox(key=f"r-{fid}").set_value("leave")
+    at.text_area(key=f"n-{fid}").input(INJECTION)
+    at.button[[b.label for b in at.button].index("Submit verdict")].click().run()
+    assert site.query("SELECT note FROM reviews").column(0).to_pylist() == [INJECTION]
+    at.sidebar.radio(key="nav").set_value("Enhancer pairs").run()
+    at.text_input(key="pairs_text").input(INJECTION).run()
+    assert not at.exception and "no degradation chains match" in texts(at)
+    assert site.query("SELECT count(*) FROM users").column(0)[0].as_py() == 3  # every table still there
