@@ -87,24 +87,39 @@ def chain(catalog: Catalog, source_id: str) -> list[dict]:
 
 
 def jobs(catalog: Catalog, limit: int = 100) -> list[dict]:
-    """Retrain jobs, newest first, with what fired them and the gate's decision."""
+    """Retrain jobs, newest first: what fired them, status, the gate's decision, and the
+    measure each kind is judged by before and after."""
     rows = catalog.query("SELECT job_id, kind, status, trigger, result, created_at, updated_at FROM jobs "
                          "ORDER BY created_at DESC LIMIT ?", [limit]).to_pylist()
     for r in rows:
         result = json.loads(r.pop("result") or "null") or {}
-        inner = next((v for v in result.values() if isinstance(v, dict) and "promoted" in v), result)
+        inner = result.get("dit") if isinstance(result.get("dit"), dict) else result
         r["promoted"] = inner.get("promoted")
-        r["gate"] = inner.get("gate") or result.get("gate")
-        r["fixed_share"] = result.get("fixed_share", inner.get("fixed_share"))
-        r["before"] = _metric(inner, "before")
-        r["after"] = _metric(inner, "after")
-        r["error"] = result.get("error")
+        r["gate"] = inner.get("gate") or result.get("error") or result.get("dit")
+        r["fixed_share"] = result.get("fixed_share")
+        r["before -> after"] = before_after(r["kind"], result)
     return rows
 
 
-def _metric(d: dict, key: str) -> str | None:
-    v = d.get(key)
-    return json.dumps(v, default=str) if isinstance(v, (dict, list)) else (None if v is None else str(v))
+def before_after(kind: str, result: dict) -> str | None:
+    """The figure a job of `kind` is judged by, before and after, in words."""
+    def pair(a, b, fmt="{}") -> str:
+        return f"{fmt.format(a) if a is not None else '?'} -> {fmt.format(b) if b is not None else '?'}"
+
+    if kind == "retrain-dit" and "prompts_uncovered_before" in result:
+        out = "uncovered prompts " + pair(result["prompts_uncovered_before"], result["prompts_uncovered_after"])
+        dit = result.get("dit")
+        if isinstance(dit, dict):
+            out += "; eval loss " + pair(dit.get("current_eval_loss"), dit.get("eval_loss"), "{:.4f}")
+        return out
+    if kind == "retrain-enhancer" and "heldout_loss_rate_before" in result:
+        return "held-out prompts losing a word " + pair(result["heldout_loss_rate_before"],
+                                                       result["heldout_loss_rate_after"], "{:.0%}")
+    if kind == "retrain-reward" and "heldout_before" in result:
+        b, a = result["heldout_before"], result["heldout_after"]
+        return "; ".join(f"{h} accuracy " + pair(b.get(h, {}).get("accuracy"), v.get("accuracy"), "{:.3f}")
+                         for h, v in a.items())
+    return None
 
 
 def quarantine(catalog: Catalog) -> list[dict]:

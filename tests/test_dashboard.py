@@ -198,3 +198,30 @@ def test_sql_in_every_text_box_is_matched_or_stored_as_plain_text(site):
     at.text_input(key="pairs_text").input(INJECTION).run()
     assert not at.exception and "no degradation chains match" in texts(at)
     assert site.query("SELECT count(*) FROM users").column(0)[0].as_py() == 3  # every table still there
+
+
+def test_the_jobs_table_says_each_kinds_measure_before_and_after(site):
+    from datetime import datetime, timezone
+
+    from dashboards.data import jobs
+    from dataengine.schema import JOBS
+
+    now = datetime.now(timezone.utc)
+    results = {
+        "retrain-dit": {"prompts_uncovered_before": 4, "prompts_uncovered_after": 1, "fixed_share": 0.75,
+                        "dit": {"promoted": True, "gate": "fixed 75%", "eval_loss": 0.1, "current_eval_loss": 0.12}},
+        "retrain-enhancer": {"promoted": False, "gate": "fixed 20% < 50%", "fixed_share": 0.2,
+                             "heldout_loss_rate_before": 0.5, "heldout_loss_rate_after": 0.25},
+        "retrain-reward": {"promoted": True, "gate": "ok", "fixed_share": 0.6,
+                           "heldout_before": {"aesthetics": {"accuracy": 0.77}},
+                           "heldout_after": {"aesthetics": {"accuracy": 0.83}}},
+    }
+    site.upsert("jobs", pa.Table.from_pylist([
+        {"job_id": kind, "kind": kind, "status": "done", "trigger": "20 approved", "result": json.dumps(r),
+         "created_at": now, "updated_at": now} for kind, r in results.items()], schema=JOBS))
+    got = {j["kind"]: j for j in jobs(site)}
+    assert got["retrain-dit"]["before -> after"] == "uncovered prompts 4 -> 1; eval loss 0.1200 -> 0.1000"
+    assert got["retrain-dit"]["promoted"] is True and got["retrain-dit"]["gate"] == "fixed 75%"
+    assert got["retrain-enhancer"]["before -> after"] == "held-out prompts losing a word 50% -> 25%"
+    assert got["retrain-enhancer"]["promoted"] is False
+    assert got["retrain-reward"]["before -> after"] == "aesthetics accuracy 0.770 -> 0.830"
