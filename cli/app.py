@@ -31,7 +31,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-console = Console()
+# soft_wrap: a path or record id printed at the edge of an 80-column pipe stays one copyable line.
+console = Console(soft_wrap=True)
 
 WorkspaceOpt = typer.Option(
     Path("workspace"), "--workspace", "-w", envvar="DATAENGINE_WORKSPACE",

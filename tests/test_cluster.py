@@ -5,16 +5,52 @@ from __future__ import annotations
 import pytest
 
 
+def _our_sockets() -> set[str]:
+    """Socket inodes held by this process and its descendants: what other tests running
+    beside this one (pytest-xdist) open is not ours to judge."""
+    import os
+
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                parent[int(d)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    ours, grew = {os.getpid()}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in ours} - ours
+        ours |= more
+        grew = bool(more)
+    inodes = set()
+    for pid in ours:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    return inodes
+
+
 def _listening() -> set[tuple[str, int]]:
-    out = set()
+    """Listening TCP sockets of this process tree, as (address as /proc writes it, port)."""
+    out, ours = set(), _our_sockets()
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = open(path).read().splitlines()[1:]
         except FileNotFoundError:
             continue
         for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            if state == "0A":  # LISTEN
+            cols = line.split()
+            local, state, inode = cols[1], cols[3], cols[9]
+            if state == "0A" and inode in ours:  # LISTEN
                 addr, port = local.split(":")
                 out.add((addr, int(port, 16)))
     return out

@@ -70,6 +70,10 @@ def test_sign_in_review_an_item_and_see_every_page(served, tmp_path):
         page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
         page.set_default_timeout(30_000)
         page.goto(url)
+        expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+        page.wait_for_timeout(1000)
+        assert "items match" not in page.content()  # an anonymous visitor sees the sign-in form only
+        page.screenshot(path=shots / "sign-in.png")
         page.get_by_role("textbox", name="Username").fill("ana")
         page.get_by_role("textbox", name="Password").fill("correct horse 1")
         page.get_by_role("button", name="Sign in").click()
@@ -93,5 +97,5 @@ def test_sign_in_review_an_item_and_see_every_page(served, tmp_path):
             page.wait_for_timeout(1500)  # charts draw after the page settles
             page.screenshot(path=shots / f"{name.lower().replace(' ', '-')}.png", full_page=True)
         browser.close()
-    assert {p.name for p in shots.glob("*.png")} == {"queue.png", "review.png", "overview.png",
+    assert {p.name for p in shots.glob("*.png")} == {"sign-in.png", "queue.png", "review.png", "overview.png",
                                                      "enhancer-pairs.png", "admin.png"}
