@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from dataengine import signals as sg
 from dataengine.catalog import Catalog
-from dataengine.schema import REMEDIES
+from dataengine.schema import REMEDIES, RESOLVED
 from dataengine.workspace import Workspace
 
 KINDS = {"rl": "reward-adjustment", "knowledge": "knowledge-patch", "prompt": "enhancer-pair"}
@@ -203,11 +203,14 @@ def prompt_remedies(failures: Sequence[dict], now: datetime) -> list[dict]:
 def _unanswered(catalog: Catalog) -> dict[str, list[dict]]:
     """Latest triage of each failure no remedy answers: none waits for a curator or a job
     (pending, approved), none was rejected, and none was used since it was last triaged (a
-    failure triaged again after its remedy's job still fails, and gets a new one)."""
+    failure triaged again after its remedy's job still fails, and gets a new one), and the
+    loop has not found it fixed (`resolved`)."""
     rows = catalog.query("""
         SELECT t.feedback_id, t.cause, t.evidence, t.triaged_at, f.prompt, f.enhanced_prompt, f.scores, f.rating
         FROM (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at DESC) AS n FROM triage) t
         JOIN feedback f USING (feedback_id) WHERE t.n = 1 ORDER BY t.feedback_id""").to_pylist()
+    resolved = set(catalog.query("SELECT feedback_id FROM resolved").column(0).to_pylist())
+    rows = [r for r in rows if r["feedback_id"] not in resolved]
     answered: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
     for r in catalog.query("SELECT feedback_ids, status, created_at FROM remedies").to_pylist():
         for fid in r["feedback_ids"]:
@@ -220,6 +223,24 @@ def _unanswered(catalog: Catalog) -> dict[str, list[dict]]:
         r["scores"] = sg.parse_scores(r["scores"])
         out[r["cause"]].append(r)
     return out
+
+
+def mark_resolved(ws: Workspace, fixed: dict[str, str]) -> int:
+    """Record failures (id -> the cause they were fixed for) as fixed by the versions promoted
+    now; `propose` skips them from then on. Returns how many were new."""
+    if not fixed:
+        return 0
+    catalog = Catalog(ws)
+    versions = json.dumps({r["model"]: r["version"] for r in catalog.query(
+        "SELECT model, version FROM model_versions WHERE status = 'promoted' ORDER BY model").to_pylist()})
+    with catalog.transaction() as con:
+        have = {r[0] for r in con.execute("SELECT feedback_id FROM resolved").fetchall()}
+        now = datetime.now(timezone.utc)
+        rows = [{"feedback_id": f, "cause": c, "versions": versions, "resolved_at": now}
+                for f, c in sorted(fixed.items()) if f not in have]
+        if rows:
+            catalog.upsert("resolved", pa.Table.from_pylist(rows, schema=RESOLVED), con)
+    return len(rows)
 
 
 def propose(ws: Workspace, causes: Sequence[str] = tuple(KINDS), searcher=None, patch_size: int = 32,

@@ -279,6 +279,18 @@ STAGE_UNITS = pa.schema(
     ]
 )
 
+# Failures the loop found fixed (dataengine/remedies.mark_resolved): triaged again after
+# their remedy's job, they no longer fail for their cause on the promoted versions, so no
+# new remedy is proposed for them.
+RESOLVED = pa.schema(
+    [
+        ("feedback_id", pa.string()),
+        ("cause", pa.string()),  # the cause it was fixed for
+        ("versions", pa.string()),  # JSON {model: promoted version} when it was found fixed
+        ("resolved_at", TS),
+    ]
+)
+
 # The review queue: each triaged failure's latest triage beside the feedback fields the
 # queue filters and sorts on, kept by triage as it writes (dataengine/review.refresh_queue).
 # A native table, because the dashboard pages 10M of them: the same query over the lake's
@@ -311,6 +323,7 @@ CATALOG_TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "users": (USERS, ("username",)),
     "claims": (CLAIMS, ("feedback_id",)),
     "queue": (QUEUE, ()),
+    "resolved": (RESOLVED, ("feedback_id",)),
 }
 
 # Views over the catalog's own tables (the lake's views are made from LAKE_TABLES).

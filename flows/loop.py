@@ -113,18 +113,22 @@ def run_jobs(root: str, cfg, kinds: tuple[str, ...] | None = None, ray_address: 
 @stage
 def retriage(root: str) -> dict[str, str]:
     """Every failure triaged again on the corrected workspace (rows appended), each with the
-    cause it still fails for ("" when fixed). Failures are read from the catalog, not passed
+    cause it still fails for ("" when fixed; recorded as resolved, so the next turn proposes
+    no remedy for it). Failures are read from the catalog, not passed
     in: a flow parameter is capped at 512 KB, a few thousand ids."""
     from dataengine.triage_run import triage_workspace
     from models.clip import load_clip
     from models.feedback_rewards import WorkspaceRewards
     from models.jobs import still_failing
 
+    from dataengine.remedies import mark_resolved
+
     ws = Workspace.at(root)
     ids = set(_latest_causes(ws))
     triage_workspace(ws, retriage=True, load_encoder=load_clip, scorer=WorkspaceRewards)
     causes = {i: c for i, c in _latest_causes(ws).items() if i in ids}
     failing = still_failing(ws, causes)
+    mark_resolved(ws, {i: c for i, c in causes.items() if not failing.get(i, True)})  # no new remedy for these
     return {i: c if failing.get(i, True) else "" for i, c in causes.items()}
 
 

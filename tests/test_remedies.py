@@ -116,6 +116,25 @@ def test_a_failure_still_failing_after_its_remedy_was_used_gets_a_new_one(ws, tm
     assert first.made["rl"] == 1
 
 
+def test_a_failure_the_loop_found_fixed_gets_no_new_remedy(ws, tmp_path):
+    import pyarrow as pa
+
+    from dataengine.remedies import mark_resolved
+    from dataengine.schema import REMEDIES
+    from dataengine.triage_run import triage_workspace
+
+    _queue(ws, tmp_path)
+    propose(ws, load_encoder=load_clip)
+    rows = Catalog(ws).query("SELECT * FROM remedies WHERE cause = 'rl'").to_pylist()
+    rows[0].update(status="used", job_id="job-1")
+    Catalog(ws).upsert("remedies", pa.Table.from_pylist(rows, schema=REMEDIES))
+    triage_workspace(ws, retriage=True, load_encoder=load_clip, scorer=None)  # the loop's evaluate step
+    assert mark_resolved(ws, {"r1": "rl"}) == 1 and mark_resolved(ws, {"r1": "rl"}) == 0  # once
+    assert propose(ws, load_encoder=load_clip).made["rl"] == 0  # fixed: nothing to propose
+    assert Catalog(ws).query("SELECT feedback_id, cause FROM resolved").to_pylist() == [
+        {"feedback_id": "r1", "cause": "rl"}]
+
+
 def test_a_weakest_phrase_of_function_words_still_names_its_group():
     groups = concept_groups([fail("a", prompt="a teal kite", phrase="image"), fail("b", prompt="the", phrase=None)])
     assert [name for name, _ in groups] == ["teal kite", "the"] and all(name.strip() for name, _ in groups)
