@@ -167,3 +167,25 @@ def test_the_queue_filters_sorts_and_pages_in_sql_and_treats_every_filter_as_pla
     assert queue_page(catalog, QueueFilter(state="reviewed"))[1] == 1
     assert queue_page(catalog, QueueFilter(state="open"))[1] == 61
     assert len(selection(catalog, QueueFilter(causes=("prompt",)))) == 21
+
+
+def test_users_cli_adds_lists_and_removes_and_the_dashboard_refuses_a_remote_host_unasked(ws):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    run = CliRunner()
+    r = run.invoke(app, ["users", "add", "ana", "--role", "admin", "-w", str(ws.root), "--password-stdin"],
+                   input="correct horse battery\n")
+    assert r.exit_code == 0 and "ana: admin" in r.output, r.output
+    r = run.invoke(app, ["users", "add", "bob", "--role", "owner", "-w", str(ws.root), "--password-stdin"],
+                   input="correct horse battery\n")
+    assert r.exit_code == 2 and "role must be one of" in r.output
+    r = run.invoke(app, ["users", "add", "bob", "-w", str(ws.root), "--password-stdin"], input="short\n")
+    assert r.exit_code == 2 and "shorter than" in r.output
+    assert "ana" in run.invoke(app, ["users", "list", "-w", str(ws.root)]).output
+    assert authenticate(Catalog(ws), "ana", "correct horse battery").role == "admin"
+    r = run.invoke(app, ["dashboard", "-w", str(ws.root), "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "--allow-remote" in r.output
+    assert run.invoke(app, ["users", "remove", "ana", "-w", str(ws.root)]).exit_code == 0
+    assert run.invoke(app, ["users", "remove", "ana", "-w", str(ws.root)]).exit_code == 2
