@@ -328,15 +328,22 @@ def admin_page(cat: Catalog, user: str) -> None:
     gone = st.selectbox("Remove user", [u["username"] for u in list_users(cat) if u["username"] != user],
                         key="rm_user", index=None)
     if gone and st.button(f"Remove {gone}", key="rm_confirm"):
-        require(cat, user, "admin")
-        remove_user(cat, gone)
-        st.rerun()
+        try:
+            require(cat, user, "admin")
+            remove_user(cat, gone)
+            st.rerun()
+        except (AccountError, Forbidden) as e:
+            st.error(str(e))
     st.header("Trigger policies")
     from dataengine.triggers import check
 
     fire = st.button("Run the trigger policies now", key="fire")
     if fire:
-        require(cat, user, "admin")
+        try:
+            require(cat, user, "admin")
+        except Forbidden as e:
+            st.error(str(e))
+            fire = False
     for v in check(cat.ws, dry_run=not fire):
         st.text(f"{v.cause:<10} {'FIRES' if v.fire else 'waits'}{' -> ' + v.job_id if v.job_id else ''}: {v.why}")
 

@@ -225,3 +225,12 @@ def test_the_jobs_table_says_each_kinds_measure_before_and_after(site):
     assert got["retrain-enhancer"]["before -> after"] == "held-out prompts losing a word 50% -> 25%"
     assert got["retrain-enhancer"]["promoted"] is False
     assert got["retrain-reward"]["before -> after"] == "aesthetics accuracy 0.770 -> 0.830"
+
+
+def test_a_demoted_admin_loses_the_admin_page_at_the_next_click(site):
+    at = signed_in("root", "correct horse 4")
+    at.sidebar.radio(key="nav").set_value("Admin").run()
+    assert "Run the trigger policies now" in [b.label for b in at.button]
+    add_user(site, "root", "correct horse 4", "viewer", replace=True)  # another admin demotes them
+    at.run()
+    assert "admins only" in texts(at) and "Run the trigger policies now" not in [b.label for b in at.button]
