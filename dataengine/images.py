@@ -9,6 +9,7 @@ here shares: shorter side to `size`, centre crop, RGB uint8.
 from __future__ import annotations
 
 import io
+import zlib
 from collections import defaultdict
 from typing import Iterable, Iterator, Sequence
 
@@ -47,20 +48,59 @@ def read_ranges(shard: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
             compression = _compression(raw)
             raw.seek(0)
             f = fsspec.compression.compr[compression](raw, mode="rb") if compression else raw
-            for i in order:
-                offset, size = ranges[i]
-                f.seek(offset)
-                data = f.read(size)
-                if len(data) != size:
-                    raise ImageReadError(f"{shard}: {size} bytes at {offset} wanted, {len(data)} read")
-                out[i] = data
+            try:
+                for i in order:
+                    offset, size = ranges[i]
+                    f.seek(offset)
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise ImageReadError(f"{shard}: {size} bytes at {offset} wanted, {len(data)} read")
+                    out[i] = data
+            except zlib.error:
+                if compression != "gzip":
+                    raise
+                # gzip reads ahead: damage after a member ingest accepted can fail reading that
+                # member. What lies before the damage is still there, a byte at a time.
+                raw.seek(0)
+                return _gzip_prefix_ranges(shard, raw.read(), ranges)
             return out
     except ImageReadError:
         raise
+    except zlib.error as e:
+        raise ImageReadError(f"{shard}: cannot read back its members: damaged stream: {e}") from e
     except FileNotFoundError as e:
         raise ImageReadError(f"{shard}: shard is gone since it was ingested ({e})") from e
     except (OSError, EOFError, ValueError) as e:
         raise ImageReadError(f"{shard}: cannot read back its members: {type(e).__name__}: {e}") from e
+
+
+def _gzip_prefix_ranges(shard: str, raw: bytes, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The ranges from what a damaged gzip stream decodes before its damage: fed in blocks,
+    and the block that fails again a byte at a time from the state before it, so no byte
+    decoded ahead of the damage is lost."""
+    need = max((o + n for o, n in ranges), default=0)
+    out, d, block = bytearray(), zlib.decompressobj(wbits=31), 1 << 16
+    for start in range(0, len(raw), block):
+        if len(out) >= need or d.eof:
+            break
+        before = d.copy()
+        try:
+            out += d.decompress(raw[start:start + block])
+        except zlib.error:
+            d = before
+            try:
+                for k in range(start, min(start + block, len(raw))):
+                    out += d.decompress(raw[k:k + 1])
+            except zlib.error:
+                pass
+            break
+    got = []
+    for offset, size in ranges:
+        if offset + size > len(out):
+            raise ImageReadError(f"{shard}: {size} bytes at {offset} wanted; the stream is damaged at "
+                                 f"byte {len(out)} of its content")
+        got.append(bytes(out[offset: offset + size]))
+    return got
 
 
 def to_square(data: bytes, size: int) -> np.ndarray:

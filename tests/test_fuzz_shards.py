@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import image_bytes
 from dataengine.catalog import Catalog
-from dataengine.images import read_ranges
+from dataengine.images import ImageReadError, read_ranges
 from dataengine.ingest import IngestConfig, ingest
 from dataengine.shards import write_shard
 from dataengine.status import summarize
@@ -121,3 +121,30 @@ def test_fuzzed_shards_are_accounted_for_and_read_back_exactly(fuzzed):
     on_ray = _ingest(fuzzed, use_ray=True)
     assert summarize(Catalog(on_ray)).exact
     assert _state(on_ray) == (samples, quarantine)
+
+
+def test_a_member_before_the_damage_of_a_gzip_shard_reads_back_though_gzip_reads_ahead(tmp_path):
+    """gzip decodes ahead of what is asked: damage a little after a member that ingest
+    accepted used to fail reading that member back (zlib: invalid distance too far back)."""
+    import tarfile
+
+    rng = random.Random(0)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(3):
+            data = bytes(rng.getrandbits(8) for _ in range(1500)) * 2
+            info = tarfile.TarInfo(f"s{i}.bin")
+            info.size, info.mtime = len(data), 0
+            tf.addfile(info, io.BytesIO(data))
+    bad = bytearray(gzip.compress(buf.getvalue(), mtime=0))
+    bad[95] ^= 0xFF  # decodes on (wrongly) past the first member, then fails inside gzip's read-ahead
+    path = tmp_path / "d.tar.gz"
+    path.write_bytes(bytes(bad))
+    with pytest.raises(zlib.error):  # what plain gzip does with it
+        f = gzip.GzipFile(fileobj=io.BytesIO(bytes(bad)))
+        f.seek(512)
+        f.read(3000)
+    # The bytes a careful decoder yields before the damage, which are what ingest read and hashed.
+    assert read_ranges(str(path), [(512, 3000)]) == [_readable_stream(bytes(bad))[512:3512]]
+    with pytest.raises(ImageReadError, match="damaged at byte"):
+        read_ranges(str(path), [(512 + 3072 + 512, 3000)])  # the second member lies past the damage
