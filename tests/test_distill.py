@@ -135,7 +135,21 @@ def test_job_saves_a_student_that_loads_as_a_dit_and_reports_the_speedup(world, 
     ev = record["metrics"]["eval"]
     assert set(ev["samplers"]) == {"student 4-step", "teacher 10-step cfg", "teacher 4-step cfg"}
     assert all("reward" in v and v["ms_per_image"] > 0 for v in ev["samplers"].values())
-    assert ev["speedup"] > 2  # 4 unguided forwards against 10 guided ones (20 forwards)
+    # The speedup is wall time, and a nano DiT's forward is mostly per-call overhead, which a
+    # busy neighbour inflates (CI read 1.97x and 1.78x); the work it stands for is exact:
+    # samples pushed through a DiT per image, 4 unguided steps against 10 guided ones.
+    rows = {"student": 0, "teacher": 0}
+    hooks = [m.register_forward_hook(lambda mod, args, out, k=k: rows.__setitem__(k, rows[k] + args[0].shape[0]))
+             for k, m in (("student", job.student), ("teacher", job.teacher))]
+    with torch.no_grad():
+        samplers = job.samplers()
+        samplers["student 4-step"](heldout, torch.randn(len(heldout), C, H, H))
+        student_rows = rows["student"]
+        samplers["teacher 10-step cfg"](heldout, torch.randn(len(heldout), C, H, H))
+    for h in hooks:
+        h.remove()
+    assert student_rows == 4 * len(heldout) and rows["teacher"] == 20 * len(heldout)
+    assert ev["speedup"] > 1.2, ev["speedup"]  # and fewer forwards are faster, however busy the machine
     states, config, _ = load_weights(record["path"])
     assert set(states) == {"dit"}  # the student alone, under the DiT's module name
     assert config["job"]["distill"]["student_steps"] == 4 and config["job"]["vae"] == "/somewhere/vae/v0001"
