@@ -27,7 +27,7 @@ real-data:
 	bash scripts/fetch_tuxpaint.sh
 
 # Two workers, a test file each (module fixtures train once): tests run with one torch
-# thread (dataengine/runtime.py), so the two cores are used twice over (907 s -> 624 s).
+# thread (dataengine/runtime.py), so the two cores are used twice over (907 s -> 625-715 s here).
 test: $(STAMP) real-data browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
