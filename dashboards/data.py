@@ -46,14 +46,13 @@ def failure_rate(catalog: Catalog, days: int = 30) -> list[dict]:
     """Per day and cause: failures triaged there (latest triage) and the day's share of all
     feedback; the failure-rate chart."""
     return catalog.query("""
-        WITH t AS (SELECT feedback_id, arg_max(cause, triaged_at) AS cause FROM triage GROUP BY feedback_id),
-             f AS (SELECT feedback_id, date_trunc('day', time) AS day FROM feedback
+        WITH f AS (SELECT feedback_id, date_trunc('day', time) AS day FROM feedback
                    WHERE time >= (SELECT max(time) FROM feedback) - to_days(?)),
              n AS (SELECT day, count(*) AS total FROM f GROUP BY day)
-        SELECT f.day, t.cause, count(*) AS failures, any_value(n.total) AS feedback,
+        SELECT f.day, q.cause, count(*) AS failures, any_value(n.total) AS feedback,
                count(*) / any_value(n.total) AS rate
-        FROM f JOIN t USING (feedback_id) JOIN n USING (day)
-        GROUP BY f.day, t.cause ORDER BY f.day, t.cause""", [days]).to_pylist()
+        FROM f JOIN queue q USING (feedback_id) JOIN n USING (day)  -- queue: each failure's latest triage
+        GROUP BY f.day, q.cause ORDER BY f.day, q.cause""", [days]).to_pylist()
 
 
 def gap_map(catalog: Catalog, limit: int = 300) -> list[dict]:

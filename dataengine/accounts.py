@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -83,7 +84,7 @@ def authenticate(catalog: Catalog, username: str, password: str) -> User | None:
     if not rows:
         # Spend the same time as a real check, so a name cannot be probed by timing.
         try:
-            _hasher.verify(_DUMMY, password or "")
+            _hasher.verify(_dummy_hash(), password or "")
         except VerificationError:
             pass
         return None
@@ -100,14 +101,16 @@ def require(catalog: Catalog, username: str | None, role: str, con=None) -> User
     if not username:
         raise Forbidden("sign in first")
     sql, params = "SELECT role FROM users WHERE username = ?", [username]
-    rows = (con.execute(sql, params).fetchall() if con is not None
-            else [tuple(r.values()) for r in catalog.query(sql, params).to_pylist()])
+    rows = con.execute(sql, params).fetchall() if con is not None else catalog.query(sql, params).to_pylist()
     if not rows:
         raise Forbidden(f"{username!r} is not a user (any more)")
-    user = User(username, rows[0][0])
+    user = User(username, rows[0][0] if con is not None else rows[0]["role"])
     if not user.can(role):
         raise Forbidden(f"{username} is a {user.role}; this needs a {role}")
     return user
 
 
-_DUMMY = _hasher.hash("not a password anyone has")
+@cache
+def _dummy_hash() -> str:
+    """A hash to check unknown names against; made on first use, not at every import."""
+    return _hasher.hash("not a password anyone has")

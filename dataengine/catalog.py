@@ -153,7 +153,7 @@ class Catalog:
             for name, sql in CATALOG_VIEWS.items():
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
             if version < 5:  # the queue table is new: fill it from the triage already in the lake
-                from dataengine.review import refresh_queue
+                from dataengine.review_queue import refresh_queue
 
                 refresh_queue(self, None, con)
             for key, value in (("schema_version", str(SCHEMA_VERSION)), ("root", str(self.ws.root))):

@@ -231,9 +231,9 @@ def mark_resolved(ws: Workspace, fixed: dict[str, str]) -> int:
     if not fixed:
         return 0
     catalog = Catalog(ws)
-    versions = json.dumps({r["model"]: r["version"] for r in catalog.query(
-        "SELECT model, version FROM model_versions WHERE status = 'promoted' ORDER BY model").to_pylist()})
     with catalog.transaction() as con:
+        versions = json.dumps(dict(con.execute(
+            "SELECT model, version FROM model_versions WHERE status = 'promoted' ORDER BY model").fetchall()))
         have = {r[0] for r in con.execute("SELECT feedback_id FROM resolved").fetchall()}
         now = datetime.now(timezone.utc)
         rows = [{"feedback_id": f, "cause": c, "versions": versions, "resolved_at": now}

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
-import duckdb
 import pyarrow as pa
 
 from dataengine.accounts import require
@@ -61,14 +60,8 @@ def _now() -> datetime:
 def _write(catalog: Catalog, fn):
     """`fn(con)` in one transaction, serialised with this process's other review writes
     (other processes wait on the catalog's file lock)."""
-    with _WRITES:
-        for attempt in range(3):
-            try:
-                with catalog.transaction() as con:
-                    return fn(con)
-            except duckdb.TransactionException:
-                if attempt == 2:
-                    raise
+    with _WRITES, catalog.transaction() as con:
+        return fn(con)
 
 
 def _one(con, sql: str, params: list) -> dict | None:
@@ -308,33 +301,6 @@ WITH q AS (
 """
 
 
-def refresh_queue(catalog: Catalog, feedback_ids: Iterable[str] | None = None, con=None) -> int:
-    """Bring the `queue` table up to date with the lake for these failures (None: all):
-    each one's latest triage and its feedback fields. Triage calls it after each write."""
-    if con is None:
-        with catalog.transaction() as own:
-            return refresh_queue(catalog, feedback_ids, own)
-    latest = """SELECT feedback_id, arg_max(cause, triaged_at) AS cause, arg_max(confidence, triaged_at) AS confidence,
-                       arg_max(triager, triaged_at) AS triager, max(triaged_at) AS triaged_at
-                FROM triage {where} GROUP BY feedback_id"""
-    if feedback_ids is None:
-        con.execute("DELETE FROM queue")
-        where = ""
-    else:
-        con.register("_ids", pa.table({"feedback_id": pa.array(list(dict.fromkeys(feedback_ids)), pa.string())}))
-        con.execute("DELETE FROM queue WHERE feedback_id IN (SELECT feedback_id FROM _ids)")
-        where = "WHERE feedback_id IN (SELECT feedback_id FROM _ids)"
-    try:
-        n = con.execute(f"""INSERT INTO queue
-            SELECT t.feedback_id, t.cause, t.confidence, t.triager, t.triaged_at, f.time, f.prompt,
-                   f.enhanced_prompt, f.rating, f.model_version, f.task
-            FROM ({latest.format(where=where)}) t JOIN feedback f USING (feedback_id)""").fetchall()[0][0]
-    finally:
-        if feedback_ids is not None:
-            con.unregister("_ids")
-    return n
-
-
 def queue_page(catalog: Catalog, flt: QueueFilter = QueueFilter(), sort: str = "confidence", descending: bool = True,
                limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
     """One page of the queue, filtered, sorted and paged in the database; (rows, total)."""
@@ -364,14 +330,13 @@ def selection(catalog: Catalog, flt: QueueFilter, cap: int = 10_000) -> list[str
 def item(catalog: Catalog, feedback_id: str) -> dict | None:
     """Everything the review page shows about one failure: the feedback record, its latest
     triage (cause, confidence, evidence), its remedy, its current verdict and claim."""
-    rows = catalog.query("""
-        SELECT f.*, t.cause, t.confidence, t.evidence, t.triager, t.triaged_at
-        FROM feedback f JOIN (SELECT * FROM triage WHERE feedback_id = ? ORDER BY triaged_at DESC LIMIT 1) t
-        USING (feedback_id)""", [feedback_id]).to_pylist()
-    if not rows:
-        return None
-    out = rows[0]
     with catalog.connect(read_only=True) as con:
+        out = _one(con, """
+            SELECT f.*, t.cause, t.confidence, t.evidence, t.triager, t.triaged_at
+            FROM feedback f JOIN (SELECT * FROM triage WHERE feedback_id = ? ORDER BY triaged_at DESC LIMIT 1) t
+            USING (feedback_id)""", [feedback_id])
+        if out is None:
+            return None
         out["remedy"] = remedy_of(con, feedback_id)
         out["review"] = _current(con, feedback_id)
         out["claim"] = _live_claim(con, feedback_id, _now())

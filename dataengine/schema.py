@@ -292,7 +292,7 @@ RESOLVED = pa.schema(
 )
 
 # The review queue: each triaged failure's latest triage beside the feedback fields the
-# queue filters and sorts on, kept by triage as it writes (dataengine/review.refresh_queue).
+# queue filters and sorts on, kept by triage as it writes (dataengine/review_queue.py).
 # A native table, because the dashboard pages 10M of them: the same query over the lake's
 # Parquet took ~0.7 s per page at 1M rows. No primary key: an index over 10M keys costs
 # memory every open, and rows are replaced by delete + insert in one transaction.

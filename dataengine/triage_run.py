@@ -23,7 +23,7 @@ from dataengine import signals as sg
 from dataengine.catalog import Catalog
 from dataengine.embed import Loader
 from dataengine.schema import MODEL_VERSIONS, TRIAGE
-from dataengine.review import refresh_queue
+from dataengine.review_queue import refresh_queue
 from dataengine.triage import (CAUSES, LearnedTriager, RuleTriager, SignalTable, compare, gather, rows_of,
                                table_from_evidence)
 from dataengine.workspace import Workspace
@@ -176,9 +176,8 @@ def reviewed(catalog: Catalog) -> tuple[SignalTable, list[str]]:
     was not a failure and teach nothing about causes)."""
     rows = catalog.query("""
         WITH t AS (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at DESC) AS n FROM triage),
-             r AS (SELECT * FROM review_state)  -- each item's current verdict (undone ones are gone)
         SELECT t.feedback_id, t.evidence, t.cause AS triaged, r.verdict, r.cause AS curator
-        FROM t JOIN r USING (feedback_id) WHERE t.n = 1 AND r.verdict IN ('accept', 'reassign')
+        FROM t JOIN review_state r USING (feedback_id)  -- each item's current verdict (undone ones are gone) WHERE t.n = 1 AND r.verdict IN ('accept', 'reassign')
         ORDER BY t.feedback_id""").to_pylist()
     truth = [r["triaged"] if r["verdict"] == "accept" else r["curator"] for r in rows]
     keep = [i for i, c in enumerate(truth) if c in CAUSES]

@@ -48,9 +48,9 @@ class TurnReport:
 
 
 def _latest_causes(ws: Workspace) -> dict[str, str]:
-    rows = Catalog(ws).query("SELECT feedback_id, arg_max(cause, triaged_at) AS cause FROM triage "
-                             "GROUP BY feedback_id").to_pylist()
-    return {r["feedback_id"]: r["cause"] for r in rows}
+    """Each triaged failure's latest cause: the queue table triage keeps (review_queue.py)."""
+    t = Catalog(ws).query("SELECT feedback_id, cause FROM queue")
+    return dict(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
 
 
 def _injected(ws: Workspace) -> dict[str, str]:
@@ -114,14 +114,13 @@ def run_jobs(root: str, cfg, kinds: tuple[str, ...] | None = None, ray_address: 
 def retriage(root: str) -> dict[str, str]:
     """Every failure triaged again on the corrected workspace (rows appended), each with the
     cause it still fails for ("" when fixed; recorded as resolved, so the next turn proposes
-    no remedy for it). Failures are read from the catalog, not passed
-    in: a flow parameter is capped at 512 KB, a few thousand ids."""
+    no remedy for it). Failures are read from the catalog, not passed in: a flow parameter
+    is capped at 512 KB, a few thousand ids."""
+    from dataengine.remedies import mark_resolved
     from dataengine.triage_run import triage_workspace
     from models.clip import load_clip
     from models.feedback_rewards import WorkspaceRewards
     from models.jobs import still_failing
-
-    from dataengine.remedies import mark_resolved
 
     ws = Workspace.at(root)
     ids = set(_latest_causes(ws))

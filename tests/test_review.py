@@ -13,7 +13,8 @@ from dataengine import lake
 from dataengine.accounts import AccountError, Forbidden, add_user, authenticate, list_users, remove_user, require
 from dataengine.catalog import Catalog
 from dataengine.review import (ClaimTaken, QueueFilter, ReviewError, Verdict, bulk, claim, history, item,
-                               queue_page, refresh_queue, release, selection, submit, undo)
+                               queue_page, release, selection, submit, undo)
+from dataengine.review_queue import refresh_queue
 from dataengine.schema import FEEDBACK, REMEDIES, TRIAGE
 
 INJECTION = "x'); DROP TABLE reviews; --"
