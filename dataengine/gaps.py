@@ -234,6 +234,21 @@ class Coverage:
         """Share of the reference queries covered less well than `value`."""
         return float(midrank(self._ref(kind, n_phrases), np.array([value]))[0])
 
+    def percentiles(self, values: np.ndarray, kind: str, n_phrases: np.ndarray | None = None) -> np.ndarray:
+        """`percentile` of many values at once (each against the bucket of its length)."""
+        values = np.asarray(values, np.float64)
+        if n_phrases is None:
+            return midrank(self._ref(kind), values)
+        out = np.empty(len(values))
+        for n in np.unique(n_phrases):
+            at = n_phrases == n
+            out[at] = midrank(self._ref(kind, int(n)), values[at])
+        return out
+
+    def thresholds(self, kind: str, n_phrases: np.ndarray) -> np.ndarray:
+        """`threshold` per query length."""
+        return np.array([self.threshold(kind, int(n)) for n in n_phrases], np.float64)
+
     def combined(self, image_margin: float, caption_margin: float, n_phrases: int | None = None) -> float:
         """A text query's combined percentile: the less covered of its two sides."""
         return min(self.percentile(image_margin, "text", n_phrases),
@@ -319,11 +334,16 @@ def length_buckets(lengths: np.ndarray, per_bucket: int = 150,
 
 
 def coverage_margins(train: BuiltIndex, reference: BuiltIndex, queries: np.ndarray, k: int,
-                     own_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     own_rows: np.ndarray | None = None,
+                     searched: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per query: (mean similarity of its k nearest train images minus that of its k nearest
-    reference images, the train mean alone). `own_rows` leaves each query's own train image out."""
-    ts, tr = train.search(queries, min(k + 1, len(train)))
+    reference images, the train mean alone). `own_rows` leaves each query's own train image
+    out. `searched`: the queries' train search already made (at least k + 1 deep)."""
+    ts, tr = searched if searched is not None else train.search(queries, min(k + 1, len(train)))
     rs, rr = reference.search(queries, min(k, len(reference)))
+    if own_rows is None and (tr[:, :k] >= 0).all() and (rr >= 0).all():
+        near = ts[:, :k].mean(1)
+        return near - rs.mean(1), near
     margin = np.empty(len(queries), np.float32)
     near = np.empty(len(queries), np.float32)
     for i in range(len(queries)):
@@ -477,12 +497,14 @@ def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, co
                 vectors: np.ndarray, kind: str = "text", evidence: int = 5,
                 feedback_ids: Sequence[str | None] | None = None,
                 phrase_indexes: tuple[PhraseIndex, PhraseIndex] | None = None,
-                phrase_vectors: Sequence[np.ndarray] | None = None) -> list[GapReport]:
+                phrase_vectors: Sequence[np.ndarray] | None = None,
+                phrase_texts: Sequence[Sequence[str]] | None = None) -> list[GapReport]:
     """One report per query vector (text prompts or image embeddings of failed outputs).
 
     Text queries with `phrase_indexes` (train's and the reference corpus's) and their
     phrases' vectors are judged on both sides: a gap when the smaller of the two sides'
     percentiles falls below the alpha quantile of the reference prompts' own.
+    `phrase_texts`: the `query_phrases` of each concept when the caller has them already.
     """
     if kind not in ("text", "image"):
         raise ValueError(f"kind must be text or image, got {kind!r}")
@@ -492,36 +514,46 @@ def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, co
     both = kind == "text" and phrase_indexes is not None and coverage.has_captions
     if both and (phrase_vectors is None or len(phrase_vectors) != len(concepts)):
         raise ValueError("caption-side search needs one array of phrase vectors per concept")
-    margins, near = coverage_margins(index, reference, vectors, coverage.k)
-    cap_margins, matches = (phrase_margins(*phrase_indexes, [query_phrases(c) for c in concepts],
-                                           phrase_vectors, coverage.phrase_k) if both else (None, None))
-    sims, rows = index.search(vectors, max(coverage.k, evidence))
+    # One search of train serves both the coverage margin and the evidence.
+    sims, rows = index.search(vectors, min(max(coverage.k + 1, evidence), len(index)))
+    margins, near = coverage_margins(index, reference, vectors, coverage.k, searched=(sims, rows))
+    if both and phrase_texts is None:
+        phrase_texts = [query_phrases(c) for c in concepts]
+    cap_margins, matches = (phrase_margins(*phrase_indexes, phrase_texts, phrase_vectors, coverage.phrase_k)
+                            if both else (None, None))
     cent_sims = vectors @ coverage.centroids.T
     median = float(np.median(coverage.sizes))
-    out = []
-    for i, concept in enumerate(concepts):
-        n = len(matches[i]) if both else None  # judged among reference prompts of its length
-        sides = {"image": {"margin": float(margins[i]), "percentile": coverage.percentile(float(margins[i]), kind, n),
-                           "threshold": coverage.threshold(kind, n)}}
-        if both:
-            cm = float(cap_margins[i])
-            sides["caption"] = {"margin": cm, "percentile": coverage.percentile(cm, "caption", n),
-                                "threshold": coverage.threshold("caption", n), "phrases": n}
-            pct, thr = coverage.combined(float(margins[i]), cm, n), coverage.threshold("combined", n)
-        else:
-            pct, thr = sides["image"]["percentile"], coverage.alpha
+    # Judged among reference prompts of the query's length (its number of phrases).
+    ns = np.array([len(m) for m in matches]) if both else None
+    img_pct = coverage.percentiles(margins, kind, ns)
+    img_thr = coverage.thresholds(kind, ns) if both else np.full(len(concepts), coverage.threshold(kind))
+    if both:
+        cap_pct = coverage.percentiles(cap_margins, "caption", ns)
+        cap_thr = coverage.thresholds("caption", ns)
+        pct = np.minimum(img_pct, cap_pct)  # both sides of a text query: the less covered
+        thr = coverage.thresholds("combined", ns)
+        is_gap = pct < thr
+    else:
+        pct, thr = img_pct, np.full(len(concepts), coverage.alpha)
         # A query below every reference has percentile 0; the threshold is never below
         # the smallest step, so it is a gap. Side margins break ties for the image-only case.
-        is_gap = pct < thr if both else bool(margins[i] < coverage.threshold(kind, n))
-        c = int(np.argmax(cent_sims[i]))
-        keys = index.keys_for(rows[i : i + 1, :evidence])[0]
+        is_gap = margins < img_thr
+    cluster = cent_sims.argmax(1)
+    keys = index.keys_for(rows[:, :evidence])
+    out = []
+    for i, concept in enumerate(concepts):
+        sides = {"image": {"margin": float(margins[i]), "percentile": float(img_pct[i]), "threshold": float(img_thr[i])}}
+        if both:
+            sides["caption"] = {"margin": float(cap_margins[i]), "percentile": float(cap_pct[i]),
+                                "threshold": float(cap_thr[i]), "phrases": int(ns[i])}
+        c = int(cluster[i])
         neighbours = [Neighbour(key, float(s), coverage.captions.get(key, ""))
-                      for key, s in zip(keys, sims[i, :evidence]) if key]
+                      for key, s in zip(keys[i], sims[i, :evidence]) if key]
         out.append(GapReport(
             gap_id=gap_id_for(coverage.model_id, coverage.split, kind, concept), concept=concept, kind=kind,
             model_id=coverage.model_id, coverage=float(margins[i]),
             similarity=float(near[i]),
-            percentile=pct, gap_score=1.0 - pct, threshold=float(thr), is_gap=bool(is_gap),
+            percentile=float(pct[i]), gap_score=1.0 - float(pct[i]), threshold=float(thr[i]), is_gap=bool(is_gap[i]),
             neighbours=neighbours,
             cluster={"id": c, "size": int(coverage.sizes[c]), "median_size": median,
                      "relative_size": float(coverage.sizes[c] / median) if median else 0.0,
@@ -630,10 +662,10 @@ class GapSearcher:
         if not prompts or any(not str(p).strip() for p in prompts):
             raise ValueError("every prompt must be non-empty text")
         vecs = self.encoder.encode_texts(list(prompts))
-        phrase_vecs = (_phrase_vectors(self.encoder, [query_phrases(p) for p in prompts])
-                       if self.phrases is not None else None)
+        texts = [query_phrases(p) for p in prompts]
+        phrase_vecs = _phrase_vectors(self.encoder, texts) if self.phrases is not None else None
         reports = search_gaps(self.coverage, self.index, self.reference, list(prompts), vecs, "text", self.evidence,
-                              feedback_ids, self.phrases, phrase_vecs)
+                              feedback_ids, self.phrases, phrase_vecs, texts)
         if record:
             record_gaps(self.ws, reports)
         return reports, vecs

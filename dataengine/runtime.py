@@ -32,11 +32,37 @@ OFFLINE_DEFAULTS: dict[str, str] = {
 }
 
 
+def openblas_core(cpuinfo: str | None = None) -> str | None:
+    """The OpenBLAS kernel family this CPU runs, named from its instruction-set flags.
+
+    faiss-cpu 1.15.1 bundles OpenBLAS 0.3.15, which does not recognise recent Xeons
+    (Sapphire Rapids here) and falls back to its SSE3 "Prescott" kernels: exact FAISS
+    search ran 4x slower than with the AVX-512 ones (0.38 s vs 0.09 s for 2,990 queries over
+    4,762 x 512 on one core). OpenBLAS reads OPENBLAS_CORETYPE when it loads.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return None
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "SkylakeX"
+    if {"avx2", "fma"} <= flags:
+        return "Haswell"
+    return None
+
+
 def apply_offline_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Set every offline/loopback default that is not already set; return what was set."""
     env = os.environ if environ is None else environ
     applied = {}
-    for name, value in OFFLINE_DEFAULTS.items():
+    defaults = dict(OFFLINE_DEFAULTS)
+    if "OPENBLAS_CORETYPE" not in env and (core := openblas_core()):
+        defaults["OPENBLAS_CORETYPE"] = core
+    for name, value in defaults.items():
         if name not in env:
             env[name] = value
             applied[name] = value

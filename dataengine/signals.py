@@ -17,6 +17,7 @@ so triage of stored failures runs without embedding anything.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ NUMBER_WORDS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5", 
 _WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a vocabulary repeats; triage normalises millions of words
 def _norm(word: str) -> str:
     """A word as compared: lower case, numbers as digits, a plural's -s/-es off, 'colour' as 'color'."""
     w = word.lower().replace("colour", "color").replace("grey", "gray")
@@ -108,6 +110,8 @@ def drift(prompt: str, enhanced: str | None) -> Drift:
     e = words(enhanced)
     present = set(e)
     out = Drift(n)
+    if all(w in present for w in p if w not in FUNCTION_WORDS):
+        return out  # every content word is still there: no alignment can find one lost
     sm = difflib.SequenceMatcher(None, p, e, autojunk=False)
     for op, i1, i2, j1, j2 in sm.get_opcodes():
         if op in ("equal", "insert"):

@@ -88,9 +88,12 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
 def _drift_pct(drifts: list, reference: Sequence[np.ndarray | None] | None) -> np.ndarray:
     """Each failure's drift share as a percentile of its reference (NaN without one)."""
     out = np.full(len(drifts), np.nan)
+    groups: dict[int, tuple[np.ndarray, list[int]]] = {}  # failures of one serving version share a reference
     for i, ref in enumerate(reference or ()):
         if ref is not None and len(ref):
-            out[i] = sg.percentile(np.array([drifts[i].share]), ref)[0]
+            groups.setdefault(id(ref), (ref, []))[1].append(i)
+    for ref, at in groups.values():
+        out[at] = sg.percentile(np.array([drifts[i].share for i in at]), ref)
     return out
 
 

@@ -126,3 +126,24 @@ def test_contrastive_loss_is_clip_loss_without_negatives_and_a_hard_negative_rai
     near = torch.nn.functional.normalize(img[:3] + 0.05 * torch.randn(3, 16, generator=g), dim=-1)
     far = -img[:3]
     assert contrastive_loss(img, txt, scale, near) > contrastive_loss(img, txt, scale, far)
+
+
+def test_distinct_texts_give_the_row_index_margins_from_a_smaller_search(tmp_path):
+    # Repeated captions, as a real training split has them: most rows are copies of a few texts.
+    rng = random.Random(3)
+    words = ["red", "blue", "green", "small", "large", "star", "ring", "square", "two", "three"]
+    caps = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 4))) + " and a " + rng.choice(words[5:8])
+            for _ in range(60)]
+    train = _index(tmp_path, "train", [f"t{i}" for i in range(300)], [rng.choice(caps) for _ in range(300)])
+    ref = _index(tmp_path, "ref", [f"p{i}" for i in range(200)], [rng.choice(caps) for _ in range(200)])
+    view = train.distinct()
+    assert view is not None and len(view.rows) < len(train) / 3 and view.counts.sum() == len(train)
+    queries = [query_phrases(" ".join(rng.choice(words) for _ in range(3))) for _ in range(40)]
+    vecs = [BagOfWords().encode_texts(q) for q in queries]
+    for k in (1, 5, 12):
+        fast, fm = phrase_margins(train, ref, queries, vecs, k=k)
+        # own=[None] * n takes the row-by-row path and leaves nothing out.
+        rows, rm = phrase_margins(train, ref, queries, vecs, k=k, own=[None] * len(queries))
+        np.testing.assert_allclose(fast, rows, atol=1e-5)
+        np.testing.assert_allclose([m.train_similarity for q in fm for m in q],
+                                   [m.train_similarity for q in rm for m in q], atol=1e-6)
