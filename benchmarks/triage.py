@@ -192,7 +192,6 @@ def stored_rate(ws: Workspace, records: list[dict], folder: Path, profile: Path 
 
     from dataengine.gaps import GapSearcher, _phrase_vectors, search_gaps
     from dataengine.images import to_square
-    from dataengine.phrases import query_phrases
     from dataengine.signals import drift, parse_scores, reference_from_feedback
     from dataengine.triage import RuleTriager, gather
 
@@ -204,7 +203,7 @@ def stored_rate(ws: Workspace, records: list[dict], folder: Path, profile: Path 
     enh = [r["enhanced_prompt"] for r in fails]
     t0 = time.perf_counter()
     pv = s.encoder.encode_texts(prompts)
-    texts = [query_phrases(p) for p in prompts]
+    texts = [s.coverage.query_texts(p) for p in prompts]
     phv = _phrase_vectors(s.encoder, texts)
     ev = s.encoder.encode_texts(enh)
     iv = s.encoder.encode_images(np.stack([to_square((folder / r["image"]).read_bytes(), s.encoder.image_size)

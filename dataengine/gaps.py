@@ -55,7 +55,8 @@ from dataengine.catalog import Catalog
 from dataengine.embed import PATCHED_POOL_KEYS, Loader
 from dataengine.index import BuiltIndex, IndexConfig, MemoryBudgetError, build_index, config_of, grow_index
 from dataengine.lakevectors import LakeVectors
-from dataengine.phrases import PhraseIndex, PhraseMatch, build_phrase_index, phrase_margins, query_phrases
+from dataengine.phrases import (PhraseIndex, PhraseMatch, build_phrase_index, caption_units, phrase_margins,
+                               query_phrases)
 from dataengine.schema import GAPS
 from dataengine.workspace import Workspace
 
@@ -76,6 +77,10 @@ class GapConfig:
     evidence: int = 5  # nearest training samples shown per query
     phrase_k: int = 5  # nearest caption phrases whose mean similarity is a phrase's coverage
     captions: bool = True  # measure caption-side coverage too (needs captions in both splits)
+    # What of a prompt is looked up on the caption side: its "phrases", or those and their
+    # head-final "suffixes" (as the index holds captions: "a medium-sized orange crescent"
+    # also as "orange crescent", so a known modifier cannot hide an unknown pairing).
+    query_units: str = "suffixes"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -87,6 +92,12 @@ class GapConfig:
             raise ValueError(f"n_reference must be >= 20 to estimate a percentile, got {self.n_reference}")
         if self.n_clusters is not None and self.n_clusters < 2:
             raise ValueError(f"n_clusters must be >= 2, got {self.n_clusters}")
+        if self.query_units not in QUERY_UNITS:
+            raise ValueError(f"query_units must be one of {sorted(QUERY_UNITS)}, got {self.query_units!r}")
+
+
+QUERY_UNITS = {"phrases": query_phrases,
+               "suffixes": lambda text: caption_units(text) or query_phrases(text)}
 
 
 # The training set is train plus the patches made for it (the curriculum trains on both):
@@ -207,7 +218,14 @@ class Coverage:
     # prompts of about its length. Each: {"max_phrases": n, "text"|"caption"|"combined":
     # sorted array}; empty for coverage built before (every prompt against all).
     buckets: list[dict] = field(default_factory=list)
+    # How its reference prompts were cut (GapConfig.query_units); a query is cut the same
+    # way. Coverage measured before the choice existed used whole phrases.
+    query_units: str = "phrases"
     _thresholds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def query_texts(self, text: str) -> list[str]:
+        """A query's caption-side units, cut as the reference prompts were."""
+        return QUERY_UNITS[self.query_units](text)
 
     @property
     def has_captions(self) -> bool:
@@ -263,6 +281,7 @@ class Coverage:
         np.savez(directory / COVERAGE_FILE, **arrays)
         meta = dict(self.meta, model_id=self.model_id, split=self.split, reference_split=self.reference_split,
                     k=self.k, alpha=self.alpha, captions=self.captions, phrase_k=self.phrase_k,
+                    query_units=self.query_units,
                     bucket_max_phrases=[b["max_phrases"] for b in self.buckets])
         tmp = directory / f"{COVERAGE_META}.tmp"
         tmp.write_text(json.dumps(meta))
@@ -279,13 +298,14 @@ class Coverage:
         fixed = {name: meta.pop(name) for name in
                  ("model_id", "split", "reference_split", "k", "alpha", "captions")}
         phrase_k = int(meta.pop("phrase_k", 5))
+        units = meta.pop("query_units", "phrases")
         buckets = [{"max_phrases": n} | {kind: arrays[f"bucket{i}_{kind}"] for kind in ("text", "caption", "combined")}
                    for i, n in enumerate(meta.pop("bucket_max_phrases", []))]
         return cls(fixed["model_id"], fixed["split"], fixed["reference_split"], fixed["k"], fixed["alpha"],
                    arrays["ref_text"], arrays["ref_image"], arrays["centroids"],
                    arrays["sizes"], fixed["captions"], meta,
                    arrays["ref_caption"] if "ref_caption" in arrays else None,
-                   arrays["ref_combined"] if "ref_combined" in arrays else None, phrase_k, buckets)
+                   arrays["ref_combined"] if "ref_combined" in arrays else None, phrase_k, buckets, units)
 
 
 def midrank(ref: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -393,7 +413,7 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
         return np.sort(np.minimum(pct_image, pct_caption))
 
     if phrase_index is not None and reference_phrases is not None:
-        texts = [query_phrases(p) for p in prompts]
+        texts = [QUERY_UNITS[cfg.query_units](p) for p in prompts]
         vecs = _phrase_vectors(encoder, texts)
         caption_side, _ = phrase_margins(phrase_index, reference_phrases, texts, vecs, cfg.phrase_k,
                                          own=[keys[i] for i in owners])
@@ -421,7 +441,7 @@ def build_coverage(ws: Workspace, model_id: str, encoder, index: BuiltIndex, ref
                    {"n": n, "n_reference_corpus": len(reference), "n_reference_queries": len(sample),
                     "n_clusters": nc, "reference_prompt_examples": prompts[:5],
                     "seconds": round(time.perf_counter() - t0, 2)},
-                   ref_caption, ref_combined, cfg.phrase_k, buckets)
+                   ref_caption, ref_combined, cfg.phrase_k, buckets, cfg.query_units)
     cov.meta["threshold_text"], cov.meta["threshold_image"] = cov.threshold("text"), cov.threshold("image")
     if cov.has_captions:
         cov.meta["threshold_caption"], cov.meta["threshold_combined"] = (cov.threshold("caption"),
@@ -504,7 +524,7 @@ def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, co
     Text queries with `phrase_indexes` (train's and the reference corpus's) and their
     phrases' vectors are judged on both sides: a gap when the smaller of the two sides'
     percentiles falls below the alpha quantile of the reference prompts' own.
-    `phrase_texts`: the `query_phrases` of each concept when the caller has them already.
+    `phrase_texts`: each concept's `coverage.query_texts` when the caller has them already.
     """
     if kind not in ("text", "image"):
         raise ValueError(f"kind must be text or image, got {kind!r}")
@@ -518,7 +538,7 @@ def search_gaps(coverage: Coverage, index: BuiltIndex, reference: BuiltIndex, co
     sims, rows = index.search(vectors, min(max(coverage.k + 1, evidence), len(index)))
     margins, near = coverage_margins(index, reference, vectors, coverage.k, searched=(sims, rows))
     if both and phrase_texts is None:
-        phrase_texts = [query_phrases(c) for c in concepts]
+        phrase_texts = [coverage.query_texts(c) for c in concepts]
     cap_margins, matches = (phrase_margins(*phrase_indexes, phrase_texts, phrase_vectors, coverage.phrase_k)
                             if both else (None, None))
     cent_sims = vectors @ coverage.centroids.T
@@ -662,7 +682,7 @@ class GapSearcher:
         if not prompts or any(not str(p).strip() for p in prompts):
             raise ValueError("every prompt must be non-empty text")
         vecs = self.encoder.encode_texts(list(prompts))
-        texts = [query_phrases(p) for p in prompts]
+        texts = [self.coverage.query_texts(p) for p in prompts]
         phrase_vecs = _phrase_vectors(self.encoder, texts) if self.phrases is not None else None
         reports = search_gaps(self.coverage, self.index, self.reference, list(prompts), vecs, "text", self.evidence,
                               feedback_ids, self.phrases, phrase_vecs, texts)

@@ -202,13 +202,23 @@ def coverage_signals(reports) -> dict[str, np.ndarray | list]:
 
     margin = np.array([r.percentile - r.threshold for r in reports], np.float64)
     weakest = []
-    for r in reports:
+    n = len(reports)
+    sides = {"caption_pct": np.full(n, np.nan), "image_pct": np.full(n, np.nan),
+             "phrase_train_sim": np.full(n, np.nan), "phrase_ref_gain": np.full(n, np.nan)}
+    for i, r in enumerate(reports):
+        low = min(r.phrases, key=lambda m: m.margin) if r.phrases else None
         miss = missing_phrases(r)
-        weakest.append(miss[0].phrase if miss else (min(r.phrases, key=lambda m: m.margin).phrase
-                                                    if r.phrases else None))
+        weakest.append(miss[0].phrase if miss else (low.phrase if low else None))
+        sides["image_pct"][i] = r.sides.get("image", {}).get("percentile", np.nan)
+        sides["caption_pct"][i] = r.sides.get("caption", {}).get("percentile", np.nan)
+        if low is not None:
+            # Does train say anything like the least covered phrase, and does the reference
+            # corpus say it better (a concept the world has and the training set lacks)?
+            sides["phrase_train_sim"][i] = low.train_similarity
+            sides["phrase_ref_gain"][i] = low.reference_similarity - low.train_similarity
     return {"coverage_margin": margin, "is_gap": np.array([r.is_gap for r in reports]),
             "coverage_pct": np.array([r.percentile for r in reports]),
-            "coverage_threshold": np.array([r.threshold for r in reports]), "weakest_phrase": weakest}
+            "coverage_threshold": np.array([r.threshold for r in reports]), "weakest_phrase": weakest, **sides}
 
 
 def similarity_signals(image_vecs: np.ndarray, prompt_vecs: np.ndarray,

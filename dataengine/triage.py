@@ -25,7 +25,11 @@ from dataengine import signals as sg
 
 CAUSES = ("rl", "knowledge", "prompt")
 FEATURES = ("reward_pct", "disagreement", "coverage_pct", "coverage_margin", "is_gap", "drift_share",
-            "drift_lost", "drift_pct", "has_enhanced", "sim_gap")
+            "drift_lost", "drift_pct", "has_enhanced", "sim_gap",
+            # Each side of coverage alone, and the least covered phrase's nearest neighbours:
+            # the rules read only the combined percentile; a learned triager may weigh them.
+            "caption_pct", "image_pct", "phrase_train_sim", "phrase_ref_gain")
+COVERAGE_SIDES = ("caption_pct", "image_pct", "phrase_train_sim", "phrase_ref_gain")
 RULES_VERSION = "rules/v1"
 
 
@@ -73,6 +77,7 @@ def gather(feedback_ids: Sequence[str], prompts: Sequence[str], enhanced: Sequen
         "drift_lost": np.array([float(d.lost) for d in drifts]),
         "drift_pct": _drift_pct(drifts, drift_reference),
         "has_enhanced": has_enh.astype(np.float64), "sim_gap": sim["sim_gap"],
+        **{k: cov[k] if cov else np.full(n, np.nan) for k in COVERAGE_SIDES},
     }
     features = np.stack([np.asarray(cols[f], np.float64) for f in FEATURES], axis=1)
     details = [dict(drift=drifts[i].explain(), dropped=drifts[i].dropped, substituted=drifts[i].substituted,

@@ -10,6 +10,7 @@ it). Records rated 3-5 are not triaged: their logged scores calibrate the reward
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,9 +25,11 @@ from dataengine.catalog import Catalog
 from dataengine.embed import Loader
 from dataengine.schema import MODEL_VERSIONS, TRIAGE
 from dataengine.review_queue import refresh_queue
-from dataengine.triage import (CAUSES, LearnedTriager, RuleTriager, SignalTable, compare, gather, rows_of,
-                               table_from_evidence)
+from dataengine.triage import (CAUSES, FEATURES, LearnedTriager, RuleTriager, SignalTable, compare, gather,
+                               rows_of, table_from_evidence)
 from dataengine.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 TRIAGER = "triager"
 FAILURE_SQL = "(rating IS NULL OR rating <= 2)"
@@ -51,8 +54,13 @@ def current_triager(ws: Workspace, catalog: Catalog | None = None):
     if not rows:
         return RuleTriager()
     r = rows[0]
-    return LearnedTriager.from_json(json.loads((Path(r["path"]) / "model.json").read_text()),
-                                    f"learned/{r['version']}", json.loads(r["metrics"] or "{}"))
+    stored = json.loads((Path(r["path"]) / "model.json").read_text())
+    if stored.get("features") != list(FEATURES):
+        # Trained on another signal set: the rules decide until a triager of today's signals wins.
+        log.warning("triager %s was trained on other signals (%s); using the rules until one learned on "
+                    "today's wins", r["version"], stored.get("features"))
+        return RuleTriager()
+    return LearnedTriager.from_json(stored, f"learned/{r['version']}", json.loads(r["metrics"] or "{}"))
 
 
 def _gap_searcher(ws: Workspace, model: str, load_encoder: Loader | None):

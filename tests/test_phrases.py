@@ -147,3 +147,22 @@ def test_distinct_texts_give_the_row_index_margins_from_a_smaller_search(tmp_pat
         np.testing.assert_allclose(fast, rows, atol=1e-5)
         np.testing.assert_allclose([m.train_similarity for q in fm for m in q],
                                    [m.train_similarity for q in rm for m in q], atol=1e-6)
+
+
+def test_suffix_units_find_the_pairing_a_known_modifier_hides(tmp_path):
+    from dataengine.gaps import QUERY_UNITS
+
+    # Train knows "medium-sized orange ..." and "... crescents", never orange crescents; the pool does.
+    train = _index(tmp_path, "train", ["t1", "t2", "t3"],
+                   ["a medium-sized orange star", "a medium-sized pink crescent", "an orange ring"])
+    ref = _index(tmp_path, "ref", ["p1", "p2"], ["an orange crescent", "a medium-sized orange star"])
+    prompt = "a medium-sized orange crescent"
+    assert QUERY_UNITS["phrases"](prompt) == ["medium-sized orange crescent"]
+    units = QUERY_UNITS["suffixes"](prompt)
+    assert units == ["medium-sized orange crescent", "orange crescent", "crescent"]
+    enc = BagOfWords()
+    whole, _ = phrase_margins(train, ref, [QUERY_UNITS["phrases"](prompt)], [enc.encode_texts([prompt[2:]])], k=1)
+    cut, m = phrase_margins(train, ref, [units], [enc.encode_texts(units)], k=1)
+    # Two of three words shared with a train phrase hide the gap; the suffix shows it.
+    assert cut[0] < whole[0] - 0.1
+    assert min(m[0], key=lambda x: x.margin).phrase == "orange crescent"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -154,3 +155,16 @@ def test_drift_counts_only_beyond_what_the_enhancer_does_on_well_rated_outputs()
     assert RuleTriager().decide(s).causes == ["rl", "prompt"]
     s = gather(["a", "b"], prompts, enhanced, [1, 1], [None, None], {})  # no reference: every lost word counts
     assert RuleTriager().decide(s).causes == ["prompt", "prompt"]
+
+
+def test_a_promoted_triager_of_other_signals_gives_way_to_the_rules(ws):
+    s, truth = _learnable(300, 4, rules_right=False)
+    _write_reviews(ws, s, truth)
+    m = learn_triager(ws)
+    assert m["status"] == "promoted"
+    path = Path(Catalog(ws).query("SELECT path FROM model_versions WHERE model = 'triager'").to_pylist()[0]["path"])
+    stored = json.loads((path / "model.json").read_text())
+    assert stored["features"] == list(FEATURES)
+    stored["features"] = stored["features"][:10]  # as saved before the coverage sides were signals
+    (path / "model.json").write_text(json.dumps(stored))
+    assert isinstance(current_triager(ws), RuleTriager)
