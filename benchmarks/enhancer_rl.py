@@ -174,9 +174,16 @@ def main() -> int:
         log(f"{ws.root}: no {', '.join(missing)} version; train them first or omit -w")
         return 2
 
+    from models.rl import UntrustedReward, default_weights
+
+    try:
+        weights = default_weights(ws.root)  # what train_enhancer_rl optimises by default
+    except UntrustedReward as e:
+        log(f"phase two not run: {e}")
+        return 3
     cfg = EnhancerRLConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step, kl_beta=args.beta,
                            temperature=args.temperature, eval_prompts=args.eval_prompts, generator=args.generator,
-                           dit_steps=args.sample_steps)
+                           dit_steps=args.sample_steps, reward_weights=weights)
     loop = LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=min(5, args.steps), seed=args.seed,
                       ckpt_every=max(args.steps, 1), num_threads=args.threads, progress=False)
     t0 = time.perf_counter()

@@ -95,7 +95,9 @@ class EnhancerRLConfig:
     # The optimised reward: a weighted sum of the reward heads' scores of each render
     # against the TERSE prompt (the intent); "intent" (the terse prompt's attributes the
     # enhanced one still names, text only) may join it. Held-out figures add the checker.
-    reward_weights: dict[str, float] = field(default_factory=lambda: {"fidelity": 1.0, "aesthetics": 0.5})
+    # None: equal weights on the workspace reward's generation heads that pass their
+    # held-out bars (as RL's default; a head at chance is never optimised).
+    reward_weights: dict[str, float] | None = None
     generator: str = "auto"  # auto (the newest distill student, else the newest dit) | distill | dit
     dit_steps: int = 20  # Euler steps when the generator is the DiT (the student uses its own)
     cfg_scale: float = 4.0  # guidance of the DiT (the student samples without)
@@ -115,7 +117,7 @@ class EnhancerRLConfig:
             raise ValueError(f"kl_beta must be >= 0 and clip_range > 0, got {self.kl_beta}, {self.clip_range}")
         if self.generator not in ("auto", "distill", "dit"):
             raise ValueError(f"generator must be auto, distill or dit, got {self.generator!r}")
-        if not self.reward_weights:
+        if self.reward_weights is not None and not self.reward_weights:
             raise ValueError("reward_weights is empty: nothing to optimise")
 
 
@@ -487,6 +489,8 @@ class EnhancerRLJob(TrainJob):
             raise ValueError("no training prompts: the pairs table gave no chain ends to train on")
         self.policy, self.tokenizer = policy, tokenizer
         self.train_prompts, self.heldout = list(train_prompts), list(heldout)
+        if cfg.reward_weights is None:
+            raise ValueError("EnhancerRLJob needs cfg.reward_weights (train_enhancer_rl fills the default)")
         self.cfg, self.reward, self.render, self.checker = cfg, reward, render, checker
         self.info = info or {}
 
@@ -774,6 +778,12 @@ def train_enhancer_rl(workspace_root: str | Path, cfg: EnhancerRLConfig | None =
     cfg = cfg or EnhancerRLConfig()
     loop = replace(loop or LoopConfig(), progress=progress)
     ws = Workspace.at(workspace_root)
+    if cfg.reward_weights is None:
+        if reward is not None:
+            raise ValueError("a custom reward needs reward_weights naming what to optimise")
+        from .rl import default_weights
+
+        cfg = replace(cfg, reward_weights=default_weights(ws.root))  # UntrustedReward when no head passes
     catalog = Catalog(ws)
     start = Path(cfg.enhancer) if cfg.enhancer else newest_phase_one(ws.models)
     if start is None:

@@ -18,7 +18,8 @@ from models.dit import DiTConfig, build as build_dit
 from models.enhancer import enhance, load, load_version
 from models.enhancer_rl import (
     Candidates, EnhancerRLConfig, EnhancerRLJob, Renderer, TersePrompt, group_advantages, grpo_token_loss,
-    intent_kept, k3_kl, load_enhancer_rl, sample_rollouts, split_prompts, terse_prompts, token_log_probs, train_job,
+    intent_kept, k3_kl, load_enhancer_rl, sample_rollouts, split_prompts, terse_prompts, token_log_probs, train_enhancer_rl,
+    train_job,
     workspace_reward,
 )
 from models.frozen import Frozen
@@ -269,7 +270,8 @@ def test_the_reward_heads_score_renders_against_the_terse_prompt(phase_one, rend
     reward = workspace_reward(tmp_path)
     path, prompts = phase_one
     policy, tok = load_version(path)
-    cfg = EnhancerRLConfig(group_size=2, prompts_per_step=2, max_new_tokens=8)  # fidelity + aesthetics
+    cfg = EnhancerRLConfig(group_size=2, prompts_per_step=2, max_new_tokens=8,
+                           reward_weights={"fidelity": 1.0, "aesthetics": 0.5})
     job = EnhancerRLJob(policy, tok, prompts[:4], cfg, reward, renderer)
     record = train(job, tmp_path / "runs", LoopConfig(steps=1, warmup_steps=1, progress=False, num_threads=1))
     first = record["metrics"]["first"]
@@ -347,3 +349,18 @@ def test_the_workspace_serves_its_newest_promoted_enhancer_phase_two_included(tr
     terse = [p.text for p in prompts[20:]]
     model, tokenizer = load_enhancer(path)
     assert enhance(model, tokenizer, terse, max_new_tokens=24) == enhance(job.policy, tok, terse, max_new_tokens=24)
+
+
+def test_phase_two_optimises_only_heads_that_pass_their_held_out_bars(tmp_path):
+    """No weights named: the workspace reward's trusted generation heads, as RL's default;
+    none trusted -> refused before anything trains; a custom reward must name its weights."""
+    from models.rewards import EmbeddedRewards, RewardConfig
+    from models.rl import UntrustedReward
+
+    held = {"aesthetics": {"accuracy": 0.6}, "fidelity": {"accuracy": 0.55}, "portrait": {"accuracy": 0.7}}
+    EmbeddedRewards(RewardConfig(hidden=8, spatial=())).save(tmp_path / "models", {"eval": {"heldout": held}})
+    with pytest.raises(UntrustedReward, match="fidelity"):
+        train_enhancer_rl(tmp_path, EnhancerRLConfig(), LoopConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match="reward_weights"):
+        train_enhancer_rl(tmp_path, EnhancerRLConfig(), LoopConfig(steps=1, progress=False),
+                          reward=lambda cand: {"x": torch.zeros(len(cand))})
