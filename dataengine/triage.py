@@ -24,12 +24,11 @@ import numpy as np
 from dataengine import signals as sg
 
 CAUSES = ("rl", "knowledge", "prompt")
-FEATURES = ("reward_pct", "disagreement", "coverage_pct", "coverage_margin", "is_gap", "drift_share",
-            "drift_lost", "drift_pct", "has_enhanced", "sim_gap",
-            # Each side of coverage alone, and the least covered phrase's nearest neighbours:
-            # the rules read only the combined percentile; a learned triager may weigh them.
-            "caption_pct", "image_pct", "phrase_train_sim", "phrase_ref_gain")
+# Each side of coverage alone, and the least covered phrase's nearest neighbours: the rules
+# read only the combined percentile; a learned triager may weigh them.
 COVERAGE_SIDES = ("caption_pct", "image_pct", "phrase_train_sim", "phrase_ref_gain")
+FEATURES = ("reward_pct", "disagreement", "coverage_pct", "coverage_margin", "is_gap", "drift_share",
+            "drift_lost", "drift_pct", "has_enhanced", "sim_gap") + COVERAGE_SIDES
 RULES_VERSION = "rules/v1"
 
 

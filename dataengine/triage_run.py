@@ -185,7 +185,8 @@ def reviewed(catalog: Catalog) -> tuple[SignalTable, list[str]]:
     rows = catalog.query("""
         WITH t AS (SELECT *, row_number() OVER (PARTITION BY feedback_id ORDER BY triaged_at DESC) AS n FROM triage),
         SELECT t.feedback_id, t.evidence, t.cause AS triaged, r.verdict, r.cause AS curator
-        FROM t JOIN review_state r USING (feedback_id)  -- each item's current verdict (undone ones are gone) WHERE t.n = 1 AND r.verdict IN ('accept', 'reassign')
+        FROM t JOIN review_state r USING (feedback_id)  -- each item's current verdict (undone ones are gone)
+        WHERE t.n = 1 AND r.verdict IN ('accept', 'reassign')
         ORDER BY t.feedback_id""").to_pylist()
     truth = [r["triaged"] if r["verdict"] == "accept" else r["curator"] for r in rows]
     keep = [i for i, c in enumerate(truth) if c in CAUSES]

@@ -168,3 +168,19 @@ def test_a_promoted_triager_of_other_signals_gives_way_to_the_rules(ws):
     stored["features"] = stored["features"][:10]  # as saved before the coverage sides were signals
     (path / "model.json").write_text(json.dumps(stored))
     assert isinstance(current_triager(ws), RuleTriager)
+
+
+def test_reviews_teach_only_accepts_and_reassigns_on_each_items_latest_triage(ws):
+    from dataengine.triage_run import reviewed
+
+    s, truth = _learnable(30, 5, rules_right=True)
+    _write_reviews(ws, s, truth)
+    # Triaged again later (two triage rows), and one review rejected outright.
+    d = RuleTriager().decide(s)
+    lake.write_part(ws.lake, "triage", pa.Table.from_pylist(rows_of(s, d, datetime.now(timezone.utc)), schema=TRIAGE))
+    Catalog(ws).upsert("reviews", pa.Table.from_pylist([dict(
+        review_id="r0", feedback_id=s.feedback_ids[0], verdict="reject", cause=None, curator="test", note=None,
+        reviewed_at=datetime.now(timezone.utc))], schema=REVIEWS))
+    table, got = reviewed(Catalog(ws))
+    assert sorted(table.feedback_ids) == sorted(s.feedback_ids[1:])
+    assert len(got) == len(s) - 1
