@@ -383,13 +383,14 @@ def train_clip(
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: models/train_clip.py's)."),
     retrain: bool = typer.Option(False, help="Train a new version even if one exists."),
     seed: int = typer.Option(0),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Pick up a crashed run of the same config."),
 ) -> None:
     """Train the embedded default embedding model on the workspace's images and captions (once)."""
     from models.train_clip import ClipTrainConfig, train_default_clip
 
     ws = _existing(workspace)
     cfg = ClipTrainConfig(seed=seed, **({"steps": steps} if steps else {}))
-    record = train_default_clip(ws.root, cfg, progress=True, reuse=not retrain)
+    record = train_default_clip(ws.root, cfg, progress=True, reuse=not retrain, resume=resume)
     console.print(f"clip {record['version']} at {record['path']}")
     _print_recall(record.get("metrics", {}))
 

@@ -7,6 +7,9 @@ No CLIP-family weights install offline, so the default (`models/clip.py`, arch
 EfficientNet-Lite0 image trunk and the all-MiniLM-L6-v2 text trunk. Both trunks stay
 frozen; only the projections into the shared space train, so each image and caption
 goes through its trunk once (features cached in memory) and training takes seconds.
+The run is a `ClipJob` of models/trainer.py, the stack's one loop: a checkpoint halfway
+and before evaluation, exact resume of a crashed run, the version saved and registered
+like every other model's.
 
 The image projection starts as the composite that ../shared/OFFLINE.md describes, written
 into open_clip's own MLP head: its first layer holds the ImageNet classifier (a GELU over
@@ -58,11 +61,10 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from .clip import (
-    DEFAULT_ARCH, MODEL_NAME, build_default, default_config, lite0_classifier, save_version, versions,
-)
+from .clip import DEFAULT_ARCH, MODEL_NAME, _write, build_default, default_config, lite0_classifier, versions
+from .trainer import LoopConfig, TrainJob, train
 
-__all__ = ["ClipTrainConfig", "train_default_clip", "evaluate_config", "recall_at", "main"]
+__all__ = ["ClipTrainConfig", "ClipJob", "train_default_clip", "evaluate_config", "recall_at", "main"]
 
 
 @dataclass
@@ -331,55 +333,6 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     return (F.cross_entropy(scale * img @ texts.T, labels) + F.cross_entropy(scale * txt @ img.T, labels)) / 2
 
 
-def train_projections(model: torch.nn.Module, image_pooled: torch.Tensor, text_pooled: torch.Tensor,
-                      cfg: ClipTrainConfig, bar=None, negative_pooled: torch.Tensor | None = None,
-                      has_negative: torch.Tensor | None = None) -> list[float]:
-    """Train the image head, text projection and logit scale with CLIP's contrastive loss
-    on (image, caption) feature pairs, plus each pair's attribute-swap negative caption
-    where it has one (`negative_pooled[i]` where `has_negative[i]`); the trunks are not
-    touched. Returns the losses."""
-    params = [*model.visual.head.parameters(), *model.text.proj.parameters()]
-    anchors = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay},
-                             {"params": [model.logit_scale], "weight_decay": 0.0}], lr=cfg.lr)
-    rng = torch.Generator().manual_seed(cfg.seed)
-    n, batch = len(image_pooled), min(cfg.batch_size, len(image_pooled))
-    losses: list[float] = []
-    task = bar.add_task("projections", total=cfg.steps) if bar is not None else None
-    model.visual.head.train(), model.text.proj.train()
-    order = torch.empty(0, dtype=torch.long)
-    for step in range(cfg.steps):
-        if len(order) < batch:  # epochs of shuffled pairs, end to end
-            order = torch.cat([order, torch.randperm(n, generator=rng)])
-        idx, order = order[:batch], order[batch:]
-        for g in opt.param_groups:  # cosine decay to a tenth
-            g["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps))))
-        fi, ti = image_pooled[idx], text_pooled[idx]
-        if cfg.feature_dropout:  # the global RNG, seeded (and restored) by the caller
-            fi, ti = F.dropout(fi, cfg.feature_dropout), F.dropout(ti, cfg.feature_dropout)
-        img, txt = _project(model, fi, ti)
-        neg = None
-        if negative_pooled is not None:
-            take = idx[has_negative[idx]]
-            if len(take):
-                ni = negative_pooled[take]
-                ni = F.dropout(ni, cfg.feature_dropout) if cfg.feature_dropout else ni
-                neg = F.normalize(model.text.proj(ni), dim=-1)
-        loss = contrastive_loss(img, txt, model.logit_scale.exp(), neg)
-        if cfg.anchor and cfg.init == "composite":
-            loss = loss + cfg.anchor * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # as open_clip's own training loop does
-        losses.append(loss.item())
-        if task is not None:
-            bar.update(task, advance=1)
-    model.visual.head.eval(), model.text.proj.eval()
-    return losses
-
-
 def _negative_features(model: torch.nn.Module, tokenizer, captions: Sequence[str], seed: int,
                        bar=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
     """Pooled text features of each caption's attribute-swap negative (zeros where it has
@@ -401,6 +354,212 @@ def _negative_features(model: torch.nn.Module, tokenizer, captions: Sequence[str
         feats[has] = text_features(model.text, tokenizer, [m[0] for m in made if m is not None], bar=bar,
                                    label="negative captions")
     return feats, has, dict(sorted(kinds.items()))
+
+
+class ClipJob(TrainJob):
+    """The default CLIP's projections as a `models.trainer` job, so CLIP trains in the
+    stack's one loop (checkpoints, exact resume, versions). `setup` runs the frozen trunks
+    once over every sample and caches their pooled features; a step is one contrastive
+    step of the image head, text projection and logit scale on a batch of them."""
+
+    name = MODEL_NAME
+
+    def __init__(self, catalog, cfg: ClipTrainConfig, progress: bool = False):
+        self.catalog, self.cfg, self.progress = catalog, cfg, progress
+
+    def setup(self) -> None:
+        import open_clip
+
+        from .clip import _arch_for, _quiet
+
+        cfg = self.cfg
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        parts = split_rows(self.catalog.query(SAMPLES_SQL).to_pylist(), cfg)
+        if len(parts["train"]) < 2:
+            raise ValueError(f"too few training samples ({len(parts['train'])}): ingest the scene world "
+                             f"and real images first (dataengine sceneworld / import-real / ingest)")
+        self.held = {name[len("heldout_"):]: rows for name, rows in parts.items() if name != "train"}
+        self.rows = [r for rows in parts.values() for r in rows]
+        self.model = model = build_default(cfg.model_config())
+        with _quiet():
+            tokenizer = open_clip.get_tokenizer(_arch_for(cfg.model_config()))
+        with _progress(self.progress) as bar:
+            t = time.perf_counter()
+            self.captions = text_features(model.text, tokenizer, [r["caption"] for r in self.rows], bar=bar)
+            names = imagenet_class_names()
+            self.plain_names = text_features(model.text, tokenizer, names, bar=bar, label="class names")
+            start_names = (self.plain_names if cfg.name_template == "{}" else
+                           text_features(model.text, tokenizer, [cfg.name_template.format(n) for n in names]))
+            self.seconds["text_features"] = time.perf_counter() - t
+            t = time.perf_counter()
+            self.pooled, ok, self.errors = image_features(model.visual.trunk, self.rows, cfg.image_size,
+                                                          cfg.feature_batch_size, bar=bar)
+            self.seconds["image_features"] = time.perf_counter() - t
+            self.offsets, at = {}, 0
+            for name, rows in parts.items():
+                self.offsets[name], at = (at, at + len(rows)), at + len(rows)
+            self.ok = torch.tensor(ok)
+            if cfg.init == "composite":
+                init_composite(model, start_names, shift=cfg.class_shift, temperature=cfg.class_temperature,
+                               seed=cfg.seed)
+            self.train_idx = self._sel("train")
+            # Attribute binding on held-out pairs: the image's own caption against the same
+            # caption with one attribute changed (the negatives' recipe, a seed of its own).
+            self.held_negs = {}
+            for s in self.held:
+                idx = self._sel(f"heldout_{s}")
+                if len(idx) >= 2:
+                    self.held_negs[s] = _negative_features(model, tokenizer, [self.rows[i]["caption"] for i in idx],
+                                                           cfg.seed + 1)[:2]
+            self.start = self._measure()
+            self.negs, self.has_neg, self.neg_kinds = None, None, {}
+            if cfg.hard_negatives:
+                self.negs, self.has_neg, self.neg_kinds = _negative_features(
+                    model, tokenizer, [self.rows[i]["caption"] for i in self.train_idx], cfg.seed, bar)
+
+        self.params = [*model.visual.head.parameters(), *model.text.proj.parameters()]
+        self.anchors = [p.detach().clone() for p in self.params]
+        self.opt = torch.optim.AdamW([{"params": self.params, "weight_decay": cfg.weight_decay},
+                                      {"params": [model.logit_scale], "weight_decay": 0.0}], lr=cfg.lr)
+        self.scale = torch.nn.Module()
+        self.scale.logit_scale = model.logit_scale  # the same Parameter: the checkpoint carries it
+        # Epochs of shuffled pairs end to end; a step's batch depends only on (seed, step).
+        n, self.batch = len(self.train_idx), min(cfg.batch_size, len(self.train_idx))
+        rng = torch.Generator().manual_seed(cfg.seed)
+        perms = [torch.randperm(n, generator=rng) for _ in range(math.ceil(self.loop.steps * self.batch / n))]
+        self.order = torch.cat(perms)
+        model.visual.head.train(), model.text.proj.train()
+
+    def _sel(self, name: str) -> torch.Tensor:
+        """Indices of a part's readable rows."""
+        lo, hi = self.offsets[name]
+        return torch.arange(lo, hi)[self.ok[lo:hi]]
+
+    @torch.no_grad()
+    def _measure(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for s in self.held:
+            idx = self._sel(f"heldout_{s}")
+            if len(idx) < 2:  # nothing to rank
+                continue
+            image_vecs, text_vecs = _project(self.model, self.pooled[idx], self.captions[idx])
+            out[s] = recall_at(text_vecs, image_vecs)
+            negs, has = self.held_negs[s]
+            if has.any():
+                neg_vecs = F.normalize(self.model.text.proj(negs[has]), dim=-1)
+                own = (image_vecs[has] * text_vecs[has]).sum(-1)
+                swapped = (image_vecs[has] * neg_vecs).sum(-1)
+                out[s] |= {"swap_acc": round(float((own > swapped).float().mean()), 4), "swap_n": int(has.sum())}
+        return out
+
+    def config(self) -> dict:
+        # The samples are part of the run's identity: a checkpoint of other data never resumes.
+        digest = hashlib.sha256("\n".join(f"{r['key']}\t{r['caption']}" for r in self.rows).encode()).hexdigest()
+        skip = ("num_threads", "store_vectors", "feature_batch_size")
+        return {k: v for k, v in asdict(self.cfg).items() if k not in skip} | {"samples": digest[:16]}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"head": self.model.visual.head, "proj": self.model.text.proj, "scale": self.scale}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"adamw": self.opt}
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        pos = self.order[step * self.batch:(step + 1) * self.batch]  # positions in train_idx
+        fi, ti = self.pooled[self.train_idx[pos]], self.captions[self.train_idx[pos]]
+        if cfg.feature_dropout:  # the global RNG, which the checkpoint carries
+            fi, ti = F.dropout(fi, cfg.feature_dropout), F.dropout(ti, cfg.feature_dropout)
+        img, txt = _project(model, fi, ti)
+        neg = None
+        if self.negs is not None:
+            take = pos[self.has_neg[pos]]  # negatives are indexed like train_idx
+            if len(take):
+                ni = self.negs[take]
+                ni = F.dropout(ni, cfg.feature_dropout) if cfg.feature_dropout else ni
+                neg = F.normalize(model.text.proj(ni), dim=-1)
+        loss = contrastive_loss(img, txt, model.logit_scale.exp(), neg)
+        if cfg.anchor and cfg.init == "composite":
+            loss = loss + cfg.anchor * sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchors))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # as open_clip's own training loop does
+        return {"loss": loss.item()}
+
+    def evaluate(self) -> dict[str, Any]:
+        cfg, model = self.cfg, self.model
+        model.visual.head.eval(), model.text.proj.eval()
+        trained = self._measure()
+        # The composite baseline at its own input size, on the same held-out images.
+        t = time.perf_counter()
+        baseline, candidates = {}, {}
+        with _progress(self.progress) as bar:
+            for s, rows in self.held.items():
+                idx = self._sel(f"heldout_{s}")
+                kept = [rows[i - self.offsets[f"heldout_{s}"][0]] for i in idx.tolist()]
+                candidates[s] = len(kept)
+                if len(kept) < 2 or not cfg.baseline:
+                    continue
+                if cfg.baseline_image_size == cfg.image_size:
+                    base_pooled, base_ok = self.pooled[idx], [True] * len(kept)
+                else:
+                    base_pooled, base_ok, _ = image_features(model.visual.trunk, kept, cfg.baseline_image_size,
+                                                             cfg.feature_batch_size, bar=bar, label=f"{s} baseline")
+                m = torch.tensor(base_ok)
+                baseline[s] = recall_at(F.normalize(self.captions[idx][m], dim=-1),
+                                        composite_image_vectors(base_pooled[m], self.plain_names))
+        self.seconds["baseline"] = time.perf_counter() - t
+        return {"trained": trained, "baseline": baseline, "candidates": candidates}
+
+    def summary(self, metrics: dict[str, Any], history: list[dict[str, float]]) -> dict[str, Any]:
+        ev, cfg = metrics["eval"], self.cfg
+        losses = [h["loss"] for h in history]
+        tail = losses[-max(1, len(losses) // 10):]
+        by_source: dict[str, int] = {}
+        for i in self.train_idx.tolist():
+            by_source[self.rows[i]["source"]] = by_source.get(self.rows[i]["source"], 0) + 1
+        seconds = self.seconds | {"train": metrics["train_seconds"]}
+        return {
+            "heldout": {s: {"candidates": ev["candidates"][s], "default": ev["trained"][s], "start": self.start[s],
+                            "chance": chance_at(ev["candidates"][s])}
+                        | ({"composite": ev["baseline"][s]} if s in ev["baseline"] else {})
+                        for s in self.held if s in ev["trained"]},
+            "composite_image_size": cfg.baseline_image_size,
+            "image_size": cfg.image_size,
+            "embed_dim": cfg.embed_dim,
+            "train_pairs": len(self.train_idx),
+            "hard_negatives": dict(sorted(self.neg_kinds.items())),
+            "train_by_source": dict(sorted(by_source.items())),
+            "unreadable_images": len(self.errors),
+            "unreadable_examples": self.errors[:5],
+            "steps": metrics["steps"],
+            "epochs": round(metrics["steps"] * self.batch / len(self.train_idx), 2),
+            "loss_first": round(losses[0], 4),
+            "loss_last": round(sum(tail) / len(tail), 4),  # mean of the last 10% of steps
+            "logit_scale": round(float(self.model.logit_scale.detach().exp()), 3),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}
+            | {"total": round(time.perf_counter() - self.started, 2)},
+            "images_per_s": round(len(self.rows) / max(self.seconds["image_features"], 1e-9), 1),
+            "threads": torch.get_num_threads(),
+        } | {k: metrics[k] for k in ("steps_per_s", "curves", "resumed_from", "device")}
+
+    def save(self, folder: Path) -> None:
+        meta = {"arch": DEFAULT_ARCH, "trained_by": "models.train_clip", "train_config": asdict(self.cfg)}
+        _write(folder, self.model.eval(), self.cfg.model_config(), meta)
+
+    def features(self) -> dict[str, Any]:
+        """What `_store_vectors` needs: every featurised row's key and pooled features."""
+        return {"keys": [r["key"] for r in self.rows], "image": self.pooled, "text": self.captions, "ok": self.ok}
+
+
+def clip_loop(cfg: ClipTrainConfig, progress: bool = True, resume: bool = True) -> LoopConfig:
+    """The trainer's loop for a CLIP run: cfg's steps and lr, no warmup, cosine to a tenth."""
+    return LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=0, min_lr_ratio=0.1, grad_clip=0.0,  # unused: a CLIP step does not clip
+                      seed=cfg.seed, ckpt_every=max(1, cfg.steps // 2), progress=progress, resume=resume,
+                      num_threads=cfg.num_threads or torch.get_num_threads(), device="cpu")
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,16 +587,19 @@ def _register_version(catalog, record: dict[str, Any]) -> None:
 
 def _result(path: Path, record: dict[str, Any], reused: bool) -> dict[str, Any]:
     meta = json.loads((path / "meta.json").read_text())
-    return {**record, "metrics": json.loads(record["metrics"]), "reused": reused,
+    metrics = json.loads(record["metrics"]) if isinstance(record["metrics"], str) else record["metrics"]
+    return {**record, "metrics": metrics, "reused": reused,
             "model_id": f"{meta.get('arch', DEFAULT_ARCH)}@{meta['weights_sha256'][:12]}"}
 
 
 def train_default_clip(workspace_root: str | Path, cfg: ClipTrainConfig | None = None, progress: bool = True,
-                       reuse: bool = True) -> dict[str, Any]:
-    """Train the default CLIP on the workspace's samples and save it as the next version
-    under `<ws>/models/clip/`, registered in the catalog's model_versions (the first
-    version promoted); with `reuse`, an existing version is returned instead. Returns the
-    version's record with its metrics (a dict), `model_id` and `reused`."""
+                       reuse: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Train the default CLIP on the workspace's samples through `models.trainer` and save
+    it as the next version under `<ws>/models/clip/`, registered in the catalog's
+    model_versions (the first version promoted); with `reuse`, an existing version is
+    returned instead; with `resume`, a crashed run of the same config and samples picks up
+    from its checkpoint. Returns the version's record with its metrics (a dict),
+    `model_id` and `reused`."""
     from dataengine.catalog import Catalog
     from dataengine.workspace import Workspace
 
@@ -461,36 +623,25 @@ def train_default_clip(workspace_root: str | Path, cfg: ClipTrainConfig | None =
         _register_version(catalog, record)  # saved but never registered (e.g. a crash between the two)
         return _result(path, record, reused=True)
 
-    threads_before = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model, metrics, features = _train(catalog, cfg, progress)
-    finally:
-        torch.set_num_threads(threads_before)
-    meta = {"arch": DEFAULT_ARCH, "trained_by": "models.train_clip", "train_config": asdict(cfg)}
-    status = "candidate" if versions(ws.models) else "promoted"
-    version, path = save_version(ws.models, model, cfg.model_config(), meta, metrics)
-    record = _record(path, status, metrics)
-    _register_version(catalog, record)
-    result = _result(path, record, reused=False)
+    job = ClipJob(catalog, cfg, progress)
+    record = train(job, ws.models, clip_loop(cfg, progress, resume), catalog=catalog)
+    result = _result(Path(record["path"]), record, reused=False)
     if cfg.store_vectors:
-        result["stored_vectors"] = _store_vectors(ws, model, features, result["model_id"])
+        result["stored_vectors"] = _store_vectors(ws, job.model.eval(), job.features(), result["model_id"])
     return result
 
 
 def evaluate_config(workspace_root: str | Path, cfg: ClipTrainConfig, progress: bool = False) -> dict[str, Any]:
-    """Train a model with `cfg` on the workspace's samples and return its metrics, saving
+    """Train a model with `cfg` on the workspace's samples and return its metrics, keeping
     nothing (to compare recipes on the same data)."""
+    import tempfile
+
     from dataengine.catalog import Catalog
     from dataengine.workspace import Workspace
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        _, metrics, _ = _train(Catalog(Workspace.at(workspace_root)), cfg, progress)
-    return metrics
+    with tempfile.TemporaryDirectory(prefix="clip-eval-") as scratch:
+        job = ClipJob(Catalog(Workspace.at(workspace_root)), cfg, progress)
+        return train(job, scratch, clip_loop(cfg, progress, resume=False))["metrics"]
 
 
 @torch.no_grad()
@@ -512,138 +663,6 @@ def _store_vectors(ws, model: torch.nn.Module, features: dict, model_id: str) ->
         take = [i for i, (k, good) in enumerate(zip(features["keys"], ok.tolist())) if good and k not in have]
         out[kind] = store_vectors(ws, [features["keys"][i] for i in take], vecs[take].numpy(), model_id, kind)
     return out
-
-
-def _train(catalog, cfg: ClipTrainConfig, progress: bool) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """The trained model, its metrics, and the pooled trunk features of every row (keys,
-    image, text, ok) for `_store_vectors`."""
-    import open_clip
-
-    from .clip import _arch_for, _quiet
-
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    parts = split_rows(catalog.query(SAMPLES_SQL).to_pylist(), cfg)
-    if len(parts["train"]) < 2:
-        raise ValueError(f"too few training samples ({len(parts['train'])}): ingest the scene world "
-                         f"and real images first (dataengine sceneworld / import-real / ingest)")
-    held = {name[len("heldout_"):]: rows for name, rows in parts.items() if name != "train"}
-    all_rows = [r for rows in parts.values() for r in rows]
-    model_config = cfg.model_config()
-    model = build_default(model_config)
-    with _quiet():
-        tokenizer = open_clip.get_tokenizer(_arch_for(model_config))
-
-    with _progress(progress) as bar:
-        t = time.perf_counter()
-        captions = text_features(model.text, tokenizer, [r["caption"] for r in all_rows], bar=bar)
-        names = imagenet_class_names()
-        plain_names = text_features(model.text, tokenizer, names, bar=bar, label="class names")
-        start_names = (plain_names if cfg.name_template == "{}" else
-                       text_features(model.text, tokenizer, [cfg.name_template.format(n) for n in names]))
-        seconds["text_features"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pooled, ok, errors = image_features(model.visual.trunk, all_rows, cfg.image_size,
-                                            cfg.feature_batch_size, bar=bar)
-        seconds["image_features"] = time.perf_counter() - t
-        offsets, at = {}, 0
-        for name, rows in parts.items():
-            offsets[name], at = (at, at + len(rows)), at + len(rows)
-        keep = torch.tensor(ok)
-
-        def sel(name: str) -> torch.Tensor:  # indices of a part's readable rows
-            lo, hi = offsets[name]
-            return torch.arange(lo, hi)[keep[lo:hi]]
-
-        if cfg.init == "composite":
-            init_composite(model, start_names, shift=cfg.class_shift, temperature=cfg.class_temperature, seed=cfg.seed)
-        train_idx = sel("train")
-
-        # Attribute binding on held-out pairs: the image's own caption against the same
-        # caption with one attribute changed (the negatives' recipe, a seed of its own).
-        held_negs = {}
-        for s in held:
-            idx = sel(f"heldout_{s}")
-            if len(idx) >= 2:
-                negs_s, has_s, _ = _negative_features(model, tokenizer, [all_rows[i]["caption"] for i in idx],
-                                                      cfg.seed + 1)
-                held_negs[s] = (negs_s, has_s)
-
-        def measure() -> dict[str, dict[str, float]]:
-            out = {}
-            with torch.no_grad():
-                for s in held:
-                    idx = sel(f"heldout_{s}")
-                    if len(idx) < 2:  # nothing to rank
-                        continue
-                    image_vecs, text_vecs = _project(model, pooled[idx], captions[idx])
-                    out[s] = recall_at(text_vecs, image_vecs)
-                    negs_s, has_s = held_negs[s]
-                    if has_s.any():
-                        neg_vecs = F.normalize(model.text.proj(negs_s[has_s]), dim=-1)
-                        own = (image_vecs[has_s] * text_vecs[has_s]).sum(-1)
-                        swapped = (image_vecs[has_s] * neg_vecs).sum(-1)
-                        out[s] |= {"swap_acc": round(float((own > swapped).float().mean()), 4),
-                                   "swap_n": int(has_s.sum())}
-            return out
-
-        start = measure()
-        t = time.perf_counter()
-        negs, has_neg, neg_kinds = None, None, {}
-        if cfg.hard_negatives:
-            negs, has_neg, neg_kinds = _negative_features(model, tokenizer, [all_rows[i]["caption"] for i in train_idx],
-                                                          cfg.seed, bar)
-        losses = train_projections(model, pooled[train_idx], captions[train_idx], cfg, bar=bar,
-                                   negative_pooled=negs, has_negative=has_neg)
-        seconds["train"] = time.perf_counter() - t
-        trained = measure()
-
-        # The composite baseline at its own input size, on the same held-out images.
-        t = time.perf_counter()
-        baseline, candidates = {}, {}
-        for s, rows in held.items():
-            idx = sel(f"heldout_{s}")
-            kept = [rows[i - offsets[f"heldout_{s}"][0]] for i in idx.tolist()]
-            candidates[s] = len(kept)
-            if len(kept) < 2 or not cfg.baseline:
-                continue
-            if cfg.baseline_image_size == cfg.image_size:
-                base_pooled, base_ok = pooled[idx], [True] * len(kept)
-            else:
-                base_pooled, base_ok, _ = image_features(model.visual.trunk, kept, cfg.baseline_image_size,
-                                                         cfg.feature_batch_size, bar=bar, label=f"{s} baseline")
-            m = torch.tensor(base_ok)
-            baseline[s] = recall_at(F.normalize(captions[idx][m], dim=-1),
-                                    composite_image_vectors(base_pooled[m], plain_names))
-        seconds["baseline"] = time.perf_counter() - t
-
-    tail = losses[-max(1, len(losses) // 10):]
-    by_source: dict[str, int] = {}
-    for i in train_idx.tolist():
-        by_source[all_rows[i]["source"]] = by_source.get(all_rows[i]["source"], 0) + 1
-    metrics = {
-        "heldout": {s: {"candidates": candidates[s], "default": trained[s], "start": start[s],
-                        "chance": chance_at(candidates[s])} | ({"composite": baseline[s]} if s in baseline else {})
-                    for s in held if s in trained},
-        "composite_image_size": cfg.baseline_image_size,
-        "image_size": cfg.image_size,
-        "embed_dim": cfg.embed_dim,
-        "train_pairs": len(train_idx),
-        "hard_negatives": neg_kinds,
-        "train_by_source": dict(sorted(by_source.items())),
-        "unreadable_images": len(errors),
-        "unreadable_examples": errors[:5],
-        "steps": cfg.steps,
-        "epochs": round(cfg.steps * min(cfg.batch_size, len(train_idx)) / len(train_idx), 2),
-        "loss_first": round(losses[0], 4),
-        "loss_last": round(sum(tail) / len(tail), 4),  # mean of the last 10% of steps
-        "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
-        "seconds": {k: round(v, 2) for k, v in seconds.items()} | {"total": round(time.perf_counter() - started, 2)},
-        "images_per_s": round(len(all_rows) / max(seconds["image_features"], 1e-9), 1),
-        "threads": torch.get_num_threads(),
-    }
-    features = {"keys": [r["key"] for r in all_rows], "image": pooled, "text": captions, "ok": keep}
-    return model.eval(), metrics, features
 
 
 # ---------------------------------------------------------------------------------------
@@ -669,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workspace", "-w", required=True, help="the workspace folder")
     ap.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                     help="return the existing version if there is one (default) instead of training another")
+    ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="pick up a crashed run of the same config and samples from its checkpoint (default)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     for f in dataclasses.fields(ClipTrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -686,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.set_defaults(num_threads=os.cpu_count())  # the CLI owns the machine (runtime sets OMP_NUM_THREADS=1 for Ray)
     args = ap.parse_args(argv)
     cfg = ClipTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClipTrainConfig)})
-    result = train_default_clip(args.workspace, cfg, progress=args.progress, reuse=args.reuse)
+    result = train_default_clip(args.workspace, cfg, progress=args.progress, reuse=args.reuse, resume=args.resume)
     print(format_table(result["metrics"]))
     print(json.dumps(result | {"created_at": str(result["created_at"])}, indent=2, default=str))
     return 0

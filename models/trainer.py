@@ -1,6 +1,6 @@
 """The one training loop of the model stack: schedule, progress, checkpoints, resume, versions.
 
-Each model (vae, dit, reward, distill, rl, enhancer-rl) describes one optimisation step
+Each model (vae, dit, reward, distill, rl, enhancer, enhancer-rl, clip) describes one step
 as a `TrainJob`; `train(job, models_root, loop)` runs it. Every `ckpt_every` steps the
 loop writes a resumable checkpoint (modules, optimisers, step, torch RNG, loss history)
 under `models/<name>/runs/<config hash>/last.pt`; a rerun with the same config picks it

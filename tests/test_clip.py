@@ -219,6 +219,31 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_clip_trains_in_the_stack_loop_and_a_crashed_run_resumes_exactly(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    from dataengine.catalog import Catalog
+    from models.clip import WEIGHTS_FILE
+    from models.train_clip import ClipJob, clip_loop
+    from models.trainer import TrainingInterrupted, train
+
+    cfg = ClipTrainConfig(image_size=64, baseline=False, steps=20, batch_size=32, lr=2e-3, store_vectors=False)
+    loop = clip_loop(cfg, progress=False)
+    assert loop.ckpt_every == 10 and not clip_loop(cfg, resume=False).resume
+    whole = train(ClipJob(Catalog(tiny_world), cfg), tmp_path / "whole", loop)
+    with pytest.raises(TrainingInterrupted):
+        train(ClipJob(Catalog(tiny_world), cfg), tmp_path / "crashed", loop, stop_after=15)
+    resumed = train(ClipJob(Catalog(tiny_world), cfg), tmp_path / "crashed", loop)
+    assert whole["resumed_from"] is None and resumed["resumed_from"] == 10
+    a, b = (load_file(str(Path(r["path"]) / WEIGHTS_FILE)) for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["metrics"]["loss_last"] == whole["metrics"]["loss_last"]
+    # The version holds the trainer's run config beside the model's own files.
+    saved = json.loads((Path(whole["path"]) / "config.json").read_text())
+    assert saved["job"]["steps"] == 20 and len(saved["job"]["samples"]) == 16 and saved["loop"]["warmup_steps"] == 0
+
+
+@pytest.mark.slow
 def test_training_lowers_the_loss_saves_a_loadable_version_and_runs_once(tiny_world):
     from dataengine.catalog import Catalog
     from dataengine.images import iter_images
