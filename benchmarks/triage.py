@@ -229,16 +229,9 @@ def stored_rate(ws: Workspace, records: list[dict], folder: Path,
         t0 = time.perf_counter()
         once()
         best = min(best, time.perf_counter() - t0)
-    first: dict[str, int] = {}
-    for q in texts:
-        for t in q:
-            first.setdefault(t, len(first))
-    units = torch.from_numpy(np.concatenate([np.asarray(v, np.float32).reshape(-1, pv.shape[1]) for v in phv]))
-    at = torch.zeros(len(first), dtype=torch.long)
-    at[[first[t] for q in texts for t in q]] = torch.arange(len(units))
-    units = units[at]  # one row per distinct unit, as phrase_margins searches them
-    corpora = [torch.from_numpy(faiss.rev_swig_ptr(faiss.downcast_index(d.index).get_xb(), d.index.ntotal * d.index.d)
-                                .reshape(d.index.ntotal, d.index.d).copy()) for d in (p.distinct() for p in s.phrases)]
+    by_text = {t: v for q, vs in zip(texts, phv) for t, v in zip(q, np.asarray(vs, np.float32))}
+    units = torch.from_numpy(np.stack(list(by_text.values())))  # one row per distinct unit, as searched
+    corpora = [torch.from_numpy(d.index.reconstruct_n(0, d.index.ntotal)) for d in (p.distinct() for p in s.phrases)]
     floor = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
