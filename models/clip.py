@@ -40,7 +40,7 @@ import torch
 
 __all__ = [
     "DEFAULT_ARCH", "ClipBundle", "ClipSpecError", "load_clip", "default_config", "build_default",
-    "save_clip", "save_version", "versions", "lite0_classifier", "MINILM_MARKER",
+    "save_clip", "versions", "lite0_classifier", "MINILM_MARKER",
 ]
 
 DEFAULT_ARCH = "dataengine-clip-lite0"
@@ -408,15 +408,6 @@ def versions(models_root: str | Path) -> list[str]:
     return _versions(models_root, MODEL_NAME)
 
 
-def save_version(models_root: str | Path, model: torch.nn.Module, config: dict, meta: dict,
-                 metrics: dict | None = None) -> tuple[str, Path]:
-    """Save as the next version under `models_root/clip/` (models.versions: atomic, like
-    every model's); returns (version, path). `metrics` also goes to metrics.json."""
-    from dataengine.versions import save_version as _save
-
-    return _save(models_root, MODEL_NAME, lambda folder: _write(folder, model, config, meta), metrics=metrics)
-
-
 # ---------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------
@@ -466,7 +457,7 @@ RANDOM = "random"  # 'ARCH@random': seeded random weights, asked for by name
 
 
 def load_clip(spec: str, device: str = "cpu") -> ClipBundle:
-    """Load a CLIP by spec: a folder written by save_clip/save_version; the default arch
+    """Load a CLIP by spec: a folder written by save_clip or a CLIP training run; the default arch
     (its packaged pretrained trunks and seeded fresh projections); "ARCH:pretrained_tag"
     or "hf-hub:org/name" (downloads: fail offline); "ARCH@/path/to/checkpoint"
     (.pt/.bin/.safetensors); or "ARCH@random" (weights drawn from a fixed seed). A bare

@@ -57,12 +57,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from .clip import DEFAULT_ARCH, MODEL_NAME, _write, build_default, default_config, lite0_classifier, versions
-from .trainer import LoopConfig, TrainJob, train
+from .trainer import LoopConfig, TrainJob, _register, train
 
 __all__ = ["ClipTrainConfig", "ClipJob", "train_default_clip", "evaluate_config", "recall_at", "main"]
 
@@ -557,7 +556,8 @@ class ClipJob(TrainJob):
 
 def clip_loop(cfg: ClipTrainConfig, progress: bool = True, resume: bool = True) -> LoopConfig:
     """The trainer's loop for a CLIP run: cfg's steps and lr, no warmup, cosine to a tenth."""
-    return LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=0, min_lr_ratio=0.1, grad_clip=0.0,  # unused: a CLIP step does not clip
+    return LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=0, min_lr_ratio=0.1,
+                      grad_clip=0.0,  # unused: a CLIP step does not clip
                       seed=cfg.seed, ckpt_every=max(1, cfg.steps // 2), progress=progress, resume=resume,
                       num_threads=cfg.num_threads or torch.get_num_threads(), device="cpu")
 
@@ -570,19 +570,6 @@ def clip_loop(cfg: ClipTrainConfig, progress: bool = True, resume: bool = True) 
 def _latest(models_root: Path) -> Path | None:
     done = [v for v in versions(models_root) if (models_root / MODEL_NAME / v / "metrics.json").is_file()]
     return models_root / MODEL_NAME / done[-1] if done else None
-
-
-def _record(path: Path, status: str, metrics: dict, created_at: datetime | None = None) -> dict[str, Any]:
-    """A `model_versions` row (schema.MODEL_VERSIONS) for a saved version."""
-    return {"model": MODEL_NAME, "version": path.name, "path": str(path), "status": status,
-            "metrics": json.dumps(metrics, sort_keys=True), "job_id": None,
-            "created_at": created_at or datetime.now(timezone.utc)}
-
-
-def _register_version(catalog, record: dict[str, Any]) -> None:
-    from dataengine.schema import MODEL_VERSIONS
-
-    catalog.upsert("model_versions", pa.Table.from_pylist([record], schema=MODEL_VERSIONS))
 
 
 def _result(path: Path, record: dict[str, Any], reused: bool) -> dict[str, Any]:
@@ -619,8 +606,10 @@ def train_default_clip(workspace_root: str | Path, cfg: ClipTrainConfig | None =
                              [MODEL_NAME, path.name]).to_pylist()
         if rows:
             return _result(path, rows[0], reused=True)
-        record = _record(path, "promoted", json.loads((path / "metrics.json").read_text()))
-        _register_version(catalog, record)  # saved but never registered (e.g. a crash between the two)
+        record = {"model": MODEL_NAME, "version": path.name, "path": str(path), "status": "promoted",
+                  "metrics": json.loads((path / "metrics.json").read_text()), "job_id": None,
+                  "created_at": datetime.now(timezone.utc)}
+        _register(catalog, record)  # saved but never registered (e.g. a crash between the two)
         return _result(path, record, reused=True)
 
     job = ClipJob(catalog, cfg, progress)

@@ -300,6 +300,14 @@ def test_training_lowers_the_loss_saves_a_loadable_version_and_runs_once(tiny_wo
     assert again["reused"] and again["version"] == "v0001" and again["metrics"] == m
     assert versions(tiny_world.models) == ["v0001"]
 
+    # A version saved but never registered (a crash between the two) is registered on reuse.
+    with Catalog(tiny_world).transaction() as con:
+        con.execute("DELETE FROM model_versions WHERE model = 'clip'")
+    recovered = train_default_clip(tiny_world.root, cfg, progress=False)
+    assert recovered["reused"] and recovered["version"] == "v0001" and recovered["metrics"] == m
+    rows = Catalog(tiny_world).query("SELECT version, status, metrics FROM model_versions WHERE model='clip'").to_pylist()
+    assert [(r["version"], r["status"], json.loads(r["metrics"])) for r in rows] == [("v0001", "promoted", m)]
+
     # A forced retrain stores vectors for its own model id, never a second one for a key
     # (the same data and seed can reproduce the same weights, hence the same id).
     retrained = train_default_clip(tiny_world.root, cfg, progress=False, reuse=False)
