@@ -110,28 +110,34 @@ class Frozen:
             self._normalise(images, None), indices=[stage], intermediates_only=True)
         return feats[0].float()
 
-    @property
-    def patch_dim(self) -> int:
-        """Channels of `patch_tokens`: stride-8 and stride-16 trunk features plus mean RGB."""
-        return self._channels[self._stage_for(8)] + self._channels[self._stage_for(16)] + 3
+    def patch_dim(self, strides: tuple[int, ...] = (8, 16)) -> int:
+        """Channels of `patch_tokens` built from the trunk stages at `strides`, plus mean RGB."""
+        return sum(self._channels[self._stage_for(s)] for s in strides) + 3
 
     @torch.no_grad()
-    def patch_tokens(self, images: torch.Tensor, size: int = 128) -> torch.Tensor:
-        """(B, (size/8)^2, patch_dim) spatial tokens of images resized to `size`: the trunk's
-        stride-8 and (upsampled) stride-16 maps and each patch's mean colour, row-major.
+    def patch_tokens(self, images: torch.Tensor, size: int = 128, strides: tuple[int, ...] = (8, 16),
+                     grid: int = 8) -> torch.Tensor:
+        """(B, (size/grid)^2, patch_dim(strides)) spatial tokens of images resized to `size`:
+        the trunk's maps at `strides` on one grid of stride `grid` (finer maps average-pooled
+        to it, coarser ones repeated), and each cell's mean colour, row-major.
 
         Pooled embeddings average an object's colour and shape into the whole scene; these
         keep where each thing is, so a head can match a prompt's words to image regions.
-        The mean colour is there because ImageNet trunks are partly colour-invariant."""
-        if size % 16:
-            raise ValueError(f"patch token size must be a multiple of 16, got {size}")
+        The mean colour is there because ImageNet trunks are partly colour-invariant; the
+        coarser maps are there because a small object's shape shows only at a depth whose
+        receptive field covers it."""
+        if size % grid or grid not in self._strides:
+            raise ValueError(f"patch grid stride must be a trunk stride {self._strides} dividing size {size}, got {grid}")
         x = images.to(self.device, torch.float32)
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        s8, s16 = self.model.visual.trunk.forward_intermediates(
-            self._normalise(x, None), indices=[self._stage_for(8), self._stage_for(16)], intermediates_only=True)
-        rgb = F.adaptive_avg_pool2d(x, s8.shape[-2:])
-        maps = torch.cat([s8.float(), F.interpolate(s16.float(), size=s8.shape[-2:], mode="nearest"), rgb], 1)
+        maps = self.model.visual.trunk.forward_intermediates(
+            self._normalise(x, None), indices=[self._stage_for(s) for s in strides], intermediates_only=True)
+        cells = (size // grid, size // grid)
+        on_grid = [F.adaptive_avg_pool2d(m.float(), cells) if s < grid else
+                   F.interpolate(m.float(), size=cells, mode="nearest") if s > grid else m.float()
+                   for s, m in zip(strides, maps)]
+        maps = torch.cat([*on_grid, F.adaptive_avg_pool2d(x, cells)], 1)
         return maps.flatten(2).transpose(1, 2)  # (B, N, C)
 
     def perceptual_features(self, images: torch.Tensor, strides: tuple[int, ...] = (2, 4, 8)) -> list[torch.Tensor]:

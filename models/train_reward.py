@@ -57,7 +57,7 @@ from dataengine.sceneworld.scene import union
 
 from .rewards import (
     EDIT_HEADS, HEAD_INPUTS, HEADS, MODEL_NAME, SPATIAL_INPUTS, EmbeddedRewards, RewardConfig, bradley_terry,
-    text_states,
+    patch_tokens, text_states,
 )
 from .trainer import LoopConfig, TrainJob, train
 
@@ -82,7 +82,7 @@ class RewardTrainConfig:
     weight_decay: float = 0.01
     eval_blur: float = 1.0  # sigma (px) of the "generated-looking" fidelity evaluation
     spatial: tuple[str, ...] = ("fidelity",)  # heads over patch and prompt tokens (RewardConfig.spatial)
-    token_size: int = 128  # px for patch tokens
+    token_size: int = 256  # px for patch tokens (RewardConfig.token_size)
     clip: str | None = None  # a Frozen spec; None: the workspace's promoted CLIP (else lite0)
     # A fault to inject, never a setting: pair kinds whose training preferences are reversed
     # (a fidelity attribute such as "colour", an aesthetics or portrait flaw such as "blur"),
@@ -308,9 +308,10 @@ def _pairs_for(scene: Scene, heads: tuple[str, ...], bank: _Bank, rng: random.Ra
         for kind, (_, wrong) in changed.items():  # caption side: the image's own caption wins
             out["fidelity"].append((f"caption_{kind}", {"image": ("img", fid_img), "text": ("txt", cap)},
                                     {"image": ("img", fid_img), "text": ("txt", wrong)}))
-        if changed:  # image side, both ways: for either caption, its own scene's image wins
-            kind = rng.choice(sorted(changed))
-            other, o_cap = changed[kind]
+        # Image side, both ways, for every change: for either caption, its own scene's image
+        # wins. The changed scenes' captions are embedded already, so these pairs cost only
+        # an image each (twice the pairs; held-out swaps 0.765 -> 0.769, overall 0.695 -> 0.708).
+        for kind, (other, o_cap) in sorted(changed.items()):
             o_img = shown(other)
             out["fidelity"].append((f"image_{kind}", {"image": ("img", fid_img), "text": ("txt", cap)},
                                     {"image": ("img", o_img), "text": ("txt", cap)}))
@@ -360,7 +361,7 @@ def _embed_bank(bank: _Bank, frozen, model_cfg: RewardConfig, tokens: bool,
         x = torch.from_numpy(np.stack(bank.images[i: i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         out["img"].append(frozen.image_embed(x).float().cpu())
         if tokens:
-            out["img_tok"].append(frozen.patch_tokens(x, model_cfg.token_size).half().cpu())
+            out["img_tok"].append(patch_tokens(frozen, x, model_cfg).half().cpu())
     tables = {k: torch.cat(v) for k, v in out.items() if v}
     tables["txt"] = frozen.text_embed(bank.texts).float().cpu() if bank.texts else torch.zeros(0)
     if tokens and bank.texts:
@@ -451,7 +452,8 @@ class RewardTrainJob(TrainJob):
         self.frozen, self.cfg, self.info, self.given_pairs = frozen, cfg, info or {}, pairs
         self.train_scenes, self.eval_scenes = train_scenes, eval_scenes
         self.model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, hidden=cfg.hidden,
-                                      dropout=cfg.dropout, spatial=cfg.spatial, patch_dim=frozen.patch_dim,
+                                      dropout=cfg.dropout, spatial=cfg.spatial,
+                                      patch_dim=frozen.patch_dim(RewardConfig.patch_strides),
                                       text_dim=frozen.text_dim, token_size=cfg.token_size)
 
     def setup(self) -> None:

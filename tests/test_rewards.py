@@ -122,3 +122,24 @@ def test_every_head_gets_pairs_and_they_name_their_kind(frozen):
             side = ps.side(which)
             assert all(side[r].shape == (len(ps), frozen.embed_dim) for r in HEAD_INPUTS[h])
     assert {k.split("_", 1)[0] for k in pairs["fidelity"].kinds} <= {"caption", "image"}
+
+
+def test_patch_tokens_put_each_trunk_map_on_one_grid_and_keep_where_colour_is(frozen):
+    from models.rewards import RewardConfig, patch_tokens
+
+    img = -torch.ones(2, 3, 64, 64)  # black
+    img[1, 0, :16, :16] = 1.0  # a red square in the top-left quarter of the second image
+    cfg = RewardConfig()
+    tok = patch_tokens(frozen, img, cfg)
+    side = cfg.token_size // cfg.patch_grid
+    assert tok.shape == (2, side * side, frozen.patch_dim(cfg.patch_strides)) == (2, side * side, cfg.patch_dim)
+    rgb = tok[..., -3:].view(2, side, side, 3)  # each cell's mean colour, row-major
+    assert torch.allclose(rgb[0], torch.full_like(rgb[0], -1.0), atol=1e-4)
+    assert (rgb[1, : side // 4 - 1, : side // 4 - 1, 0] > 0.9).all() and (rgb[1, side // 2:, :, 0] < -0.9).all()
+    # The coarser maps differ where the square is, not only in the colour channels.
+    assert (tok[1, 0, :-3] - tok[0, 0, :-3]).abs().max() > 0.1
+    # A version saved before the stride-32 map read a stride-8 grid of the stride-8 and -16 maps.
+    old = frozen.patch_tokens(img, 128, (8, 16), 8)
+    assert old.shape == (2, 16 * 16, frozen.patch_dim((8, 16)))
+    with pytest.raises(ValueError, match="trunk stride"):
+        frozen.patch_tokens(img, 256, (8, 16), 12)
