@@ -352,21 +352,24 @@ def _pairs_for(scene: Scene, heads: tuple[str, ...], bank: _Bank, rng: random.Ra
 
 
 @torch.no_grad()
-def _embed_bank(bank: _Bank, frozen, model_cfg: RewardConfig, tokens: bool,
+def _embed_bank(bank: _Bank, frozen, model_cfg: RewardConfig, token_images: list[int],
                 batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """The bank's frozen embeddings by table: pooled (N, D) always; with `tokens`, the
-    spatial heads' patch and text tokens too (half precision: they are the bulk)."""
-    out: dict[str, list[torch.Tensor]] = {"img": [], "img_tok": []}
-    for i in range(0, len(bank.images), batch_size):
-        x = torch.from_numpy(np.stack(bank.images[i: i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        out["img"].append(frozen.image_embed(x).float().cpu())
-        if tokens:
-            out["img_tok"].append(patch_tokens(frozen, x, model_cfg).half().cpu())
-    tables = {k: torch.cat(v) for k, v in out.items() if v}
+    """The bank's frozen embeddings by table: pooled (N, D) always; patch tokens of the
+    images `token_images` (row i of "img_tok" is bank image token_images[i]) and token
+    states of every text when there are any (half precision: they are the bulk)."""
+    def pixels(rows: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([bank.images[r] for r in rows])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    every = list(range(len(bank.images)))
+    tables = {"img": torch.cat([frozen.image_embed(pixels(every[i: i + batch_size])).float().cpu()
+                                for i in range(0, len(every), batch_size)])}
     tables["txt"] = frozen.text_embed(bank.texts).float().cpu() if bank.texts else torch.zeros(0)
-    if tokens and bank.texts:
-        tables["txt_tok"], tables["txt_mask"] = text_states(frozen, bank.texts, model_cfg.text_len, batch_size,
-                                                            dtype=torch.half)
+    if token_images:
+        tables["img_tok"] = torch.cat([patch_tokens(frozen, pixels(token_images[i: i + batch_size]), model_cfg).half().cpu()
+                                       for i in range(0, len(token_images), batch_size)])
+        if bank.texts:
+            tables["txt_tok"], tables["txt_mask"] = text_states(frozen, bank.texts, model_cfg.text_len, batch_size,
+                                                                dtype=torch.half)
     return tables
 
 
@@ -401,13 +404,17 @@ def output_pairs(head: str, wins: list[tuple[np.ndarray, str]], loses: list[tupl
 
 def _embedded(raw: dict[str, list[_Raw]], bank: _Bank, frozen, model_cfg: RewardConfig) -> dict[str, PairSet]:
     """Raw pairs as PairSets over the bank's frozen embeddings."""
-    heads = tuple(raw)
-    tables = _embed_bank(bank, frozen, model_cfg, tokens=any(h in model_cfg.spatial for h in heads))
     # A spatial role is the same bank row as its pooled one: image_tokens <- image, text_* <- text.
+    # Only the images a spatial head reads get patch tokens (the trunk at token_size is the cost).
     source_role = {"image_tokens": "image", "text_tokens": "text", "text_mask": "text"}
+    token_images = sorted({side["image"][1] for h, pairs in raw.items() if h in model_cfg.spatial
+                           for p in pairs for side in p[1:]})
+    token_row = {b: i for i, b in enumerate(token_images)}
+    tables = _embed_bank(bank, frozen, model_cfg, token_images)
 
     def rows(sides: list[dict[str, tuple[str, int]]], role: str) -> torch.Tensor:
-        return torch.tensor([s[source_role.get(role, role)][1] for s in sides], dtype=torch.long)
+        ix = [s[source_role.get(role, role)][1] for s in sides]
+        return torch.tensor([token_row[b] for b in ix] if role == "image_tokens" else ix, dtype=torch.long)
 
     out = {}
     for h, pairs in raw.items():

@@ -124,6 +124,23 @@ def test_every_head_gets_pairs_and_they_name_their_kind(frozen):
     assert {k.split("_", 1)[0] for k in pairs["fidelity"].kinds} <= {"caption", "image"}
 
 
+
+def test_only_the_spatial_heads_images_get_patch_tokens_and_each_pair_reads_its_own(frozen):
+    from models.rewards import RewardConfig
+
+    cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, patch_dim=frozen.patch_dim(RewardConfig.patch_strides))
+    pairs = make_pairs(_scenes(3, 4), HEADS, frozen, seed=0, model_cfg=cfg)
+    fid = pairs["fidelity"]
+    used = torch.cat([fid.win["image"], fid.lose["image"]]).unique()
+    assert len(fid.tables["img_tok"]) == len(used) < len(fid.tables["img"])  # aesthetics, edits...: none
+    # Token rows map one to one onto the images the pairs show: the same image, the same tokens.
+    pooled = torch.cat([fid.win["image"], fid.lose["image"]])
+    tok = torch.cat([fid.win["image_tokens"], fid.lose["image_tokens"]])
+    assert len(set(zip(pooled.tolist(), tok.tolist()))) == len(used) == len(tok.unique())
+    one = fid.side("lose", torch.tensor([len(fid) - 1]))
+    assert one["image_tokens"].shape == (1, cfg.grid_cells, cfg.patch_dim)
+    assert "image_tokens" not in pairs["aesthetics"].win
+
 def test_patch_tokens_put_each_trunk_map_on_one_grid_and_keep_where_colour_is(frozen):
     from models.rewards import RewardConfig, patch_tokens
 
