@@ -111,6 +111,8 @@ def _train_cfg(version_path: Path):
     from .train_reward import RewardTrainConfig
 
     saved = json.loads((version_path / "config.json").read_text())["job"]["train"]
+    saved.setdefault("patch_strides", (8, 16))  # versions saved before the stride-32 map: their own recipe
+    saved.setdefault("patch_grid", 8)
     known = {f.name for f in fields(RewardTrainConfig)}
     return RewardTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 

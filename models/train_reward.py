@@ -82,7 +82,9 @@ class RewardTrainConfig:
     weight_decay: float = 0.01
     eval_blur: float = 1.0  # sigma (px) of the "generated-looking" fidelity evaluation
     spatial: tuple[str, ...] = ("fidelity",)  # heads over patch and prompt tokens (RewardConfig.spatial)
-    token_size: int = 256  # px for patch tokens (RewardConfig.token_size)
+    token_size: int = 256  # px for patch tokens (RewardConfig.token_size, patch_strides, patch_grid)
+    patch_strides: tuple[int, ...] = RewardConfig.patch_strides
+    patch_grid: int = RewardConfig.patch_grid
     clip: str | None = None  # a Frozen spec; None: the workspace's promoted CLIP (else lite0)
     # A fault to inject, never a setting: pair kinds whose training preferences are reversed
     # (a fidelity attribute such as "colour", an aesthetics or portrait flaw such as "blur"),
@@ -91,6 +93,7 @@ class RewardTrainConfig:
 
     def __post_init__(self) -> None:
         self.heads, self.spatial, self.flip = tuple(self.heads), tuple(self.spatial), tuple(self.flip)
+        self.patch_strides = tuple(self.patch_strides)
         unknown = [h for h in self.heads if h not in HEADS]
         if unknown or not self.heads:
             raise ValueError(f"heads must be a non-empty subset of {HEADS}, got {self.heads}")
@@ -460,8 +463,9 @@ class RewardTrainJob(TrainJob):
         self.train_scenes, self.eval_scenes = train_scenes, eval_scenes
         self.model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, hidden=cfg.hidden,
                                       dropout=cfg.dropout, spatial=cfg.spatial,
-                                      patch_dim=frozen.patch_dim(RewardConfig.patch_strides),
-                                      text_dim=frozen.text_dim, token_size=cfg.token_size)
+                                      patch_dim=frozen.patch_dim(cfg.patch_strides), text_dim=frozen.text_dim,
+                                      token_size=cfg.token_size, patch_strides=cfg.patch_strides,
+                                      patch_grid=cfg.patch_grid)
 
     def setup(self) -> None:
         t0 = time.perf_counter()
@@ -597,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     for cls in (RewardTrainConfig, LoopConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in ("progress", "heads", "spatial", "flip"):
+            if f.name in ("progress", "heads", "spatial", "flip", "patch_strides"):
                 continue
             flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
             base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
@@ -611,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         return tuple(h.strip() for h in text.split(",") if h.strip())
 
     cfg = RewardTrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(RewardTrainConfig)
-                               if f.name not in ("heads", "spatial", "flip")},
+                               if f.name not in ("heads", "spatial", "flip", "patch_strides")},
                             heads=names(args["heads"]), spatial=names(args["spatial"]))
     loop = LoopConfig(**{f.name: args[f.name] for f in dataclasses.fields(LoopConfig) if f.name != "progress"})
     record = train_reward(args["workspace"], cfg, loop)

@@ -160,3 +160,15 @@ def test_patch_tokens_put_each_trunk_map_on_one_grid_and_keep_where_colour_is(fr
     assert old.shape == (2, 16 * 16, frozen.patch_dim((8, 16)))
     with pytest.raises(ValueError, match="trunk stride"):
         frozen.patch_tokens(img, 256, (8, 16), 12)
+
+
+def test_a_version_saved_before_the_stride_32_map_recalibrates_with_its_own_patch_recipe(tmp_path):
+    import json
+
+    from models.recalibrate import _train_cfg
+
+    (tmp_path / "config.json").write_text(json.dumps({"job": {"train": {"heads": ["fidelity"], "token_size": 128}}}))
+    old = _train_cfg(tmp_path)
+    assert (old.token_size, old.patch_strides, old.patch_grid) == (128, (8, 16), 8)
+    (tmp_path / "config.json").write_text(json.dumps({"job": {"train": {"patch_strides": [8, 16, 32], "patch_grid": 16}}}))
+    assert _train_cfg(tmp_path).patch_strides == (8, 16, 32)
