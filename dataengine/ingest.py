@@ -284,16 +284,27 @@ def _move_to_quarantine(r: ShardResult, dup_mask: list[bool], taken: dict[str, s
     r.quarantine = pa.concat_tables([r.quarantine, pa.Table.from_pylist(rows, schema=QUARANTINE)])
 
 
-def orphan_parts(catalog: Catalog) -> list[Path]:
+def orphan_parts(catalog: Catalog, remove: bool = False) -> list[Path]:
     """Ingest's lake parts that no `shards` row accounts for: left by a process that died
     between writing a shard's parts and committing it. Every view reads them, so they
-    would count samples that the accounting cannot see."""
-    known = set(catalog.query("SELECT shard_uid FROM shards")["shard_uid"].to_pylist())
+    would count samples that the accounting cannot see. With `remove`, they are deleted.
+
+    The `shards` rows are read and the lake listed under one connection: it holds writers
+    off, and a writer writes its parts and commits them under its own. Listed after the
+    connection closed, a part another process committed in between looked orphaned, and
+    `ingest` deleted that process's samples.
+    """
     out = []
-    for table in ("samples", "quarantine"):
-        for p in sorted(lake.table_dir(catalog.ws.lake, table).glob("*.parquet")):
-            if _SHARD_PART_RE.match(p.stem) and p.stem not in known:
-                out.append(p)
+    with catalog.connect(read_only=True) as con:
+        known = {r[0] for r in con.execute("SELECT shard_uid FROM shards").fetchall()}
+        for table in ("samples", "quarantine"):
+            for p in sorted(lake.table_dir(catalog.ws.lake, table).glob("*.parquet")):
+                if _SHARD_PART_RE.match(p.stem) and p.stem not in known:
+                    out.append(p)
+        if remove:
+            for p in out:
+                log.warning("removing %s: written by an ingest that never committed", p)
+                p.unlink(missing_ok=True)
     return out
 
 
@@ -332,11 +343,8 @@ def ingest(
     catalog = catalog or Catalog(ws)
     urls = expand_shards(patterns)
     report = IngestReport()
-    for p in orphan_parts(catalog):
-        # Its shard has no `shards` row, so it is scanned again below (if asked for).
-        log.warning("removing %s: written by an ingest that never committed", p)
-        p.unlink()
-        report.orphans_removed += 1
+    # An orphan's shard has no `shards` row, so it is scanned again below (if asked for).
+    report.orphans_removed += len(orphan_parts(catalog, remove=True))
     stale = set(mismatched_shards(catalog))  # a re-scan that died before its commit
     done = set() if cfg.force else {
         (row["url"], row["checksum"])

@@ -164,6 +164,44 @@ def test_parts_of_a_commit_that_never_happened_are_seen_and_removed(ws, catalog,
     assert _counts(catalog) == {"s": 3, "q": 0} and summarize(catalog).exact
 
 
+def test_a_shard_committed_while_another_ingest_lists_the_lake_keeps_its_samples(ws, catalog, tmp_path, monkeypatch):
+    # Another process commits a shard while this one looks for orphan parts. Its parts
+    # have a `shards` row by the time they are listed; read before it, they looked orphaned
+    # and were deleted (CI saw the four-writer catalog test fail on it).
+    import subprocess
+    import sys
+
+    from dataengine import lake
+    from dataengine.ingest import orphan_parts
+
+    [url] = write_shards([good_sample(f"o{i}") for i in range(3)], tmp_path / "in", "o", 10)
+    code = (f"from dataengine.workspace import Workspace\n"
+            f"from dataengine.catalog import Catalog, LockRetry\n"
+            f"from dataengine.ingest import IngestConfig, ingest\n"
+            f"ws = Workspace.at({str(ws.root)!r})\n"
+            f"print('ready', flush=True)\n"
+            f"ingest(ws, [{url!r}], IngestConfig(use_ray=False), Catalog(ws, LockRetry(timeout_s=60)))\n")
+    other: list[subprocess.Popen] = []
+    table_dir = lake.table_dir
+
+    def listing(root, name):  # the other ingest gets five seconds to commit mid-listing
+        if not other:
+            other.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True))
+            assert other[0].stdout.readline().strip() == "ready"
+            try:
+                other[0].wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass  # held off until the listing is done: what the lock is for
+        return table_dir(root, name)
+
+    monkeypatch.setattr(lake, "table_dir", listing)
+    assert orphan_parts(catalog, remove=True) == []
+    monkeypatch.undo()
+    assert other[0].wait(timeout=120) == 0
+    assert sorted(catalog.query("SELECT key FROM samples")["key"].to_pylist()) == ["o0", "o1", "o2"]
+    assert summarize(catalog).exact
+
+
 def test_a_rescan_that_died_before_its_commit_is_scanned_again(ws, catalog, tmp_path):
     from dataengine import lake
     from dataengine.ingest import scan_shard
