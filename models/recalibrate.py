@@ -113,6 +113,7 @@ def _train_cfg(version_path: Path):
     saved = json.loads((version_path / "config.json").read_text())["job"]["train"]
     saved.setdefault("patch_strides", (8, 16))  # versions saved before the stride-32 map: their own recipe
     saved.setdefault("patch_grid", 8)
+    saved.setdefault("patch_context", False)  # and before patches saw their neighbours
     known = {f.name for f in fields(RewardTrainConfig)}
     return RewardTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 

@@ -142,6 +142,7 @@ class RewardConfig:
     patch_grid: int = 16
     text_len: int = 104  # prompt tokens a spatial head reads (the DiT's limit; covers 95% of rich captions)
     match_dim: int = 128  # width of the space tokens and patches are matched in
+    patch_context: bool = True  # patches see their grid neighbours before the match (_TokenMatch)
 
     def __post_init__(self) -> None:
         self.spatial, self.patch_strides = tuple(self.spatial), tuple(self.patch_strides)
@@ -215,20 +216,40 @@ class _TokenMatch(nn.Module):
     image lacks is a failure however much else it shows (a soft minimum beat the weighted
     mean by 0.02 on held-out swaps, twice). A learned per-token weight lets content words
     count and function words not. Patch positions are learned embeddings, so "left" can
-    match left.
+    match left. With `context`, each patch also sees its 3x3 neighbours on the grid (a
+    depthwise convolution): a small object's shape spans a few cells (held-out image-side
+    shape swaps 0.69 -> 0.75, overall 0.708 -> 0.725 on one cached pair set).
     """
 
-    def __init__(self, patch_dim: int, text_dim: int, grid: int, d: int):
+    def __init__(self, patch_dim: int, text_dim: int, grid: int, d: int, context: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(patch_dim)
         self.patch = nn.Sequential(nn.Linear(patch_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.side = round(grid ** 0.5)
+        if self.side ** 2 != grid:
+            raise ValueError(f"patch tokens must form a square grid, got {grid}")
+        self.context = None
+        if context:
+            self.context = nn.Sequential(nn.Conv2d(d, d, 3, padding=1, groups=d), nn.GELU(), nn.Conv2d(d, d, 1))
+            # Zero at init: the head starts as the context-free one (a random residual swamped
+            # the cells and a short run never left chance).
+            nn.init.zeros_(self.context[-1].weight)
+            nn.init.zeros_(self.context[-1].bias)
         self.pos = nn.Parameter(torch.randn(1, grid, d) * 0.02)
         self.text = nn.Linear(text_dim, d)
         self.weight = nn.Linear(text_dim, 1)
         self.tau = nn.Parameter(torch.tensor(10.0))  # sharpness of the soft max over patches
 
+    def cells(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) unit-norm cell vectors of (B, N, patch_dim) patch tokens (row-major grid)."""
+        p = self.patch(self.norm(patches.float()))
+        if self.context is not None:
+            b, n, d = p.shape
+            p = p + self.context(p.transpose(1, 2).reshape(b, d, self.side, self.side)).flatten(2).transpose(1, 2)
+        return F.normalize(p + self.pos, dim=-1)
+
     def forward(self, patches: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        p = F.normalize(self.patch(self.norm(patches.float())) + self.pos, dim=-1)  # (B, N, d)
+        p = self.cells(patches)  # (B, N, d)
         t = F.normalize(self.text(tokens.float()), dim=-1)  # (B, L, d)
         sim = torch.einsum("bld,bnd->bln", t, p)  # (B, L, N)
         match = (torch.softmax(sim * self.tau, -1) * sim).sum(-1)  # (B, L)
@@ -245,7 +266,7 @@ class EmbeddedRewards(nn.Module):
         self._frozen = frozen  # models.frozen.Frozen; loaded on first use when None
         c = self.cfg
         self.heads = nn.ModuleDict({
-            k: _TokenMatch(c.patch_dim, c.text_dim, c.grid_cells, c.match_dim) if k in c.spatial
+            k: _TokenMatch(c.patch_dim, c.text_dim, c.grid_cells, c.match_dim, c.patch_context) if k in c.spatial
             else _Head(c.embed_dim, c.hidden, c.dropout, conditioned=k not in ("aesthetics", "portrait"))
             for k in HEADS})
 
@@ -342,6 +363,7 @@ def load(path: str | Path, frozen=None, device: str = "cpu") -> EmbeddedRewards:
     model_cfg.setdefault("spatial", ())  # versions saved before the spatial heads were pooled throughout
     model_cfg.setdefault("patch_strides", (8, 16))  # and before the stride-32 map, on a stride-8 grid
     model_cfg.setdefault("patch_grid", 8)
+    model_cfg.setdefault("patch_context", False)  # and before patches saw their neighbours
     cfg = RewardConfig(**model_cfg)
     if frozen is None:
         from .frozen import Frozen
