@@ -10,7 +10,7 @@ Reported per head: held-out accuracy, its bar (`models.rewards.HELDOUT_BARS`) an
 it passes, accuracy per kind of pair, and for fidelity the CLIP-cosine baseline and the
 blurred ("generated-looking") evaluation. Chance is 0.5 everywhere.
 
-    python benchmarks/rewards.py                         # defaults: 2000 train scenes, 1500 steps (~20 min, 2 cores)
+    python benchmarks/rewards.py                         # defaults: 2000 train scenes, 3000 steps (~35 min, 2 cores)
     python benchmarks/rewards.py --n-train 600 --steps 600 --runs spatial
 """
 
@@ -41,7 +41,7 @@ def main() -> None:
     defaults = RewardTrainConfig()
     ap.add_argument("--n-train", type=int, default=defaults.n_train)
     ap.add_argument("--n-eval", type=int, default=defaults.n_eval)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated of {list(RUNS)}")

@@ -1,7 +1,7 @@
 """Train the five reward heads on preference pairs made from the scene world's ground truth.
 
-    record = train_reward("ws", RewardTrainConfig(), LoopConfig(steps=1500))   # -> models/reward/vNNNN
-    python -m models.train_reward -w ws --steps 1500
+    record = train_reward("ws", RewardTrainConfig(), LoopConfig(steps=3000))   # -> models/reward/vNNNN
+    python -m models.train_reward -w ws --steps 3000
 
 Every head learns from Bradley-Terry pairs, loss -log sigmoid(r_win - r_lose). A pair is
 two renders (or two texts) of scenes that differ in exactly what the head should judge,
@@ -591,7 +591,7 @@ def train_reward(workspace_root: str | Path, cfg: RewardTrainConfig | None = Non
     from dataengine.workspace import Workspace
 
     cfg = cfg or RewardTrainConfig()
-    loop = replace(loop or LoopConfig(steps=1500, lr=1e-3), progress=progress)
+    loop = replace(loop or LoopConfig(steps=3000, lr=1e-3), progress=progress)
     ws = Workspace.at(workspace_root)
     return train(make_job(ws.root, cfg, loop), ws.models, loop, catalog=Catalog(ws))
 
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.add_argument(flag, type=base if base in (int, float, str) else str, default=default)
     ap.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads to train")
     ap.add_argument("--spatial", default="fidelity", help="comma-separated heads over patch tokens ('' for none)")
-    ap.set_defaults(steps=1500, lr=1e-3)  # the reward's own loop defaults (models/stack.py)
+    ap.set_defaults(steps=3000, lr=1e-3)  # the reward's own loop defaults (models/stack.py)
     args = vars(ap.parse_args(argv))
     def names(text: str) -> tuple[str, ...]:
         return tuple(h.strip() for h in text.split(",") if h.strip())
