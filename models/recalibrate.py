@@ -108,12 +108,12 @@ def _head_scores(version_path: str | Path, head: str, items: list[tuple[np.ndarr
 
 def _train_cfg(version_path: Path):
     """The current version's own training config (its faults included: the job cannot know them)."""
+    from .rewards import OLD_PATCH_RECIPE
     from .train_reward import RewardTrainConfig
 
     saved = json.loads((version_path / "config.json").read_text())["job"]["train"]
-    saved.setdefault("patch_strides", (8, 16))  # versions saved before the stride-32 map: their own recipe
-    saved.setdefault("patch_grid", 8)
-    saved.setdefault("patch_context", False)  # and before patches saw their neighbours
+    for k, v in OLD_PATCH_RECIPE.items():  # a version saved before these fields: its own recipe
+        saved.setdefault(k, v)
     known = {f.name for f in fields(RewardTrainConfig)}
     return RewardTrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 

@@ -351,6 +351,11 @@ def text_states(frozen, texts: list[str], max_len: int, batch_size: int = 64,
             torch.cat([F.pad(m, (0, width - m.shape[1])) for m in masks]))
 
 
+# The patch recipe of a version saved before these fields existed: the stride-8 and -16 maps
+# on a stride-8 grid, patches without their neighbours. `load` and recalibration read it.
+OLD_PATCH_RECIPE: dict[str, Any] = {"patch_strides": (8, 16), "patch_grid": 8, "patch_context": False}
+
+
 def load(path: str | Path, frozen=None, device: str = "cpu") -> EmbeddedRewards:
     """The heads of a saved `reward` version (trainer layout), in eval mode, with the frozen
     CLIP its config names (or `frozen`, already loaded)."""
@@ -361,9 +366,8 @@ def load(path: str | Path, frozen=None, device: str = "cpu") -> EmbeddedRewards:
     if model_cfg is None or "rewards" not in states:
         raise ValueError(f"{path} is not a reward version: no job.model config or no `rewards` weights")
     model_cfg.setdefault("spatial", ())  # versions saved before the spatial heads were pooled throughout
-    model_cfg.setdefault("patch_strides", (8, 16))  # and before the stride-32 map, on a stride-8 grid
-    model_cfg.setdefault("patch_grid", 8)
-    model_cfg.setdefault("patch_context", False)  # and before patches saw their neighbours
+    for k, v in OLD_PATCH_RECIPE.items():
+        model_cfg.setdefault(k, v)
     cfg = RewardConfig(**model_cfg)
     if frozen is None:
         from .frozen import Frozen
