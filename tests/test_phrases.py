@@ -23,15 +23,22 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "iiw400_capti
 
 
 class BagOfWords:
-    """Unit vectors of hashed word counts: texts sharing words are near, others orthogonal."""
+    """Unit vectors of word counts, one axis per word (plural folded): texts sharing words
+    are near, others orthogonal. Axes are handed out in order of first sight, not by
+    `hash()`, which Python salts per process: two words sharing a bucket in one run made
+    "pink triangle" equal "purple triangle" and the margin test flaky."""
 
     model_id = "bag-of-words-test"
+    dim = 256
+    axes: dict[str, int] = {}  # shared by every instance, so all of a test's vectors agree
 
     def encode_texts(self, texts):
-        out = np.zeros((len(texts), 64), np.float32)
+        out = np.zeros((len(texts), self.dim), np.float32)
         for i, t in enumerate(texts):
             for w in t.lower().split():
-                out[i, hash(w.rstrip("s")) % 64] += 1.0
+                axis = self.axes.setdefault(w.rstrip("s"), len(self.axes))
+                assert axis < self.dim, "more distinct words than axes: raise BagOfWords.dim"
+                out[i, axis] += 1.0
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
