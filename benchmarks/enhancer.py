@@ -4,8 +4,9 @@ Degrades the rich captions of N train scenes into pairs, trains an enhancer on t
 then scores on terse prompts of scenes it never saw: the identity baseline (the terse
 prompt unchanged), the pairs' own targets (the scene's rich caption: what a perfect
 enhancer trained on such pairs would write), today's enhancer (the insertion format:
-targets mark the words they copy, decoding writes them, models/keep_words.py), and the
-earlier recipe (plain targets, free decoding) trained on the same pairs in the same run,
+targets mark the words they copy, decoding writes them, models/keep_words.py; whole-chain
+pairs marked <|all|>, which generation asks for), the same without the marker (the
+default before it), and the earlier recipe (plain targets, free decoding) trained on the same pairs in the same run,
 also decoded with the word-keeping constraint alone. Intent preservation: share of the attributes the
 terse prompt names (true of the scene) still named and not contradicted. Richness gain:
 detail categories added. Then the same on real human captions (../shared/data, IIW),
@@ -88,19 +89,22 @@ def main() -> None:
     terse = [p for p, _ in items]
     real = real_terse_prompts(args.real)
 
-    # Two recipes, the same pairs, steps and seed: today's insertion format and the earlier
-    # plain targets; the plain model is also decoded with the word-keeping constraint alone.
-    runs = {"insertion": True, "plain": False}
+    # Three recipes, the same pairs, steps and seed: today's insertion format with the
+    # <|all|> marker, the same without it, and the earlier plain targets; the plain model is
+    # also decoded with the word-keeping constraint alone.
+    runs = {"insertion": (True, True), "unmarked": (True, False), "plain": (False, False)}
     outputs: dict[str, list[str]] = {}
     real_out: dict[str, list[str]] = {}
-    for name, copy in runs.items():
+    for name, (copy, marker) in runs.items():
         cfg = EnhancerTrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
-                                  num_threads=args.threads, progress=False, copy_markers=copy)
-        record = train(pairs, args.out if (args.out and copy) else tempfile.mkdtemp(prefix="bench-enh-"), cfg)
+                                  num_threads=args.threads, progress=False, copy_markers=copy, whole_marker=marker)
+        default = name == "insertion"
+        record = train(pairs, args.out if (args.out and default) else tempfile.mkdtemp(prefix="bench-enh-"), cfg)
         m = json.loads(record["metrics"])
         model, tok = load_version(record["path"])
-        modes = {"insertion format (default)": True} if copy else {"earlier: plain, free decoding": False,
-                                                                  "plain + keep-words decoding": True}
+        modes = ({"insertion format (default)": True} if default
+                 else {"insertion, no <|all|> marker": True} if copy
+                 else {"earlier: plain, free decoding": False, "plain + keep-words decoding": True})
         for label, keep in modes.items():
             t0 = time.perf_counter()
             outputs[label] = enhance(model, tok, terse, max_new_tokens=160, keep_words=keep)

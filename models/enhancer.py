@@ -5,7 +5,9 @@ sequence is
 
     <|bos|> terse prompt <|sep|> rich prompt <|eos|>
 
-and the loss falls only on the part after <|sep|>. A bigger causal LM that a user brings
+and the loss falls only on the part after <|sep|>. A training pair is one degradation step
+(one detail put back) or a whole chain (every detail); <|all|> after <|sep|> marks the
+second, and generation asks for it, so a terse prompt is not read as "add one detail". A bigger causal LM that a user brings
 (any local folder or cached hub name, loaded with `load`) has none of our special tokens,
 so it gets a plain-text template instead: "Prompt: terse\\nDetailed: rich<eos>".
 
@@ -38,14 +40,17 @@ SPECIAL_TOKENS = (BOS, SEP, EOS, PAD)
 # The insertion format: in a target, <|copy|> comes before each word taken from the prompt,
 # so the model learns WHERE the user's next word goes, and decoding writes the word itself.
 COPY = "<|copy|>"
+# Marks a pair whose target is the chain's full caption (every detail back), not one step.
+ALL = "<|all|>"
 
 # The template for causal LMs without our special tokens (a user's pretrained model).
 PLAIN_PROMPT = "Prompt: {terse}\nDetailed:"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, copy: bool = True) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, copy: bool = True,
+                    whole: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts`, with <|bos|> <|sep|> <|eos|> <|pad|> as ids 0-3,
-    and <|copy|> as id 4 when `copy` (the insertion format)."""
+    then <|copy|> when `copy` (the insertion format) and <|all|> when `whole`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -53,15 +58,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, copy: bool = T
     # sequence tokenises the same as it does anywhere else.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    extra = [COPY] * copy + [ALL] * whole
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS) + ([COPY] if copy else []),
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS) + extra,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, sep_token=SEP, eos_token=EOS, pad_token=PAD,
         clean_up_tokenization_spaces=False, model_max_length=1024,
-        **({"extra_special_tokens": [COPY]} if copy else {}),
+        **({"extra_special_tokens": extra} if extra else {}),
     )
 
 
@@ -73,6 +79,12 @@ def uses_special_format(tokenizer: PreTrainedTokenizerBase) -> bool:
 def copy_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The id of <|copy|> when `tokenizer` has the insertion format, else None."""
     tid = tokenizer.get_vocab().get(COPY)
+    return int(tid) if tid is not None and uses_special_format(tokenizer) else None
+
+
+def all_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id of <|all|> when `tokenizer` has it (versions saved before it do not)."""
+    tid = tokenizer.get_vocab().get(ALL)
     return int(tid) if tid is not None and uses_special_format(tokenizer) else None
 
 
@@ -136,11 +148,14 @@ def n_params(model: torch.nn.Module) -> int:
 IGNORE = -100  # the label that cross-entropy skips
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, terse: str) -> list[int]:
-    """Token ids of the prompt part: `<|bos|> terse <|sep|>`, or the plain template."""
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, terse: str, whole: bool = True) -> list[int]:
+    """Token ids of the prompt part: `<|bos|> terse <|sep|>`, then <|all|> when `whole` and
+    the tokenizer has it (every detail, not one step); or the plain template."""
     enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     if uses_special_format(tokenizer):
-        return [tokenizer.bos_token_id] + enc(terse) + [tokenizer.sep_token_id]
+        marker = all_id(tokenizer)
+        return [tokenizer.bos_token_id] + enc(terse) + [tokenizer.sep_token_id] + (
+            [marker] if whole and marker is not None else [])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + enc(PLAIN_PROMPT.format(terse=terse))
 
@@ -220,11 +235,13 @@ def target_ids(tokenizer: PreTrainedTokenizerBase, rich: str, terse: str | None 
     return enc(rich if uses_special_format(tokenizer) else " " + rich) + eos
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, less: str, more: str, max_len: int) -> tuple[list[int], list[int], bool]:
+def encode_pair(tokenizer: PreTrainedTokenizerBase, less: str, more: str, max_len: int,
+                whole: bool = True) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): labels are -100 on the prompt part and equal the ids
-    on the target part. Long prompts keep their start (at most half of `max_len`); long
-    targets are cut (and lose their <|eos|>) so the whole fits in `max_len`."""
-    p, t = prompt_ids(tokenizer, less), target_ids(tokenizer, more, less)
+    on the target part; `whole` False marks a one-step pair. Long prompts keep their start
+    (at most half of `max_len`); long targets are cut (and lose their <|eos|>) so the whole
+    fits in `max_len`."""
+    p, t = prompt_ids(tokenizer, less, whole), target_ids(tokenizer, more, less)
     truncated = False
     if len(p) > max_len // 2:
         p, truncated = p[: max_len // 2], True
@@ -263,12 +280,13 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def enhance(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     max_new_tokens: int = 96, num_beams: int = 1, do_sample: bool = False, batch_size: int = 32,
-    keep_words: bool = True, nudge: float = 2.0,
+    keep_words: bool = True, nudge: float = 2.0, whole: bool = True,
 ) -> list[str]:
     """The rich prompt generated for each terse prompt (batched, left-padded; the prompt
     part and special tokens stripped). With `keep_words` (the default) decoding keeps the
     prompt's words in order and only inserts around them (models/keep_words.py); `nudge`
-    is its pull toward the next owed word."""
+    is its pull toward the next owed word. `whole` (the default) asks a model trained with
+    <|all|> for every detail; False for one degradation step's worth."""
     from transformers import LogitsProcessorList
 
     from .keep_words import CopyWords, KeepWords
@@ -281,7 +299,7 @@ def enhance(
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            ids = [prompt_ids(tokenizer, p) for p in prompts[start: start + batch_size]]
+            ids = [prompt_ids(tokenizer, p, whole) for p in prompts[start: start + batch_size]]
             width = max(len(x) for x in ids)
             # Left padding: every row's last prompt token sits at the same column, so
             # generation continues all rows in step.

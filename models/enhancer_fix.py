@@ -83,7 +83,7 @@ def _heldout_prompts(pairs: pa.Table, n: int, seed: int) -> list[str]:
     rows, _ = _rows(pairs)
     _, held = _split(rows, 0.05, seed)
     tersest: dict[str, str] = {}
-    for source, less, _ in held:
+    for source, less, *_ in held:
         if source not in tersest or len(less) < len(tersest[source]):
             tersest[source] = less
     return [tersest[s] for s in sorted(tersest)][:n]

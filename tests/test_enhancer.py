@@ -17,7 +17,7 @@ from dataengine.enhance_eval import (
 from dataengine.schema import MODEL_VERSIONS, conform
 from dataengine.sceneworld import Group, Scene, caption_for, sample_scene
 from models.enhancer import (
-    BOS, EOS, IGNORE, PAD, SEP, build, collate, encode_pair, enhance, load, load_version,
+    BOS, EOS, IGNORE, PAD, SEP, all_id, build, collate, encode_pair, enhance, load, load_version,
     copy_id, copy_segments, insertion_target, prompt_ids, save_version, train_tokenizer, uses_special_format, versions,
 )
 from models.keep_words import kept_in_order, prompt_words
@@ -69,7 +69,13 @@ def test_loss_masks_exactly_the_prompt_part():
     terse, _, rich = scene_texts(1)[0]
     tok = train_tokenizer([terse, rich])
     p = prompt_ids(tok, terse)
-    assert p[0] == tok.bos_token_id and p[-1] == tok.sep_token_id
+    # Generation asks for every detail (<|all|>); a one-step pair has no marker, nor has a
+    # tokenizer saved before the marker existed.
+    assert p[0] == tok.bos_token_id and p[-2:] == [tok.sep_token_id, all_id(tok)]
+    assert prompt_ids(tok, terse, whole=False) == p[:-1]
+    assert encode_pair(tok, terse, rich, 512, whole=False)[0][: len(p) - 1] == p[:-1]
+    old = train_tokenizer([terse, rich], whole=False)
+    assert all_id(old) is None and prompt_ids(old, terse)[-1] == old.sep_token_id
     ids, labels, truncated = encode_pair(tok, terse, rich, max_len=512)
     assert not truncated
     assert ids[: len(p)] == p
@@ -344,3 +350,55 @@ def test_an_interrupted_enhancer_run_resumes_to_the_weights_of_an_unbroken_one(t
     b, _ = load_version(resumed["path"])
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
+
+
+# ---------------------------------------------------------------------------------------
+# One step or the whole chain: the <|all|> marker
+# ---------------------------------------------------------------------------------------
+
+
+def chain_pairs(captions: list[str]) -> pa.Table:
+    from dataengine.degrade import DegradeConfig
+    from dataengine.degrade import pairs_table as degrade_pairs
+
+    return degrade_pairs([(f"cap-{i}", c) for i, c in enumerate(captions)], DegradeConfig(seed=0))
+
+
+def test_whole_chain_rows_are_marked_and_one_step_rows_are_not():
+    from models.train_enhancer import EnhancerJob
+
+    captions = [r[2] for r in scene_texts(3, seed=4)]
+    pairs = chain_pairs(captions)
+    full = {f"cap-{i}": c for i, c in enumerate(captions)}
+    steps = {s: [p for p in pairs.to_pylist() if p["source_id"] == s] for s in full}
+    assert all(len(v) >= 3 for v in steps.values())  # chains long enough to tell the rows apart
+    rows = EnhancerJob(pairs, EnhancerTrainConfig(eval_fraction=0, progress=False)).train_rows
+    for s, chain in steps.items():
+        mine = [r for r in rows if r[0] == s]
+        marked = [r for r in mine if r[3]]
+        # Every level of the chain is asked for the full caption once, marked ...
+        assert sorted(r[1] for r in marked) == sorted(p["less"] for p in chain)
+        assert all(r[2] == full[s] for r in marked)
+        # ... and each step below the first also teaches its one detail, unmarked.
+        assert sorted((r[1], r[2]) for r in mine if not r[3]) == sorted(
+            (p["less"], p["more"]) for p in chain if p["more"] != full[s])
+    # Without the marker: the step pairs and one tersest -> full row per chain (the old recipe).
+    old = EnhancerJob(pairs, EnhancerTrainConfig(eval_fraction=0, whole_marker=False, progress=False)).train_rows
+    assert len(old) == pairs.num_rows + len(full)
+    # Pairs without chain columns (a user's own terse -> rich pairs) are all whole.
+    plain = pa.table({"less": ["a red star"], "more": ["A large red star on grass."]})
+    assert [r[3] for r in EnhancerJob(plain, EnhancerTrainConfig(progress=False)).train_rows] == [True]
+
+
+def test_the_marker_asks_for_every_detail_and_its_absence_for_one_step(tmp_path):
+    caption = scene_texts(4, seed=0)[3][1]  # a short caption: five steps, nine rows to learn
+    pairs = chain_pairs([caption])
+    chain = sorted(pairs.to_pylist(), key=lambda p: p["step"])
+    tersest, one_step = chain[-1]["less"], chain[-1]["more"]
+    cfg = EnhancerTrainConfig(size="nano", steps=200, batch_size=8, lr=3e-3, warmup_steps=10,
+                              eval_fraction=0, seed=0, num_threads=1, progress=False)
+    model, tok = load_version(train(pairs, tmp_path, cfg)["path"])
+    whole = enhance(model, tok, [tersest], max_new_tokens=200)[0]
+    step = enhance(model, tok, [tersest], max_new_tokens=200, whole=False)[0]
+    assert whole == insertion_target(tersest, caption)
+    assert step == insertion_target(tersest, one_step) and step != whole
