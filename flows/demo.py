@@ -280,7 +280,7 @@ def summarize_workspace(root: str) -> Summary:
 
 
 @flow(name="dataengine-demo", log_prints=True)
-def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 80,
+def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 300,
               real_images: bool = True, train_stack: bool = True, loop: bool = True) -> Summary:
     """Make a workspace from nothing, fill it with the scene world and real images, account
     for it, turn its captions into enhancer pairs and a first enhancer, embed, index, find

@@ -135,7 +135,7 @@ def ingest_flow(workspace: str, cfg: EngineConfig = EngineConfig()) -> IngestRep
 
 
 @flow(name="dataengine-enhancer")
-def enhancer_flow(workspace: str, cfg: EngineConfig = EngineConfig(), steps: int = 80) -> tuple:
+def enhancer_flow(workspace: str, cfg: EngineConfig = EngineConfig(), steps: int = 300) -> tuple:
     """The train split's captions degraded into enhancer pairs (new ones only), and the nano
     enhancer trained on them (the newest version reused when no pair is new)."""
     pairs = degrade_captions(workspace, cfg)
