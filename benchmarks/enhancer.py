@@ -38,6 +38,7 @@ from models.keep_words import kept_in_order  # noqa: E402
 from models.train_enhancer import EnhancerTrainConfig, enhance, load_version, train  # noqa: E402
 
 IIW = Path(__file__).resolve().parents[2] / "shared/data/iiw400_captions.jsonl"
+DEFAULT = "insertion format (default)"  # the contender the last line reports
 
 
 def real_terse_prompts(n: int) -> list[str]:
@@ -92,19 +93,19 @@ def main() -> None:
     # Three recipes, the same pairs, steps and seed: today's insertion format with the
     # <|all|> marker, the same without it, and the earlier plain targets; the plain model is
     # also decoded with the word-keeping constraint alone.
-    runs = {"insertion": (True, True), "unmarked": (True, False), "plain": (False, False)}
+    # Per recipe: (copy_markers, whole_marker, {contender label: keep_words decoding}).
+    runs = [(True, True, {DEFAULT: True}),
+            (True, False, {"insertion, no <|all|> marker": True}),
+            (False, False, {"earlier: plain, free decoding": False, "plain + keep-words decoding": True})]
     outputs: dict[str, list[str]] = {}
     real_out: dict[str, list[str]] = {}
-    for name, (copy, marker) in runs.items():
+    for copy, marker, modes in runs:
         cfg = EnhancerTrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
                                   num_threads=args.threads, progress=False, copy_markers=copy, whole_marker=marker)
-        default = name == "insertion"
-        record = train(pairs, args.out if (args.out and default) else tempfile.mkdtemp(prefix="bench-enh-"), cfg)
+        keep_it = args.out and DEFAULT in modes
+        record = train(pairs, args.out if keep_it else tempfile.mkdtemp(prefix="bench-enh-"), cfg)
         m = json.loads(record["metrics"])
         model, tok = load_version(record["path"])
-        modes = ({"insertion format (default)": True} if default
-                 else {"insertion, no <|all|> marker": True} if copy
-                 else {"earlier: plain, free decoding": False, "plain + keep-words decoding": True})
         for label, keep in modes.items():
             t0 = time.perf_counter()
             outputs[label] = enhance(model, tok, terse, max_new_tokens=160, keep_words=keep)
@@ -140,7 +141,7 @@ def main() -> None:
                 print(f"  {label} -> {outs[i]}")
     else:
         print(f"\n(no real captions at {IIW})")
-    r = results["insertion format (default)"]
+    r = results[DEFAULT]
     print(f"\nenhancer: intent preserved {r['intent_preservation']:.3f}, contradicted "
           f"{r['intent_contradicted']:.3f}, richness gain {r['richness_gain']:.2f}")
 

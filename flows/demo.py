@@ -21,7 +21,7 @@ from dataengine.config import EngineConfig
 from dataengine.status import Summary, summarize
 from dataengine.workspace import Workspace
 
-from flows.stages import embed_index_flow, enhancer_flow, ingest_flow, prepare_workspace, train_model
+from flows.stages import ENHANCER_STEPS, embed_index_flow, enhancer_flow, ingest_flow, prepare_workspace, train_model
 
 # Stage outputs are Arrow tables and reports, not values worth hashing for a cache.
 stage = task(cache_policy=NONE)
@@ -280,7 +280,7 @@ def summarize_workspace(root: str) -> Summary:
 
 
 @flow(name="dataengine-demo", log_prints=True)
-def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = 300,
+def demo_flow(workspace: str, cfg: EngineConfig = EngineConfig(), enhancer_steps: int = ENHANCER_STEPS,
               real_images: bool = True, train_stack: bool = True, loop: bool = True) -> Summary:
     """Make a workspace from nothing, fill it with the scene world and real images, account
     for it, turn its captions into enhancer pairs and a first enhancer, embed, index, find

@@ -76,16 +76,19 @@ def uses_special_format(tokenizer: PreTrainedTokenizerBase) -> bool:
     return (tokenizer.bos_token, tokenizer.sep_token, tokenizer.eos_token) == (BOS, SEP, EOS)
 
 
+def _own_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+    tid = tokenizer.get_vocab().get(token)
+    return int(tid) if tid is not None and uses_special_format(tokenizer) else None
+
+
 def copy_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The id of <|copy|> when `tokenizer` has the insertion format, else None."""
-    tid = tokenizer.get_vocab().get(COPY)
-    return int(tid) if tid is not None and uses_special_format(tokenizer) else None
+    return _own_token_id(tokenizer, COPY)
 
 
 def all_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The id of <|all|> when `tokenizer` has it (versions saved before it do not)."""
-    tid = tokenizer.get_vocab().get(ALL)
-    return int(tid) if tid is not None and uses_special_format(tokenizer) else None
+    return _own_token_id(tokenizer, ALL)
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

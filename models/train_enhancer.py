@@ -95,27 +95,26 @@ class EnhancerTrainConfig:
 Row = tuple[str, str, str, bool]  # (source_id, less, more, whole: more is the full caption)
 
 
-def _has_chains(pairs: pa.Table) -> bool:
-    return "step" in pairs.column_names and "source_id" in pairs.column_names
+Tops = dict[str, tuple[int, str]]  # per chain (source_id): its first step and that step's `more`
 
 
-def _chain_tops(pairs: pa.Table) -> dict[str, tuple[int, str]]:
-    """Per chain (source_id): its first step and that step's `more`, the full caption."""
-    top: dict[str, tuple[int, str]] = {}
-    if _has_chains(pairs):
+def _chain_tops(pairs: pa.Table) -> Tops:
+    """Each chain's first step and full caption (that step's `more`); empty for a table
+    without chains (no step or source_id column)."""
+    top: Tops = {}
+    if "step" in pairs.column_names and "source_id" in pairs.column_names:
         for s, step, more in zip(*(pairs.column(c).to_pylist() for c in ("source_id", "step", "more"))):
             if s is not None and more and more.strip() and (s not in top or step < top[s][0]):
                 top[s] = (step, more)
     return top
 
 
-def _chain_rows(pairs: pa.Table, every_level: bool) -> list[Row]:
+def _chain_rows(pairs: pa.Table, tops: Tops, every_level: bool) -> list[Row]:
     """Whole-chain rows (source_id, less, full caption, True) of every chain of two or more
     steps: from each step below the first when `every_level` (the first step's own pair
     already ends at the full caption), else from the tersest step only."""
-    tops = _chain_tops(pairs)
     levels: dict[str, list[tuple[int, str]]] = {}
-    if _has_chains(pairs):
+    if tops:
         for s, step, less in zip(*(pairs.column(c).to_pylist() for c in ("source_id", "step", "less"))):
             if s in tops and less and less.strip() and step > tops[s][0]:
                 levels.setdefault(s, []).append((step, less))
@@ -126,24 +125,24 @@ def _chain_rows(pairs: pa.Table, every_level: bool) -> list[Row]:
     return out
 
 
-def _rows(pairs: pa.Table, steps_apart: bool = False) -> tuple[list[Row], int]:
+def _rows(pairs: pa.Table, tops: Tops | None = None) -> tuple[list[Row], int]:
     """(source_id, less, more, whole) rows with both texts present, and how many were
-    skipped. With `steps_apart`, a step below its chain's first is one detail (whole
-    False); a chain's first step, and any pair of a table without chains, is whole."""
+    skipped. Given the chains' `tops`, a step below its chain's first is one detail (whole
+    False); a chain's first step, any pair outside a chain, and every pair without `tops`
+    is whole."""
     missing = [c for c in ("less", "more") if c not in pairs.column_names]
     if missing:
         raise ValueError(f"pairs table lacks columns {missing}; it must follow schema.PAIRS")
     less, more = pairs.column("less").to_pylist(), pairs.column("more").to_pylist()
     sources = (pairs.column("source_id").to_pylist() if "source_id" in pairs.column_names
                else [None] * pairs.num_rows)
-    steps = pairs.column("step").to_pylist() if steps_apart and _has_chains(pairs) else [None] * pairs.num_rows
-    tops = _chain_tops(pairs) if steps_apart else {}
+    steps = pairs.column("step").to_pylist() if tops else [None] * pairs.num_rows
     rows, skipped = [], 0
     for i, (s, a, b, step) in enumerate(zip(sources, less, more, steps)):
         if not a or not b or not a.strip() or not b.strip():
             skipped += 1  # reported in metrics as skipped_pairs
             continue
-        whole = step is None or s not in tops or step <= tops[s][0]
+        whole = step is None or s not in tops or step <= tops[s][0]  # step is None when tops is
         rows.append((s if s is not None else f"row-{i}", a, b, whole))
     if not rows:
         raise ValueError(f"no usable pairs: {pairs.num_rows} rows, {skipped} with an empty less or more")
@@ -202,10 +201,11 @@ class EnhancerJob(TrainJob):
                  base: str | None = None):
         self.cfg, self.base = cfg, base
         # Without the marker a step pair and a whole-chain row read alike (no <|all|> token
-        # to write, whatever a row's flag).
-        rows, self.skipped = _rows(pairs, steps_apart=cfg.whole_marker)
+        # to write), so the rows need no flag.
+        tops = _chain_tops(pairs)
+        rows, self.skipped = _rows(pairs, tops if cfg.whole_marker else None)
         if cfg.chain_ends:
-            rows += _chain_rows(pairs, every_level=cfg.whole_marker)
+            rows += _chain_rows(pairs, tops, every_level=cfg.whole_marker)
         self.train_rows, self.eval_rows = _split(rows, cfg.eval_fraction, cfg.seed)
         self.tokenizer_texts = list(tokenizer_texts) if tokenizer_texts is not None else None
         self.steps = math.ceil(cfg.epochs * len(self.train_rows) / cfg.batch_size) if cfg.epochs else cfg.steps
