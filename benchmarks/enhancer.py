@@ -5,8 +5,11 @@ then scores on terse prompts of scenes it never saw: the identity baseline (the 
 prompt unchanged), the pairs' own targets (the scene's rich caption: what a perfect
 enhancer trained on such pairs would write), today's enhancer (the insertion format:
 targets mark the words they copy, decoding writes them, models/keep_words.py; whole-chain
-pairs marked <|all|>, which generation asks for), the same without the marker (the
-default before it), and the earlier recipe (plain targets, free decoding) trained on the same pairs in the same run,
+pairs marked <|all|>, which generation asks for; whole-chain rows whose prompts carry
+casual tags, dataengine/degrade/tags.py; decoding's scene-wide guard,
+models/scene_wide_guard.py) and the same decoded without the guard, the recipe before tag
+rows (stop 30's default) with and without the guard, and the earlier recipe (plain
+targets, free decoding), all trained on the same pairs in the same run, the plain one
 also decoded with the word-keeping constraint alone. Intent preservation: share of the attributes the
 terse prompt names (true of the scene) still named and not contradicted. Richness gain:
 detail categories added. Then the same on real human captions (../shared/data, IIW),
@@ -38,7 +41,7 @@ from models.keep_words import kept_in_order  # noqa: E402
 from models.train_enhancer import EnhancerTrainConfig, enhance, load_version, train  # noqa: E402
 
 IIW = Path(__file__).resolve().parents[2] / "shared/data/iiw400_captions.jsonl"
-DEFAULT = "insertion format (default)"  # the contender the last line reports
+DEFAULT = "insertion + tag rows + guard (default)"  # the contender the last line reports
 
 
 def real_terse_prompts(n: int) -> list[str]:
@@ -90,28 +93,31 @@ def main() -> None:
     terse = [p for p, _ in items]
     real = real_terse_prompts(args.real)
 
-    # Three recipes, the same pairs, steps and seed: today's insertion format with the
-    # <|all|> marker, the same without it, and the earlier plain targets; the plain model is
-    # also decoded with the word-keeping constraint alone.
-    # Per recipe: (copy_markers, whole_marker, {contender label: keep_words decoding}).
-    runs = [(True, True, {DEFAULT: True}),
-            (True, False, {"insertion, no <|all|> marker": True}),
-            (False, False, {"earlier: plain, free decoding": False, "plain + keep-words decoding": True})]
+    # Three recipes, the same pairs, steps and seed: today's (insertion format, <|all|>
+    # marker, casual-tag rows), the same without tag rows (the default before them), and the
+    # earlier plain targets. Each model is decoded several ways from one training.
+    # Per recipe: (copy_markers, whole_marker, tag_rows, {label: (keep_words, guard)}).
+    runs = [(True, True, True, {DEFAULT: (True, True), "tag rows, no guard": (True, False)}),
+            (True, True, False, {"before tags (stop 30's default)": (True, False),
+                                 "before tags + guard": (True, True)}),
+            (False, False, False, {"earlier: plain, free decoding": (False, False),
+                                   "plain + keep-words decoding": (True, False)})]
     outputs: dict[str, list[str]] = {}
     real_out: dict[str, list[str]] = {}
-    for copy, marker, modes in runs:
+    for copy, marker, tags, modes in runs:
         cfg = EnhancerTrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
-                                  num_threads=args.threads, progress=False, copy_markers=copy, whole_marker=marker)
+                                  num_threads=args.threads, progress=False, copy_markers=copy,
+                                  whole_marker=marker, tag_rows=tags)
         keep_it = args.out and DEFAULT in modes
         record = train(pairs, args.out if keep_it else tempfile.mkdtemp(prefix="bench-enh-"), cfg)
         m = json.loads(record["metrics"])
         model, tok = load_version(record["path"])
-        for label, keep in modes.items():
+        for label, (keep, guard) in modes.items():
             t0 = time.perf_counter()
-            outputs[label] = enhance(model, tok, terse, max_new_tokens=160, keep_words=keep)
+            outputs[label] = enhance(model, tok, terse, max_new_tokens=160, keep_words=keep, guard=guard)
             spent = time.perf_counter() - t0
             if real:
-                real_out[label] = enhance(model, tok, real, max_new_tokens=160, keep_words=keep)
+                real_out[label] = enhance(model, tok, real, max_new_tokens=160, keep_words=keep, guard=guard)
             print(f"{label}: {m['params']:,} params, {m['steps']} steps in {m['train_seconds']:.0f}s, eval loss "
                   f"{m['eval_loss_initial']:.2f} -> {m['eval_loss']:.2f}; {len(terse)} prompts in {spent:.1f}s")
 

@@ -283,16 +283,19 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def enhance(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     max_new_tokens: int = 96, num_beams: int = 1, do_sample: bool = False, batch_size: int = 32,
-    keep_words: bool = True, nudge: float = 2.0, whole: bool = True,
+    keep_words: bool = True, nudge: float = 2.0, whole: bool = True, guard: bool = True,
 ) -> list[str]:
     """The rich prompt generated for each terse prompt (batched, left-padded; the prompt
     part and special tokens stripped). With `keep_words` (the default) decoding keeps the
     prompt's words in order and only inserts around them (models/keep_words.py); `nudge`
     is its pull toward the next owed word. `whole` (the default) asks a model trained with
-    <|all|> for every detail; False for one degradation step's worth."""
+    <|all|> for every detail; False for one degradation step's worth. With `guard` (the
+    default; the insertion format with `keep_words` only) the model's insertions may not
+    restate a scene-wide detail the prompt gives (models/scene_wide_guard.py)."""
     from transformers import LogitsProcessorList
 
     from .keep_words import CopyWords, KeepWords
+    from .scene_wide_guard import copied_spans, guard_scene_wide
 
     special = uses_special_format(tokenizer)
     pad = pad_id(tokenizer)
@@ -323,10 +326,15 @@ def enhance(
                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, logits_processor=processors,
             )  # (B, width + new)
-            for row in generated[:, width:].tolist():
+            guarded = guard and keep_words and copy_id(tokenizer) is not None
+            for prompt, row in zip(batch, generated[:, width:].tolist()):
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]
-                text = tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                if guarded:
+                    text, copied = copied_spans(tokenizer, row, prompt)
+                    text = guard_scene_wide(prompt, text, copied)
+                else:
+                    text = tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 if not special:  # a plain LM runs on into the next "Prompt:"; keep one line
                     text = text.split("\n", 1)[0]
                 out.append(text.strip())

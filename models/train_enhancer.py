@@ -72,6 +72,11 @@ class EnhancerTrainConfig:
     # The insertion format (models/enhancer.py): targets mark the words they copy from the
     # prompt, and decoding writes those words itself. False: plain targets, free decoding.
     copy_markers: bool = True
+    # Also train on whole-chain rows whose prompt states some of the caption's scene-wide
+    # details as casual tags ("A little square, pixel art" -> the full caption;
+    # dataengine/degrade/tags.py): users type tags, and a model that never saw one copies
+    # it and then writes a second, different style or light of its own.
+    tag_rows: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in ENHANCER_SIZES:
@@ -122,6 +127,33 @@ def _chain_rows(pairs: pa.Table, tops: Tops, every_level: bool) -> list[Row]:
     for s, ls in levels.items():
         ls.sort()
         out += [(s, less, tops[s][1], True) for _, less in (ls if every_level else ls[-1:])]
+    return out
+
+
+def _tag_rows(whole: list[Row], seed: int) -> list[Row]:
+    """For each whole-chain row whose prompt lacks some of its caption's casual tags
+    (dataengine/degrade/tags.py), one row whose prompt ends with a random non-empty subset
+    of them, in caption order ("A little square." -> "A little square, pixel art"). Kept
+    only when the tagged prompt's words are still in the caption in order, so the insertion
+    format copies every tag word inside its own sentence."""
+    from dataengine.degrade.tags import casual_tags
+
+    from .keep_words import kept_in_order
+
+    rng = random.Random(f"{seed}/tags")
+    cache: dict[str, list[str]] = {}
+    out: list[Row] = []
+    for s, less, full, _ in whole:
+        if full not in cache:
+            cache[full] = [t.text for t in casual_tags(full)]
+        missing = [t for t in cache[full] if t.lower() not in less.lower()]
+        if not missing:
+            continue
+        chosen = [t for t in missing if rng.random() < 0.5] or [rng.choice(missing)]
+        chosen.sort(key=missing.index)
+        tagged = less.rstrip(" .") + ", " + ", ".join(chosen)
+        if kept_in_order(tagged, full):
+            out.append((s, tagged, full, True))
     return out
 
 
@@ -206,6 +238,8 @@ class EnhancerJob(TrainJob):
         rows, self.skipped = _rows(pairs, tops if cfg.whole_marker else None)
         if cfg.chain_ends:
             rows += _chain_rows(pairs, tops, every_level=cfg.whole_marker)
+        if cfg.tag_rows:
+            rows += _tag_rows([r for r in rows if r[3]], cfg.seed)
         self.train_rows, self.eval_rows = _split(rows, cfg.eval_fraction, cfg.seed)
         self.tokenizer_texts = list(tokenizer_texts) if tokenizer_texts is not None else None
         self.steps = math.ceil(cfg.epochs * len(self.train_rows) / cfg.batch_size) if cfg.epochs else cfg.steps
