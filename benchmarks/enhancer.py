@@ -6,8 +6,8 @@ prompt unchanged), the pairs' own targets (the scene's rich caption: what a perf
 enhancer trained on such pairs would write), today's enhancer (the insertion format:
 targets mark the words they copy, decoding writes them, models/keep_words.py; whole-chain
 pairs marked <|all|>, which generation asks for; whole-chain rows whose prompts carry
-casual tags, dataengine/degrade/tags.py; decoding's scene-wide guard,
-models/scene_wide_guard.py) and the same decoded without the guard, the recipe before tag
+casual tags, dataengine/degrade/tags.py; decoding's insertion guard,
+models/insertion_guard.py) and the same decoded without the guard, the recipe before tag
 rows (stop 30's default) with and without the guard, and the earlier recipe (plain
 targets, free decoding), all trained on the same pairs in the same run, the plain one
 also decoded with the word-keeping constraint alone. Intent preservation: share of the attributes the

@@ -357,6 +357,7 @@ def enhance(
                                                    "default: the workspace's newest promoted enhancer, phase two included."),
     max_new_tokens: int = typer.Option(160),
     keep_words: bool = typer.Option(True, help="Keep the prompt's words in order and only insert detail."),
+    guard: bool = typer.Option(True, help="Cut inserted styles, lights and backgrounds the prompt already gives."),
 ) -> None:
     """Print the enhanced (rich) prompt for each terse prompt."""
     from models.enhancer import enhance as run_enhance
@@ -373,7 +374,7 @@ def enhance(
         path = str(found)
     lm, tok = load_enhancer(path)
     for prompt, rich in zip(prompts, run_enhance(lm, tok, list(prompts), max_new_tokens=max_new_tokens,
-                                                 keep_words=keep_words)):
+                                                 keep_words=keep_words, guard=guard)):
         console.print(f"[bold]{prompt}[/bold]\n  -> {rich}")
 
 

@@ -291,11 +291,12 @@ def enhance(
     is its pull toward the next owed word. `whole` (the default) asks a model trained with
     <|all|> for every detail; False for one degradation step's worth. With `guard` (the
     default; the insertion format with `keep_words` only) the model's insertions may not
-    restate a scene-wide detail the prompt gives (models/scene_wide_guard.py)."""
+    restate a style, light or background the prompt gives nor add more of a thing it names
+    (models/insertion_guard.py)."""
     from transformers import LogitsProcessorList
 
     from .keep_words import CopyWords, KeepWords
-    from .scene_wide_guard import copied_spans, guard_scene_wide
+    from .insertion_guard import copied_spans, guard_insertions
 
     special = uses_special_format(tokenizer)
     pad = pad_id(tokenizer)
@@ -332,7 +333,7 @@ def enhance(
                     row = row[: row.index(tokenizer.eos_token_id)]
                 if guarded:
                     text, copied = copied_spans(tokenizer, row, prompt)
-                    text = guard_scene_wide(prompt, text, copied)
+                    text = guard_insertions(prompt, text, copied)
                 else:
                     text = tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 if not special:  # a plain LM runs on into the next "Prompt:"; keep one line

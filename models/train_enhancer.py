@@ -75,7 +75,7 @@ class EnhancerTrainConfig:
     # Also train on whole-chain rows whose prompt states some of the caption's scene-wide
     # details as casual tags ("A little square, pixel art" -> the full caption;
     # dataengine/degrade/tags.py): users type tags, and a model that never saw one copies
-    # it and then writes a second, different style or light of its own.
+    # it and then writes a second, different style or light of its own. Needs whole_marker.
     tag_rows: bool = True
 
     def __post_init__(self) -> None:
@@ -238,7 +238,7 @@ class EnhancerJob(TrainJob):
         rows, self.skipped = _rows(pairs, tops if cfg.whole_marker else None)
         if cfg.chain_ends:
             rows += _chain_rows(pairs, tops, every_level=cfg.whole_marker)
-        if cfg.tag_rows:
+        if cfg.tag_rows and cfg.whole_marker:  # unmarked, every row reads as whole
             rows += _tag_rows([r for r in rows if r[3]], cfg.seed)
         self.train_rows, self.eval_rows = _split(rows, cfg.eval_fraction, cfg.seed)
         self.tokenizer_texts = list(tokenizer_texts) if tokenizer_texts is not None else None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -244,7 +245,8 @@ def test_versions_number_up_and_a_failed_save_leaves_nothing(tmp_path, monkeypat
 def test_training_is_deterministic_on_cpu_and_holds_out_eval_captions(tmp_path):
     rows = scene_texts(12, seed=2)
     pairs = pairs_table([r[0] for r in rows], [r[1] for r in rows])
-    cfg = EnhancerTrainConfig(steps=8, batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False)
+    cfg = EnhancerTrainConfig(steps=8, batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False,
+                              tag_rows=False)  # one row per pair, to count them
     a, b = (train(pairs, tmp_path, cfg) for _ in range(2))
     ma, mb = json.loads(a["metrics"]), json.loads(b["metrics"])
     assert (a["version"], b["version"]) == ("v0001", "v0002")
@@ -372,7 +374,7 @@ def test_whole_chain_rows_are_marked_and_one_step_rows_are_not():
     full = {f"cap-{i}": c for i, c in enumerate(captions)}
     steps = {s: [p for p in pairs.to_pylist() if p["source_id"] == s] for s in full}
     assert all(len(v) >= 3 for v in steps.values())  # chains long enough to tell the rows apart
-    rows = EnhancerJob(pairs, EnhancerTrainConfig(eval_fraction=0, progress=False)).train_rows
+    rows = EnhancerJob(pairs, EnhancerTrainConfig(eval_fraction=0, tag_rows=False, progress=False)).train_rows
     for s, chain in steps.items():
         mine = [r for r in rows if r[0] == s]
         marked = [r for r in mine if r[3]]
@@ -396,9 +398,44 @@ def test_the_marker_asks_for_every_detail_and_its_absence_for_one_step(tmp_path)
     chain = sorted(pairs.to_pylist(), key=lambda p: p["step"])
     tersest, one_step = chain[-1]["less"], chain[-1]["more"]
     cfg = EnhancerTrainConfig(size="nano", steps=200, batch_size=8, lr=3e-3, warmup_steps=10,
-                              eval_fraction=0, seed=0, num_threads=1, progress=False)
+                              eval_fraction=0, seed=0, num_threads=1, progress=False, tag_rows=False)
     model, tok = load_version(train(pairs, tmp_path, cfg)["path"])
     whole = enhance(model, tok, [tersest], max_new_tokens=200)[0]
     step = enhance(model, tok, [tersest], max_new_tokens=200, whole=False)[0]
     assert whole == insertion_target(tersest, caption)
     assert step == insertion_target(tersest, one_step) and step != whole
+
+
+# ---------------------------------------------------------------------------------------
+# Casual tags: whole-chain rows whose prompts state scene-wide details as tags
+# ---------------------------------------------------------------------------------------
+
+
+def test_tag_rows_end_whole_prompts_with_the_captions_own_tags_in_order():
+    from itertools import combinations
+
+    from dataengine.degrade.tags import casual_tags
+    from models.train_enhancer import EnhancerJob
+
+    captions = [r[2] for r in scene_texts(12, seed=5)]
+    pairs = chain_pairs(captions)
+    levels: dict[str, list[str]] = {}
+    for p in pairs.to_pylist():
+        levels.setdefault(p["source_id"], []).append(p["less"])
+    full = {f"cap-{i}": c for i, c in enumerate(captions)}
+    cfg = EnhancerTrainConfig(eval_fraction=0, progress=False)
+    rows = EnhancerJob(pairs, cfg).train_rows
+    untagged = EnhancerJob(pairs, dataclasses.replace(cfg, tag_rows=False)).train_rows
+    tagged = [r for r in rows if r[1] not in levels[r[0]]]
+    assert sorted(rows) == sorted(untagged + tagged)  # tag rows come on top of the others
+    assert len(tagged) >= len(full)
+    for s, less, more, whole in tagged:
+        assert whole and more == full[s]
+        tags = [t.text for t in casual_tags(full[s])]
+        # A chain level, then a non-empty run of the caption's tags that the level lacks,
+        # in caption order.
+        endings = {", ".join(c) for n in range(1, len(tags) + 1) for c in combinations(tags, n)}
+        assert any(less == lvl.rstrip(" .") + ", " + e for lvl in levels[s] for e in endings
+                   if all(t.lower() not in lvl.lower() for t in e.split(", ") if t in tags)), less
+        assert kept_in_order(less, full[s])  # so each tag word is copied inside its own sentence
+    assert rows == EnhancerJob(pairs, cfg).train_rows  # the same rows for the same seed
