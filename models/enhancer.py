@@ -291,8 +291,8 @@ def enhance(
     is its pull toward the next owed word. `whole` (the default) asks a model trained with
     <|all|> for every detail; False for one degradation step's worth. With `guard` (the
     default; the insertion format with `keep_words` only) the model's insertions may not
-    restate a style, light or background the prompt gives nor add more of a thing it names
-    (models/insertion_guard.py)."""
+    restate a scene-wide detail the prompt gives (its style, light, background, ...) nor add
+    more of a thing it names (models/insertion_guard.py)."""
     from transformers import LogitsProcessorList
 
     from .keep_words import CopyWords, KeepWords

@@ -150,7 +150,6 @@ def _tag_rows(whole: list[Row], seed: int) -> list[Row]:
         if not missing:
             continue
         chosen = [t for t in missing if rng.random() < 0.5] or [rng.choice(missing)]
-        chosen.sort(key=missing.index)
         tagged = less.rstrip(" .") + ", " + ", ".join(chosen)
         if kept_in_order(tagged, full):
             out.append((s, tagged, full, True))
