@@ -5,6 +5,8 @@ neither run trained on:
 
     spatial   the default: prompt fidelity over patch tokens and prompt tokens
     pooled    every head an MLP on pooled CLIP embeddings (the earlier design)
+    spatial-edits   (not in the default runs) also the edit heads over both images' patch
+              tokens and the instruction's tokens (models/rewards.py, _EditMatch)
 
 Reported per head: held-out accuracy, its bar (`models.rewards.HELDOUT_BARS`) and whether
 it passes, accuracy per kind of pair, and for fidelity the CLIP-cosine baseline and the
@@ -33,7 +35,7 @@ from models.rewards import HELDOUT_BARS, HEADS  # noqa: E402
 from models.train_reward import RewardTrainConfig, make_job  # noqa: E402
 from models.trainer import LoopConfig, train  # noqa: E402
 
-RUNS = {"spatial": ("fidelity",), "pooled": ()}
+RUNS = {"spatial": ("fidelity",), "pooled": (), "spatial-edits": ("fidelity", "instruction", "consistency")}
 
 
 def main() -> None:
@@ -44,7 +46,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--heads", default=",".join(HEADS))
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated of {list(RUNS)}")
+    ap.add_argument("--runs", default="spatial,pooled", help=f"comma-separated of {list(RUNS)}")
+    ap.add_argument("--patch-grid", type=int, default=defaults.patch_grid,
+                    help="px per patch token at the token size (32: an 8x8 grid, a quarter of the cells)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -53,7 +57,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-rewards-"))
     results = {}
     for name in args.runs.split(","):
-        cfg = RewardTrainConfig(heads=heads, n_train=args.n_train, n_eval=args.n_eval, spatial=RUNS[name])
+        cfg = RewardTrainConfig(heads=heads, n_train=args.n_train, n_eval=args.n_eval, spatial=RUNS[name],
+                                patch_grid=args.patch_grid)
         loop = LoopConfig(steps=args.steps, lr=args.lr, seed=args.seed, num_threads=args.threads, progress=True,
                           ckpt_every=10**9)
         t0 = time.perf_counter()

@@ -256,7 +256,8 @@ class _Bank:
 
 # Where each role's rows live: pooled embeddings of images / texts, or their token states.
 ROLE_TABLE = {"image": "img", "source": "img", "text": "txt", "instruction": "txt",
-              "image_tokens": "img_tok", "text_tokens": "txt_tok", "text_mask": "txt_mask"}
+              "image_tokens": "img_tok", "source_tokens": "img_tok", "text_tokens": "txt_tok", "text_mask": "txt_mask",
+              "instruction_tokens": "txt_tok", "instruction_mask": "txt_mask"}
 
 
 @dataclass
@@ -415,15 +416,16 @@ def _embedded(raw: dict[str, list[_Raw]], bank: _Bank, frozen, model_cfg: Reward
     """Raw pairs as PairSets over the bank's frozen embeddings."""
     # A spatial role is the same bank row as its pooled one: image_tokens <- image, text_* <- text.
     # Only the images a spatial head reads get patch tokens (the trunk at token_size is the cost).
-    source_role = {"image_tokens": "image", "text_tokens": "text", "text_mask": "text"}
-    token_images = sorted({side["image"][1] for h, pairs in raw.items() if h in model_cfg.spatial
-                           for p in pairs for side in p[1:]})
+    source_role = {"image_tokens": "image", "source_tokens": "source", "text_tokens": "text", "text_mask": "text",
+                   "instruction_tokens": "instruction", "instruction_mask": "instruction"}
+    token_images = sorted({side[role][1] for h, pairs in raw.items() if h in model_cfg.spatial
+                           for p in pairs for side in p[1:] for role in ("image", "source") if role in side})
     token_row = {b: i for i, b in enumerate(token_images)}
     tables = _embed_bank(bank, frozen, model_cfg, token_images)
 
     def rows(sides: list[dict[str, tuple[str, int]]], role: str) -> torch.Tensor:
         ix = [s[source_role.get(role, role)][1] for s in sides]
-        return torch.tensor([token_row[b] for b in ix] if role == "image_tokens" else ix, dtype=torch.long)
+        return torch.tensor([token_row[b] for b in ix] if ROLE_TABLE[role] == "img_tok" else ix, dtype=torch.long)
 
     out = {}
     for h, pairs in raw.items():

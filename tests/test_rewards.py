@@ -172,3 +172,33 @@ def test_with_patch_context_a_cell_sees_its_neighbours_and_no_farther(tmp_path, 
     del saved["job"]["model"]["patch_context"]
     (path / "config.json").write_text(json.dumps(saved))
     assert load(path, frozen=frozen).heads["fidelity"].context is None
+
+
+def test_spatial_edit_heads_read_both_images_and_the_instruction_and_learn_what_changed(frozen, tmp_path):
+    from models.rewards import RewardConfig
+
+    spatial = ("instruction", "consistency")
+    cfg = RewardTrainConfig(heads=spatial, n_train=24, n_eval=8, batch_size=32, hidden=32, spatial=spatial,
+                            token_size=64, patch_grid=16)
+    model_cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, spatial=spatial, token_size=64,
+                             patch_grid=16, patch_dim=frozen.patch_dim(cfg.patch_strides), text_dim=frozen.text_dim)
+    pairs = make_pairs(_scenes(6, 4), spatial, frozen, seed=0, model_cfg=model_cfg)
+    for h in spatial:
+        ps = pairs[h]
+        assert {"source_tokens", "image_tokens", "instruction_tokens", "instruction_mask"} <= set(ps.win)
+        # Each role's token row is its own image's: a source's patch tokens are the source's.
+        win = ps.side("win")
+        assert torch.equal(win["source"], ps.tables["img"][ps.win["source"]].float())
+        assert not torch.equal(win["source_tokens"], win["image_tokens"])  # an edit changed the picture
+    unchanged = [i for i, k in enumerate(pairs["instruction"].kinds) if k == "unchanged"]
+    lose = pairs["instruction"].side("lose", torch.tensor(unchanged))
+    assert torch.equal(lose["source_tokens"], lose["image_tokens"])  # the losing side did nothing
+    # A short run learns that doing nothing loses, from what changed between the two images.
+    job = RewardTrainJob(frozen, _scenes(24, 5), _scenes(8, 6), cfg, info={"clip": frozen.spec})
+    record = train(job, tmp_path, LoopConfig(steps=60, lr=3e-3, warmup_steps=5, ckpt_every=1000, progress=False))
+    by_kind = record["metrics"]["eval"]["train"]["instruction"]["by_kind"]
+    assert by_kind["unchanged"] >= 0.9, by_kind
+    heads = load(record["path"], frozen=frozen)
+    src, out = _images(_scenes(2, 7, size=64)), _images(_scenes(2, 8, size=64))
+    scores = heads.score(RewardBatch(out, ["a red star"] * 2, src, ["make the star red"] * 2))
+    assert set(scores) == set(HEADS) and all(torch.isfinite(v).all() for v in scores.values())
