@@ -35,7 +35,9 @@ def _scenes(n: int, seed: int, size: int = 64):
 @pytest.fixture(scope="module")
 def trained(frozen, tmp_path_factory):
     """A fidelity-only run on a few dozen scenes: the head, its held-out figures, its version."""
-    cfg = RewardTrainConfig(heads=("fidelity",), n_train=40, n_eval=24, batch_size=64, hidden=64)
+    # Patch tokens at 128 px, not the default 256: the trunk at 256 px was most of this
+    # fixture's 166 s, and what these tests check does not need the finer grid.
+    cfg = RewardTrainConfig(heads=("fidelity",), n_train=40, n_eval=24, batch_size=64, hidden=64, token_size=128)
     job = RewardTrainJob(frozen, _scenes(40, 1), _scenes(24, 2), cfg, info={"clip": frozen.spec})
     root = tmp_path_factory.mktemp("models")
     # lr 1e-3, the reward's own default: at 3e-3 the neighbours' convolution kept the head at chance.
