@@ -27,12 +27,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dataengine.degrade import analyse, detect
+from dataengine.degrade import analyse
 from dataengine.degrade.fluency import Doc
 from dataengine.degrade.tags import SCENE_WIDE
 from dataengine.degrade.tokens import Tokens
 
-from .keep_words import WORD, kept_in_order
+from .keep_words import copy_forms, kept_in_order
 
 __all__ = ["copied_spans", "guard_insertions", "prompt_heads"]
 
@@ -51,8 +51,7 @@ def copied_spans(tokenizer, ids: Sequence[int], prompt: str) -> tuple[str, list[
 
     cid, eos = copy_id(tokenizer), tokenizer.eos_token_id
     special = set(tokenizer.all_special_ids)
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    words = [(enc(" " + w), enc(w)) for w in WORD.findall(prompt)]
+    words = copy_forms(tokenizer, prompt)
     text, spans, run, n, k = "", [], [], 0, 0
 
     def flush() -> None:
@@ -95,12 +94,19 @@ def _heads(t: Tokens, skip: frozenset[int] = frozenset()) -> list[int]:
     return [k for k in range(len(t)) if can[k] and not (k + 1 < len(t) and can[k + 1])]
 
 
+def _prompt_facts(prompt: str) -> tuple[set[str], set[str]]:
+    """(the scene-wide categories the prompt gives, the nouns (singular, lower-case) that
+    head its noun phrases outside those spans: "pixel art" names no thing in the picture)."""
+    a = analyse(prompt)
+    wide = [c for c in a.spans if c.category in SCENE_WIDE]
+    skip = frozenset(k for c in wide for k in range(c.i, c.j))
+    return {c.category for c in wide}, {_singular(a.tokens.words[k]) for k in _heads(a.tokens, skip)}
+
+
 def prompt_heads(prompt: str) -> set[str]:
     """The nouns (singular, lower-case) that head the prompt's noun phrases, outside its
-    scene-wide spans ("pixel art" names no thing in the picture)."""
-    a = analyse(prompt)
-    wide = frozenset(k for c in a.spans if c.category in SCENE_WIDE for k in range(c.i, c.j))
-    return {_singular(a.tokens.words[k]) for k in _heads(a.tokens, wide)}
+    scene-wide spans."""
+    return _prompt_facts(prompt)[1]
 
 
 def _new_instance(t: Tokens, k: int, lo: int) -> bool:
@@ -116,8 +122,7 @@ def guard_insertions(prompt: str, text: str, copied: Sequence[tuple[int, int]] =
     """`text` without its inserted spans that restate a scene-wide category of `prompt` and
     its inserted chunks that add another instance of a thing `prompt` names; nothing that
     overlaps a `copied` character span (the user's own words) is cut."""
-    stated = {s.category for s in detect(prompt)} & set(SCENE_WIDE)
-    nouns = prompt_heads(prompt)
+    stated, nouns = _prompt_facts(prompt)
     if not (stated or nouns) or not text.strip():
         return text
     a = analyse(text)

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["CopyWords", "KeepWords", "WORD", "prompt_words", "kept_in_order"]
+__all__ = ["CopyWords", "KeepWords", "WORD", "copy_forms", "prompt_words", "kept_in_order"]
 
 WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")  # letters/digits, with inner apostrophes
 OPENERS = "-/([{\"'‘“"  # a word written right after one of these takes no space
@@ -45,6 +45,13 @@ def prompt_words(text: str) -> list[str]:
 def kept_in_order(prompt: str, output: str) -> bool:
     """Whether `output`'s words contain `prompt`'s words in order."""
     return _matched(prompt_words(prompt), prompt_words(output)) == len(prompt_words(prompt))
+
+
+def copy_forms(tokenizer, prompt: str) -> list[tuple[list[int], list[int]]]:
+    """The token ids `CopyWords` writes for each of `prompt`'s words (their case kept): as
+    it reads after text (a leading space) and at the start or after an opener."""
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    return [(enc(" " + w), enc(w)) for w in WORD.findall(prompt)]
 
 
 def _matched(need: Sequence[str], have: Sequence[str]) -> int:
@@ -144,9 +151,7 @@ class CopyWords:
         self.eos = tokenizer.eos_token_id
         self._opens_cache: dict[int, bool] = {}
         # The user's own words (their case kept), each as it reads after text and at the start.
-        words = [WORD.findall(p) for p in prompts for _ in range(num_beams)]
-        enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-        self.words = [[(enc(" " + w), enc(w)) for w in ws] for ws in words]
+        self.words = [copy_forms(tokenizer, p) for p in prompts for _ in range(num_beams)]
 
     def _only(self, row: torch.Tensor, tid: int) -> None:
         row.fill_(float("-inf"))
