@@ -26,17 +26,6 @@ from PIL import Image  # noqa: E402
 from dataengine.catalog import Catalog  # noqa: E402
 from dataengine.workspace import Workspace  # noqa: E402
 
-# Files that take minutes start first, longest first (from `--durations`): the test workers
-# take a file at a time (`make test`: --dist loadfile), and a long file started last is the
-# suite's tail (915 s with test_rewards.py's 300 s of fixtures starting late; one worker idle).
-LONG_FILES = ("test_flows.py", "test_loop.py", "test_rewards.py", "test_rewards_heads.py", "test_gaps.py",
-              "test_flows_gaps.py", "test_fanout.py", "test_clip.py", "test_checker.py", "test_insertion_guard.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    first = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: file order kept within
-
 
 def image_bytes(size=(32, 24), colour=(200, 30, 30), fmt="PNG") -> bytes:
     buf = io.BytesIO()
