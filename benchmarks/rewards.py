@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--runs", default="spatial,pooled", help=f"comma-separated of {list(RUNS)}")
     ap.add_argument("--patch-grid", type=int, default=defaults.patch_grid,
                     help="px per patch token at the token size (32: an 8x8 grid, a quarter of the cells)")
+    ap.add_argument("--token-size", type=int, default=defaults.token_size,
+                    help="px the images are read at for patch tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -58,7 +60,7 @@ def main() -> None:
     results = {}
     for name in args.runs.split(","):
         cfg = RewardTrainConfig(heads=heads, n_train=args.n_train, n_eval=args.n_eval, spatial=RUNS[name],
-                                patch_grid=args.patch_grid)
+                                patch_grid=args.patch_grid, token_size=args.token_size)
         loop = LoopConfig(steps=args.steps, lr=args.lr, seed=args.seed, num_threads=args.threads, progress=True,
                           ckpt_every=10**9)
         t0 = time.perf_counter()

@@ -3,7 +3,9 @@
 DuckDB lets one process hold a database file at a time (measured with 2.0.1: while one
 process has it open read-write, every other open fails, read-only too). So the catalog
 is opened per operation, for as short as possible, and an open that meets a lock is
-retried with jittered exponential back-off until `lock_timeout_s`. Bulk rows never go
+retried with jittered exponential back-off until `lock_timeout_s`. Every open holds the
+lock file beside the catalog (`catalog_lock`) until its close has returned: DuckDB's own
+lock let a second process in before the first had finished closing. Bulk rows never go
 through the catalog file: they are Parquet parts in the lake, seen through views.
 """
 
@@ -20,6 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from dataengine import lake
+from dataengine.catalog_lock import LockTimeout, ProcessLock
 from dataengine.schema import CATALOG_TABLES, CATALOG_VIEWS, LAKE_TABLES, conform
 from dataengine.workspace import Workspace
 
@@ -86,11 +89,21 @@ class Catalog:
         """A connection held only for the `with` block."""
         if read_only and not self.ws.catalog_path.exists():
             raise CatalogMissing(f"no catalog at {self.ws.catalog_path}; run `dataengine init`")
-        con = self._open(read_only)
+        lock = ProcessLock.at(self.ws.catalog_path.with_name(self.ws.catalog_path.name + ".lock"))
+        deadline = time.monotonic() + self.retry.timeout_s
         try:
-            yield con
+            self.lock_waits += lock.acquire(not read_only, deadline, self.retry.first_wait_s,
+                                            self.retry.max_wait_s)
+        except LockTimeout as e:
+            raise CatalogBusy(f"{self.ws.catalog_path} stayed locked for {self.retry.timeout_s:.0f}s: {e}") from e
+        try:
+            con = self._open(read_only, deadline)
+            try:
+                yield con
+            finally:
+                con.close()  # the shutdown checkpoint runs here, still under the lock
         finally:
-            con.close()
+            lock.release()
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -104,8 +117,7 @@ class Catalog:
                 raise
             con.execute("COMMIT")
 
-    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        deadline = time.monotonic() + self.retry.timeout_s
+    def _open(self, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
         wait = self.retry.first_wait_s
         while True:
             try:

@@ -88,6 +88,74 @@ def test_lock_held_too_long_raises_catalog_busy(ws):
     holder.wait()
 
 
+def _try_lock_file(path: str, exclusive: bool) -> bool:
+    """Whether another process could take the catalog's lock file right now."""
+    code = textwrap.dedent(f"""
+        import fcntl, os, sys
+        fd = os.open({path!r}, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, {"fcntl.LOCK_EX" if exclusive else "fcntl.LOCK_SH"} | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(3)
+    """)
+    rc = subprocess.run([sys.executable, "-c", code]).returncode
+    assert rc in (0, 3), rc
+    return rc == 0
+
+
+def test_an_open_holds_the_lock_file_until_its_close_has_returned(ws, catalog, monkeypatch):
+    lock = str(ws.catalog_path) + ".lock"
+    closed = []
+    real_close = duckdb.DuckDBPyConnection.close
+
+    def close_then_probe(con):  # still inside Catalog.connect's close: no other process may be in
+        real_close(con)
+        closed.append(_try_lock_file(lock, exclusive=False))
+
+    with catalog.transaction() as con:
+        con.execute("SELECT 1")
+        assert not _try_lock_file(lock, exclusive=False)  # a writer shuts readers out
+    with catalog.connect(read_only=True):
+        assert _try_lock_file(lock, exclusive=False)  # readers share
+        assert not _try_lock_file(lock, exclusive=True)
+    monkeypatch.setattr(duckdb.DuckDBPyConnection, "close", close_then_probe)
+    catalog.upsert("jobs", pa.Table.from_pylist([_job("j1")], schema=JOBS))
+    monkeypatch.undo()
+    assert closed == [False]
+    assert _try_lock_file(lock, exclusive=True)  # and let go once closed
+
+
+def test_threads_of_one_process_write_at_once_without_waiting_for_each_other(ws, catalog):
+    # DuckDB shares one database between a process's connections, so the lock file is
+    # counted per process: a lock per connection would make the second writer wait.
+    import threading
+
+    order: list[str] = []
+    writing = threading.Event()
+
+    def slow_writer():
+        with catalog.transaction() as con:
+            catalog.upsert("jobs", pa.Table.from_pylist([_job("slow")], schema=JOBS), con)
+            writing.set()
+            time.sleep(1.0)
+            order.append("slow committed")
+
+    t = threading.Thread(target=slow_writer)
+    t.start()
+    writing.wait()
+    catalog.upsert("jobs", pa.Table.from_pylist([_job("quick")], schema=JOBS))
+    order.append("quick committed")
+    t.join()
+    assert order == ["quick committed", "slow committed"]
+    assert sorted(catalog.query("SELECT job_id FROM jobs")["job_id"].to_pylist()) == ["quick", "slow"]
+
+
+def _job(job_id: str) -> dict:
+    now = dt.datetime.now(dt.timezone.utc)
+    return dict(job_id=job_id, kind="retrain-dit", status="queued", trigger="test", params="{}", result=None,
+                created_at=now, updated_at=now)
+
+
 # ---------------------------------------------------------------------------------------
 # Several processes writing at once
 # ---------------------------------------------------------------------------------------
@@ -98,11 +166,8 @@ N_PROC, N_JOBS, N_SHARDS = 4, 25, 2
 def _writer(root: str, shard_dir: str, i: int) -> None:
     ws = Workspace.at(root)
     cat = Catalog(ws, LockRetry(timeout_s=120))
-    now = dt.datetime.now(dt.timezone.utc)
     for j in range(N_JOBS):
-        row = dict(job_id=f"p{i}-j{j}", kind="retrain-dit", status="queued", trigger="test",
-                   params="{}", result=None, created_at=now, updated_at=now)
-        cat.upsert("jobs", pa.Table.from_pylist([row], schema=JOBS))
+        cat.upsert("jobs", pa.Table.from_pylist([_job(f"p{i}-j{j}")], schema=JOBS))
         if j == N_JOBS // 2:
             ingest(ws, [shard_dir], IngestConfig(use_ray=False), cat)
 
