@@ -38,7 +38,7 @@ from torch import nn
 __all__ = [
     "GEN_HEADS", "EDIT_HEADS", "HEADS", "HEAD_INPUTS", "RewardBatch", "RewardModel", "RewardConfig",
     "EmbeddedRewards", "Combined", "load", "bradley_terry", "head_inputs", "spatial_embed", "MODEL_NAME",
-    "SPATIAL_INPUTS", "HELDOUT_BARS", "trusted", "text_states", "patch_tokens",
+    "SPATIAL_INPUTS", "SPATIAL_HEADS", "HELDOUT_BARS", "trusted", "text_states", "patch_tokens",
 ]
 
 MODEL_NAME = "reward"  # models/<name>/vNNNN, as the trainer saves it
@@ -64,6 +64,9 @@ HELDOUT_BARS: dict[str, float] = {h: 0.80 for h in ("aesthetics", "fidelity", "p
 _EDIT_TOKENS = ("source_tokens", "image_tokens", "instruction_tokens", "instruction_mask")
 SPATIAL_INPUTS: dict[str, tuple[str, ...]] = {"fidelity": ("image_tokens", "text_tokens", "text_mask"),
                                               "instruction": _EDIT_TOKENS, "consistency": _EDIT_TOKENS}
+# Every head that has a spatial form uses it by default: pooled, the edit heads see only the
+# whole-image change (held-out instruction 0.760, consistency 0.687 against 0.850, 0.853).
+SPATIAL_HEADS = tuple(SPATIAL_INPUTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ class RewardConfig:
     embed_dim: int = 512  # the CLIP's joint-space width
     hidden: int = 256
     dropout: float = 0.1
-    spatial: tuple[str, ...] = ("fidelity",)  # heads over patch and prompt tokens (of SPATIAL_INPUTS)
+    spatial: tuple[str, ...] = SPATIAL_HEADS  # heads over patch and prompt tokens (of SPATIAL_INPUTS)
     patch_dim: int = 475  # Frozen.patch_dim(patch_strides) of the CLIP
     text_dim: int = 384  # the text tower's hidden width
     # Patch tokens: images resized to token_size px, the trunk's maps at patch_strides on a

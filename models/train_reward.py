@@ -81,7 +81,7 @@ class RewardTrainConfig:
     dropout: float = 0.1
     weight_decay: float = 0.01
     eval_blur: float = 1.0  # sigma (px) of the "generated-looking" fidelity evaluation
-    spatial: tuple[str, ...] = ("fidelity",)  # heads over patch and prompt tokens (RewardConfig.spatial)
+    spatial: tuple[str, ...] = RewardConfig.spatial  # heads over patch and prompt tokens
     token_size: int = 256  # px for patch tokens (RewardConfig.token_size, patch_strides, patch_grid)
     patch_strides: tuple[int, ...] = RewardConfig.patch_strides
     patch_grid: int = RewardConfig.patch_grid
@@ -619,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ap.add_argument(flag, type=base if base in (int, float, str) else str, default=default)
     ap.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads to train")
-    ap.add_argument("--spatial", default="fidelity", help="comma-separated heads over patch tokens ('' for none)")
+    ap.add_argument("--spatial", default=",".join(RewardConfig.spatial),
+                    help="comma-separated heads over patch tokens ('' for none)")
     ap.set_defaults(steps=3000, lr=1e-3)  # the reward's own loop defaults (models/stack.py)
     args = vars(ap.parse_args(argv))
     def names(text: str) -> tuple[str, ...]:

@@ -104,7 +104,8 @@ def test_every_head_gets_pairs_and_they_name_their_kind(frozen):
 def test_only_the_spatial_heads_images_get_patch_tokens_and_each_pair_reads_its_own(frozen):
     from models.rewards import RewardConfig
 
-    cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, patch_dim=frozen.patch_dim(RewardConfig.patch_strides))
+    cfg = RewardConfig(clip=frozen.spec, embed_dim=frozen.embed_dim, patch_dim=frozen.patch_dim(RewardConfig.patch_strides),
+                       spatial=("fidelity",))  # the edit heads pooled: their images must get no tokens
     pairs = make_pairs(_scenes(3, 4), HEADS, frozen, seed=0, model_cfg=cfg)
     fid = pairs["fidelity"]
     used = torch.cat([fid.win["image"], fid.lose["image"]]).unique()

@@ -15,18 +15,23 @@ from test_rewards import _scenes, frozen  # noqa: F401 (a fixture; tests/ is on 
 
 @pytest.fixture(scope="module")
 def other_heads(frozen, tmp_path_factory):
+    # The edit heads pooled (spatial=()): their default spatial form reads both images'
+    # patch tokens at 256 px, which at this size would more than double the fixture's time.
     cfg = RewardTrainConfig(heads=("aesthetics", "portrait", "instruction", "consistency"), n_train=OTHER_SCENES,
-                            n_eval=100)
+                            n_eval=100, spatial=())
     job = RewardTrainJob(frozen, _scenes(OTHER_SCENES, 21), _scenes(100, 22), cfg, info={"clip": frozen.spec})
     loop = LoopConfig(steps=400, lr=1e-3, warmup_steps=10, ckpt_every=10**6, progress=False)
     return train(job, tmp_path_factory.mktemp("others"), loop)["metrics"]["eval"]
 
 
 OTHER_SCENES = 500
-# Held-out accuracy at the default run (benchmarks/rewards.py, 2000 scenes): instruction
-# 0.74-0.82 across four runs, consistency 0.63-0.72. Neither clears 0.80 reliably yet.
-BELOW_BAR = {"instruction": "0.74-0.82 at the default run; under the bar at this size",
-             "consistency": "0.63-0.72 at the default run: moves and re-seeds are judged near chance"}
+# Pooled, the edit heads stay under their bars even at benchmark size (2000 scenes: instruction
+# 0.74-0.82 across five runs, consistency 0.63-0.72). Their default spatial form clears both
+# there (0.850, 0.853; benchmarks/results/rewards-cpu.md) but not at this fixture's size
+# (500 scenes x 400 steps, patch tokens at 128 px: 0.760, 0.780), and a run of benchmark size
+# (17 minutes) does not fit the suite; tests/test_rewards.py checks what the spatial form learns.
+BELOW_BAR = {"instruction": "pooled: 0.74-0.82 even at 2000 scenes; under the bar at this size",
+             "consistency": "pooled: 0.63-0.72 even at 2000 scenes; moves and re-seeds near chance"}
 
 
 @pytest.mark.slow
