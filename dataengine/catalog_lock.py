@@ -62,7 +62,10 @@ class ProcessLock:
             if self._count:
                 self._count += 1
                 return waits
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open_file(exclusive)
+            if fd is None:  # a reader of a workspace it may not write: DuckDB's lock alone
+                self._count, self._exclusive = 1, False
+                return waits
             wait = first_wait_s
             try:
                 while True:
@@ -81,6 +84,17 @@ class ProcessLock:
             self._fd, self._count, self._exclusive = fd, 1, exclusive
             return waits
 
+    def _open_file(self, exclusive: bool) -> int | None:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # read-only mount or another user's workspace
+            if exclusive:
+                raise
+        try:
+            return os.open(self.path, os.O_RDONLY)  # flock works on a read-only descriptor
+        except FileNotFoundError:
+            return None
+
     def release(self) -> None:
         with self._cond:
             if not self._count:
@@ -88,5 +102,6 @@ class ProcessLock:
             self._count -= 1
             if not self._count:
                 fd, self._fd = self._fd, None
-                os.close(fd)  # closing the description drops the flock
+                if fd is not None:
+                    os.close(fd)  # closing the description drops the flock
                 self._cond.notify_all()

@@ -125,6 +125,28 @@ def test_an_open_holds_the_lock_file_until_its_close_has_returned(ws, catalog, m
     assert _try_lock_file(lock, exclusive=True)  # and let go once closed
 
 
+def test_a_reader_that_cannot_write_the_workspace_still_reads(ws, catalog, monkeypatch):
+    import errno
+    import os
+
+    real_open = os.open
+
+    def read_only_mount(path, flags, *args):
+        if str(path).endswith(".lock") and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_mount)
+    assert catalog.counts()["jobs"] == 0  # no lock file yet: DuckDB's lock alone
+    monkeypatch.undo()
+    catalog.upsert("jobs", pa.Table.from_pylist([_job("j1")], schema=JOBS))  # makes the lock file
+    monkeypatch.setattr(os, "open", read_only_mount)
+    with catalog.connect(read_only=True):  # holds it shared through a read-only descriptor
+        assert not _try_lock_file(str(ws.catalog_path) + ".lock", exclusive=True)
+    with pytest.raises(OSError, match="Read-only"):
+        catalog.upsert("jobs", pa.Table.from_pylist([_job("j2")], schema=JOBS))
+
+
 def test_threads_of_one_process_write_at_once_without_waiting_for_each_other(ws, catalog):
     # DuckDB shares one database between a process's connections, so the lock file is
     # counted per process: a lock per connection would make the second writer wait.
