@@ -55,6 +55,9 @@ class LockRetry:
     max_wait_s: float = 0.5
 
 
+LOCK_FILE_POLL_S = 0.01  # the longest wait between tries of the lock file
+
+
 def _is_lock_conflict(err: Exception) -> bool:
     msg = str(err)
     # Another process holds the file, or another thread of this one holds it open read-write
@@ -92,8 +95,10 @@ class Catalog:
         lock = ProcessLock.at(self.ws.catalog_path.with_name(self.ws.catalog_path.name + ".lock"))
         deadline = time.monotonic() + self.retry.timeout_s
         try:
+            # Polled every few ms, not backed off like DuckDB's open: a process that writes in a
+            # loop releases the file for moments only, and long sleeps left it all the work.
             self.lock_waits += lock.acquire(not read_only, deadline, self.retry.first_wait_s,
-                                            self.retry.max_wait_s)
+                                            min(self.retry.max_wait_s, LOCK_FILE_POLL_S))
         except LockTimeout as e:
             raise CatalogBusy(f"{self.ws.catalog_path} stayed locked for {self.retry.timeout_s:.0f}s: {e}") from e
         try:
