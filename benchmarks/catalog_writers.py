@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import multiprocessing as mp
+import shutil
 import sys
 import tempfile
 import time
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--hogs", type=int, default=2, help="busy processes beside the writers")
     ap.add_argument("--without-lock-file", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep each round's workspace (paths are printed)")
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -94,7 +96,10 @@ def main() -> None:
             lost_rounds += bool(lost)
             failed_rounds += bool(failed)
             lost_rows += lost
-            print(f"round {r}: {failed} writers failed, {lost} of {len(want)} committed rows missing", flush=True)
+            print(f"round {r}: {failed} writers failed, {lost} of {len(want)} committed rows missing"
+                  + (f" ({ws.root})" if args.keep else ""), flush=True)
+            if not args.keep:
+                shutil.rmtree(ws.root, ignore_errors=True)
     finally:
         for h in hogs:
             h.terminate()
