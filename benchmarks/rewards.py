@@ -31,7 +31,7 @@ from dataengine.runtime import apply_offline_defaults  # noqa: E402
 
 apply_offline_defaults()
 
-from models.rewards import HELDOUT_BARS, HEADS  # noqa: E402
+from models.rewards import HELDOUT_BARS, HEADS, bar_accuracy  # noqa: E402
 from models.train_reward import RewardTrainConfig, make_job  # noqa: E402
 from models.trainer import LoopConfig, train  # noqa: E402
 
@@ -71,21 +71,22 @@ def main() -> None:
               f"train {record['metrics']['train_seconds']}s)", flush=True)
 
     print(f"\n{args.n_train} train scenes, {args.n_eval} held-out scenes, {args.steps} steps, seed {args.seed}")
-    print(f"{'run':8} {'head':12} {'pairs':>6} {'held-out':>9} {'bar':>5} {'pass':>5}  by kind")
+    print(f"{'run':8} {'head':12} {'pairs':>6} {'held-out':>9} {'read on':>8} {'bar':>5} {'pass':>5}  by kind")
     for name, ev in results.items():
         for h, v in ev["heldout"].items():
             kinds = " ".join(f"{k} {a:.2f}" for k, a in v["by_kind"].items())
-            ok = "yes" if v["accuracy"] >= HELDOUT_BARS[h] else "no"
-            print(f"{name:8} {h:12} {v['pairs']:>6} {v['accuracy']:>9.3f} {HELDOUT_BARS[h]:>5.2f} {ok:>5}  {kinds}")
+            on = bar_accuracy(h, v)  # the figure the bar is read on (fidelity: its colour and shape swaps)
+            ok = "yes" if on is not None and on >= HELDOUT_BARS[h] else "no"
+            print(f"{name:8} {h:12} {v['pairs']:>6} {v['accuracy']:>9.3f} {'-' if on is None else f'{on:.3f}':>8} "
+                  f"{HELDOUT_BARS[h]:>5.2f} {ok:>5}  {kinds}")
         if "fidelity_blurred" in ev:
             print(f"{name:8} {'fidelity':12} blurred (sigma {ev['fidelity_blurred']['sigma_px']} px) "
                   f"{ev['fidelity_blurred']['accuracy']:.3f}; CLIP cosine {ev['fidelity_clip_cosine']:.3f}")
     for name, ev in results.items():
         fid = ev["heldout"].get("fidelity")
         if fid:
-            swaps = [a for k, a in fid["by_kind"].items() if k.endswith(("_colour", "_shape"))]
-            print(f"rewards[{name}]: fidelity held-out {fid['accuracy']:.3f}, attribute swaps (mean of the colour and shape kinds) "
-                  f"{sum(swaps) / len(swaps):.3f}, trusted {ev['trusted']}")
+            print(f"rewards[{name}]: fidelity held-out {fid['accuracy']:.3f}, attribute swaps (mean of the colour and "
+                  f"shape kinds) {bar_accuracy('fidelity', fid) or float('nan'):.3f}, trusted {ev['trusted']}")
 
 
 if __name__ == "__main__":

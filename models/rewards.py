@@ -38,7 +38,8 @@ from torch import nn
 __all__ = [
     "GEN_HEADS", "EDIT_HEADS", "HEADS", "HEAD_INPUTS", "RewardBatch", "RewardModel", "RewardConfig",
     "EmbeddedRewards", "Combined", "load", "bradley_terry", "head_inputs", "spatial_embed", "MODEL_NAME",
-    "SPATIAL_INPUTS", "SPATIAL_HEADS", "HELDOUT_BARS", "trusted", "text_states", "patch_tokens",
+    "SPATIAL_INPUTS", "SPATIAL_HEADS", "HELDOUT_BARS", "BAR_KINDS", "bar_accuracy", "trusted", "text_states",
+    "patch_tokens",
 ]
 
 MODEL_NAME = "reward"  # models/<name>/vNNNN, as the trainer saves it
@@ -59,6 +60,10 @@ HEAD_INPUTS: dict[str, tuple[str, ...]] = {
 # for every head alike. `trusted` checks a saved version's figures against it.
 HELDOUT_BARS: dict[str, float] = {h: 0.80 for h in ("aesthetics", "fidelity", "portrait", "instruction",
                                                     "consistency")}
+# Fidelity's bar is read on its attribute swaps alone: a caption or image with one object's
+# colour or shape changed. Its position pairs stay near chance at every size measured (0.45-0.52),
+# so the overall figure would keep out a head that does tell colours and shapes apart.
+BAR_KINDS: dict[str, tuple[str, ...]] = {"fidelity": ("_colour", "_shape")}
 # What a spatial head reads instead: the image's patch tokens, the prompt's token states; an
 # edit head, the source's and the result's patch tokens and the instruction's token states.
 _EDIT_TOKENS = ("source_tokens", "image_tokens", "instruction_tokens", "instruction_mask")
@@ -433,11 +438,24 @@ def load(path: str | Path, frozen=None, device: str = "cpu") -> EmbeddedRewards:
     return model.to(device).eval()
 
 
+def bar_accuracy(head: str, heldout: dict) -> float | None:
+    """The held-out figure `head`'s bar is read on, from its `heldout` entry (accuracy and
+    by_kind): for fidelity the mean over its colour and shape swap kinds (the model-stack
+    issue's test, "fidelity on attribute-swap pairs"), for every other head all its pairs.
+    None where the kinds it needs were not measured: such a head has not shown it passes."""
+    suffixes = BAR_KINDS.get(head)
+    if not suffixes:
+        return heldout["accuracy"]
+    kinds = [a for k, a in heldout.get("by_kind", {}).items() if k.endswith(suffixes)]
+    return sum(kinds) / len(kinds) if kinds else None
+
+
 def trusted(metrics: dict, heads: tuple[str, ...] = HEADS) -> dict[str, float]:
-    """Of `heads`, those whose held-out accuracy in a saved version's `metrics` clears its
-    HELDOUT_BARS entry, with that accuracy."""
+    """Of `heads`, those whose held-out figure in a saved version's `metrics` (`bar_accuracy`)
+    clears its HELDOUT_BARS entry, with that figure."""
     held = metrics.get("eval", {}).get("heldout", {})
-    return {h: held[h]["accuracy"] for h in heads if h in held and held[h]["accuracy"] >= HELDOUT_BARS[h]}
+    out = {h: bar_accuracy(h, held[h]) for h in heads if h in held}
+    return {h: a for h, a in out.items() if a is not None and a >= HELDOUT_BARS[h]}
 
 
 def bradley_terry(r_win: torch.Tensor, r_lose: torch.Tensor) -> torch.Tensor:

@@ -392,7 +392,7 @@ def default_weights(workspace_root: str | Path) -> dict[str, float]:
     held-out bars; a clear error when none did."""
     from dataengine.workspace import Workspace
 
-    from .rewards import GEN_HEADS, HELDOUT_BARS, trusted
+    from .rewards import GEN_HEADS, HELDOUT_BARS, bar_accuracy, trusted
     from .trainer import load_weights
 
     path = latest(Workspace.at(workspace_root).models, "reward")
@@ -402,10 +402,11 @@ def default_weights(workspace_root: str | Path) -> dict[str, float]:
     metrics = load_weights(path)[2]
     ok = trusted(metrics, GEN_HEADS)
     if not ok:
-        held = {h: v["accuracy"] for h, v in metrics.get("eval", {}).get("heldout", {}).items()}
-        raise UntrustedReward(f"{path}: no generation head passes its held-out bar (accuracies {held}, bars "
-                         f"{HELDOUT_BARS}); train the heads longer or on more scenes, or name the heads to "
-                         "optimise with reward_weights")
+        held = {h: bar_accuracy(h, v) for h, v in metrics.get("eval", {}).get("heldout", {}).items()}
+        held = {h: "not measured" if a is None else round(a, 4) for h, a in held.items()}
+        raise UntrustedReward(f"{path}: no generation head passes its held-out bar (accuracies {held}, "
+                              f"fidelity's on its colour and shape swaps; bars {HELDOUT_BARS}); train the heads "
+                              "longer or on more scenes, or name the heads to optimise with reward_weights")
     return {h: 1.0 / len(ok) for h in ok}
 
 

@@ -293,4 +293,28 @@ def test_the_default_reward_is_the_heads_that_passed_their_held_out_bars(ws):
     with pytest.raises(rl_mod.UntrustedReward, match="fidelity"):  # an edit head cannot stand in
         rl_mod.default_weights(ws.root)
     save({"aesthetics": 0.95, "fidelity": 0.85, "portrait": 0.7})  # the newest version decides
-    assert rl_mod.default_weights(ws.root) == {"aesthetics": 0.5, "fidelity": 0.5}
+    # fidelity's figure without its swap kinds shows nothing: only aesthetics passes
+    assert rl_mod.default_weights(ws.root) == {"aesthetics": 1.0}
+
+
+def test_fidelity_is_trusted_on_its_attribute_swaps_not_its_position_pairs(ws):
+    """The issue's fidelity test is the colour and shape swaps; positions near chance do not
+    keep out a head that passes it, and a failed swap kind does."""
+    from models.rewards import EmbeddedRewards, RewardConfig, trusted
+
+    def save(by_kind):
+        held = {"aesthetics": {"accuracy": 0.6, "by_kind": {}},
+                "fidelity": {"accuracy": sum(by_kind.values()) / len(by_kind), "by_kind": by_kind}}
+        metrics = {"eval": {"heldout": held}}
+        EmbeddedRewards(RewardConfig(hidden=8, spatial=())).save(ws.models, metrics)
+        return metrics
+
+    passing = {"caption_colour": 0.88, "image_colour": 0.87, "caption_shape": 0.74, "image_shape": 0.76,
+               "caption_position": 0.45, "image_position": 0.52}  # the benchmark's 3000-step head
+    metrics = save(passing)
+    assert metrics["eval"]["heldout"]["fidelity"]["accuracy"] < 0.80
+    assert trusted(metrics) == {"fidelity": pytest.approx(0.8125)}
+    assert rl_mod.default_weights(ws.root) == {"fidelity": 1.0}
+    save(passing | {"image_shape": 0.60, "caption_position": 0.99, "image_position": 0.99})
+    with pytest.raises(rl_mod.UntrustedReward, match="fidelity"):
+        rl_mod.default_weights(ws.root)
