@@ -11,7 +11,6 @@ through the catalog file: they are Parquet parts in the lake, seen through views
 
 from __future__ import annotations
 
-import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from dataengine import lake
-from dataengine.catalog_lock import LockTimeout, ProcessLock
+from dataengine.catalog_lock import LockTimeout, ProcessLock, retry_until
 from dataengine.schema import CATALOG_TABLES, CATALOG_VIEWS, LAKE_TABLES, conform
 from dataengine.workspace import Workspace
 
@@ -58,7 +57,12 @@ class LockRetry:
 LOCK_FILE_POLL_S = 0.01  # the longest wait between tries of the lock file
 
 
+_DUCK_OPEN_ERRORS = (duckdb.IOException, duckdb.ConnectionException)
+
+
 def _is_lock_conflict(err: Exception) -> bool:
+    if not isinstance(err, _DUCK_OPEN_ERRORS):
+        return False
     msg = str(err)
     # Another process holds the file, or another thread of this one holds it open read-write
     # while we ask read-only (or the other way round): both clear when that connection closes.
@@ -123,22 +127,19 @@ class Catalog:
             con.execute("COMMIT")
 
     def _open(self, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
-        wait = self.retry.first_wait_s
-        while True:
-            try:
-                # The views name lake paths relative to the workspace (see `migrate`).
-                return duckdb.connect(str(self.ws.catalog_path), read_only=read_only,
-                                      config={"file_search_path": str(self.ws.root)})
-            except (duckdb.IOException, duckdb.ConnectionException) as e:
-                if not _is_lock_conflict(e):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise CatalogBusy(
-                        f"{self.ws.catalog_path} stayed locked for {self.retry.timeout_s:.0f}s: {e}"
-                    ) from e
-                self.lock_waits += 1
-                time.sleep(wait * random.uniform(0.5, 1.5))
-                wait = min(wait * 2, self.retry.max_wait_s)
+        def count_wait() -> None:
+            self.lock_waits += 1
+
+        try:
+            # The views name lake paths relative to the workspace (see `migrate`).
+            return retry_until(lambda: duckdb.connect(str(self.ws.catalog_path), read_only=read_only,
+                                                      config={"file_search_path": str(self.ws.root)}),
+                               _is_lock_conflict, deadline, self.retry.first_wait_s, self.retry.max_wait_s,
+                               on_wait=count_wait)
+        except _DUCK_OPEN_ERRORS as e:
+            if not _is_lock_conflict(e):
+                raise
+            raise CatalogBusy(f"{self.ws.catalog_path} stayed locked for {self.retry.timeout_s:.0f}s: {e}") from e
 
     # -- schema ----------------------------------------------------------------------
 

@@ -20,6 +20,26 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def retry_until(attempt: Callable[[], T], retryable: Callable[[Exception], bool], deadline: float,
+                first_wait_s: float, max_wait_s: float, on_wait: Callable[[], None] = lambda: None) -> T:
+    """`attempt()` until it returns. An error `retryable` accepts is retried after a jittered
+    wait that doubles up to `max_wait_s` (jitter keeps waiting processes from retrying in
+    step); at `deadline` it is raised, for the caller to name. `on_wait` counts the waits."""
+    wait = first_wait_s
+    while True:
+        try:
+            return attempt()
+        except Exception as e:
+            if not retryable(e) or time.monotonic() >= deadline:
+                raise
+        on_wait()
+        time.sleep(wait * random.uniform(0.5, 1.5))
+        wait = min(wait * 2, max_wait_s)
 
 
 class LockTimeout(TimeoutError):
@@ -52,6 +72,11 @@ class ProcessLock:
                 max_wait_s: float = 0.5) -> int:
         """Hold the lock (shared or exclusive) until `release`; returns how many times it waited."""
         waits = 0
+
+        def count_wait() -> None:
+            nonlocal waits
+            waits += 1
+
         with self._cond:
             # Held here already: a shared hold serves readers; a writer waits for this
             # process's readers to close (DuckDB would refuse its open meanwhile anyway).
@@ -66,18 +91,13 @@ class ProcessLock:
             if fd is None:  # a reader of a workspace it may not write: DuckDB's lock alone
                 self._count, self._exclusive = 1, False
                 return waits
-            wait = first_wait_s
+            mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
             try:
-                while True:
-                    try:
-                        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise LockTimeout(f"{self.path} stayed held by another process") from None
-                        waits += 1
-                        time.sleep(wait * random.uniform(0.5, 1.5))
-                        wait = min(wait * 2, max_wait_s)
+                retry_until(lambda: fcntl.flock(fd, mode), lambda e: isinstance(e, BlockingIOError), deadline,
+                            first_wait_s, max_wait_s, on_wait=count_wait)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockTimeout(f"{self.path} stayed held by another process") from None
             except BaseException:
                 os.close(fd)
                 raise

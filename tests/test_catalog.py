@@ -88,6 +88,33 @@ def test_lock_held_too_long_raises_catalog_busy(ws):
     holder.wait()
 
 
+def test_retry_until_retries_only_what_it_is_told_and_gives_up_at_the_deadline():
+    from dataengine.catalog_lock import retry_until
+
+    busy = lambda e: isinstance(e, BlockingIOError)  # noqa: E731
+    tries, waits = [], []
+
+    def twice_busy():
+        tries.append(1)
+        if len(tries) < 3:
+            raise BlockingIOError
+        return "got it"
+
+    far = time.monotonic() + 30
+    assert retry_until(twice_busy, busy, far, 0.001, 0.002, on_wait=lambda: waits.append(1)) == "got it"
+    assert (len(tries), len(waits)) == (3, 2)
+    with pytest.raises(ValueError):  # another error is raised at once, not waited on
+        retry_until(lambda: int("x"), busy, far, 10.0, 10.0)
+
+    def always_busy():
+        raise BlockingIOError
+
+    t0 = time.monotonic()
+    with pytest.raises(BlockingIOError):
+        retry_until(always_busy, busy, t0 + 0.2, 0.01, 0.05)
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+
+
 def _try_lock_file(path: str, exclusive: bool) -> bool:
     """Whether another process could take the catalog's lock file right now."""
     code = textwrap.dedent(f"""
