@@ -140,6 +140,8 @@ def main() -> int:
     ap.add_argument("--beta", type=float, default=RLConfig.kl_beta)
     ap.add_argument("--noise-level", type=float, default=RLConfig.noise_level)
     ap.add_argument("--weights", default=None, help='reward weights as JSON, e.g. \'{"fidelity": 1}\'')
+    ap.add_argument("--advantages", default=RLConfig.advantages, choices=("sum", "per_head"),
+                    help="per_head: normalise each head within its group before weighting (models.rl.RLConfig)")
     ap.add_argument("--eval-prompts", type=int, default=48)
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -178,7 +180,7 @@ def main() -> int:
     cfg = RLConfig(group_size=args.group_size, prompts_per_step=args.prompts_per_step, sample_steps=args.sample_steps,
                    updates_per_step=args.updates, clip_range=args.clip_range, kl_beta=args.beta,
                    noise_level=args.noise_level, resolution=args.resolution, eval_prompts=args.eval_prompts,
-                   start=args.start, **extra)
+                   start=args.start, advantages=args.advantages, **extra)
     loop = LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=min(3, args.steps), seed=args.seed,
                       ckpt_every=max(args.steps, 1), num_threads=args.threads, progress=False)
     t0 = time.perf_counter()

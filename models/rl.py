@@ -64,7 +64,8 @@ from .trainer import LoopConfig, TrainJob, latest, train
 
 __all__ = [
     "RLConfig", "Trajectory", "RLJob", "rl", "verdict", "default_weights", "UntrustedReward", "sde_sigma",
-    "sde_step", "gaussian_log_prob", "sample_trajectories", "group_advantages", "grpo_loss", "cond_and_guided",
+    "sde_step", "gaussian_log_prob", "sample_trajectories", "group_advantages", "per_head_advantages", "grpo_loss",
+    "cond_and_guided",
 ]
 
 MODEL_NAME = "rl"
@@ -95,6 +96,12 @@ class RLConfig:
     # RL never optimises a head that judges at chance. The checker's accuracy and the heads
     # left out are never optimised, only reported (the run's verdict).
     reward_weights: dict[str, float] | None = None
+    # How the heads' scores become advantages. "sum": the weighted sum, normalised within its
+    # group, so the head whose scores spread widest rules it (on the CPU runs of
+    # benchmarks/results/rl-cpu.md aesthetics' and portrait's changes spread 25-50x wider than
+    # fidelity's). "per_head": each head normalised within its group first, then weighted, so
+    # each moves the policy by its weight.
+    advantages: str = "sum"
     resolution: int = 64  # image side in px (latent side = resolution / VAE factor)
     eval_prompts: int = 32  # held-out eval captions for before/after
     start: str = "dit"  # start from the newest "dit" or the newest "distill" (the student)
@@ -108,6 +115,8 @@ class RLConfig:
             raise ValueError(f"train_steps must be in [1, sample_steps={self.sample_steps}], got {self.train_steps}")
         if self.noise_level <= 0:
             raise ValueError(f"noise_level must be > 0 (the policy needs a density), got {self.noise_level}")
+        if self.advantages not in ("sum", "per_head"):
+            raise ValueError(f"advantages must be 'sum' or 'per_head', got {self.advantages!r}")
         if self.start not in ("dit", "distill"):
             raise ValueError(f"start must be 'dit' or 'distill', got {self.start!r}")
 
@@ -219,6 +228,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     return adv.view(-1)
 
 
+def per_head_advantages(scores: dict[str, torch.Tensor], weights: dict[str, float], group_size: int,
+                        eps: float = 1e-4) -> torch.Tensor:
+    """Each head's scores normalised within their group, weighted, summed, and rescaled to unit
+    spread over the batch: a head's pull on the policy is its weight, whatever its score scale."""
+    missing = [k for k in weights if k not in scores]
+    if missing:
+        raise KeyError(f"reward weights name {missing}; the reward gives {sorted(scores)}")
+    adv = sum(w * group_advantages(scores[k], group_size, eps) for k, w in weights.items())
+    return adv / (adv.std(unbiased=False) + eps)
+
+
 def grpo_loss(model, reference, traj: Trajectory, i: int, text: torch.Tensor, mask: torch.Tensor,
               adv: torch.Tensor, cfg: RLConfig, ref_mean: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
@@ -271,7 +291,8 @@ class RLJob(TrainJob):
         self.cfg = (cfg or RLConfig()).resolved()
         self.judge, self.heldout, self.info, self.eval_seed = judge, heldout, info or {}, eval_seed
         # The optimised scalar: the judge's weighting when there is one, else the config's.
-        self.weigh = (judge or Judge(weights=self.cfg.reward_weights)).weighted
+        self.weigher = judge or Judge(weights=self.cfg.reward_weights)
+        self.weigh = self.weigher.weighted
 
     def setup(self) -> None:
         self.policy = self.model.to(self.device).requires_grad_(True)
@@ -309,7 +330,12 @@ class RLJob(TrainJob):
     def step(self, step: int) -> dict[str, float]:
         c = self.cfg
         p, traj, scores, reward = self.rollout(step)
-        adv = group_advantages(reward, c.group_size).clamp(-c.adv_clip, c.adv_clip)
+        if c.advantages == "per_head":
+            weights = self.weigher.weights or {k: 1.0 / len(scores) for k in scores}
+            adv = per_head_advantages(scores, weights, c.group_size)
+        else:
+            adv = group_advantages(reward, c.group_size)
+        adv = adv.clamp(-c.adv_clip, c.adv_clip)
         ref_means: list[torch.Tensor | None] = [None] * c.k
         totals: dict[str, float] = {}
         grad_norm = 0.0

@@ -12,7 +12,8 @@ from models import rl as rl_mod
 from models.distill import Prompts
 from models.dit import DiTConfig, build, timesteps
 from models.rl import (
-    RLConfig, RLJob, gaussian_log_prob, grpo_loss, group_advantages, sample_trajectories, sde_step,
+    RLConfig, RLJob, gaussian_log_prob, grpo_loss, group_advantages, per_head_advantages, sample_trajectories,
+    sde_step,
 )
 from models.trainer import LoopConfig, load_weights, train
 
@@ -120,6 +121,42 @@ def test_group_advantages_are_centred_and_scaled_per_group():
     torch.testing.assert_close(adv[1], torch.zeros(4))  # one reward for the whole group: no signal
     assert abs(float(adv[0].std(unbiased=False)) - 1) < 1e-3
     assert adv[0].argsort().tolist() == [0, 1, 2, 3]
+
+
+def test_per_head_advantages_give_a_narrow_head_its_weight():
+    # One group of four: the loud head orders samples 0 and 1, the quiet head 2 and 3.
+    scores = {"loud": torch.tensor([1e4, -1e4, 0.0, 0.0]), "quiet": torch.tensor([0.0, 0.0, 0.1, -0.1])}
+    weights = {"loud": 0.5, "quiet": 0.5}
+    summed = group_advantages(sum(w * scores[k] for k, w in weights.items()), 4)
+    assert summed[2] < 0.01 * summed[0]  # the sum hears only the loud head
+    adv = per_head_advantages(scores, weights, 4)
+    torch.testing.assert_close(adv[2], adv[0], rtol=5e-3, atol=0)  # each head pulls by its weight (eps aside)
+    assert abs(float(adv.std(unbiased=False)) - 1) < 1e-3
+    with pytest.raises(KeyError, match="portrait"):
+        per_head_advantages(scores, {"portrait": 1.0}, 4)
+    with pytest.raises(ValueError, match="advantages"):
+        small_cfg(advantages="mean")
+
+
+def test_per_head_runs_raise_a_narrow_head_the_sum_drowns(tmp_path):
+    """Two optimised heads, one a million times wider than the other and blind to what the
+    narrow one wants: with "sum" the narrow head does not rise, with "per_head" it does."""
+    fixed = prompts(2)
+    heldout = Prompts(fixed.captions * 4, fixed.text.repeat(4, 1, 1), fixed.mask.repeat(4, 1))
+
+    def judged(x0, p):
+        return {"loud": 1000.0 * (x0[:, 0, 0, 0] - x0[:, 0, 0, 1]), "quiet": 1e-3 * x0.flatten(1).mean(1)}
+
+    def rise(mode, root):
+        job = RLJob(nano(perturb=0.0), lambda step: fixed, judged, (C, H, H),
+                    small_cfg(updates_per_step=2, kl_beta=0.01, reward_weights={"loud": 0.5, "quiet": 0.5},
+                              advantages=mode), heldout=heldout)
+        loop = LoopConfig(steps=8, lr=1e-2, warmup_steps=0, progress=False, num_threads=1)
+        ev = train(job, root, loop)["metrics"]["eval"]["samplers"]
+        return ev["after"]["reward_quiet"] - ev["before"]["reward_quiet"]
+
+    summed, per_head = rise("sum", tmp_path / "sum"), rise("per_head", tmp_path / "per_head")
+    assert per_head > 2 * abs(summed), (summed, per_head)  # measured: -6.0e-05 against +2.3e-04
 
 
 def test_ratio_starts_at_one_although_samples_used_cfg():
