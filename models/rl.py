@@ -231,10 +231,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 def per_head_advantages(scores: dict[str, torch.Tensor], weights: dict[str, float], group_size: int,
                         eps: float = 1e-4) -> torch.Tensor:
     """Each head's scores normalised within their group, weighted, summed, and rescaled to unit
-    spread over the batch: a head's pull on the policy is its weight, whatever its score scale."""
-    missing = [k for k in weights if k not in scores]
-    if missing:
-        raise KeyError(f"reward weights name {missing}; the reward gives {sorted(scores)}")
+    spread over the batch: a head's pull on the policy is its weight, whatever its score scale.
+    (The weights' keys are checked against the scores by `Judge.weighted`, which every rollout runs.)"""
     adv = sum(w * group_advantages(scores[k], group_size, eps) for k, w in weights.items())
     return adv / (adv.std(unbiased=False) + eps)
 
