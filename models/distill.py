@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .dit import DiT, config_dict, sample, timesteps, velocity
+from .rewards import weighted_reward
 from .trainer import LoopConfig, TrainJob, latest, load_weights, train
 
 __all__ = [
@@ -152,11 +153,7 @@ class Judge:
     def weighted(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The optimised scalar per sample: sum of weight * score over the weights' keys
         (all keys, equally weighted, when no weights are given)."""
-        weights = self.weights or {k: 1.0 / len(scores) for k in scores}
-        missing = [k for k in weights if k not in scores]
-        if missing:
-            raise KeyError(f"reward weights name {missing}; the reward gives {sorted(scores)}")
-        return sum(w * scores[k].float() for k, w in weights.items())
+        return weighted_reward(scores, self.weights or {k: 1.0 / len(scores) for k in scores})
 
     @torch.no_grad()
     def per_sample(self, latents: torch.Tensor, prompts: Prompts) -> dict[str, torch.Tensor]:

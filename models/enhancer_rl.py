@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from .enhancer import enhance, load_version, prompt_ids, uses_special_format
+from .rewards import weighted_reward
 from .trainer import LoopConfig, TrainJob, latest, load_weights, train
 
 __all__ = [
@@ -313,14 +314,6 @@ def intent_kept(terse: Sequence[str], enhanced: Sequence[str]) -> torch.Tensor:
         facts = extract_attributes(t)
         out.append(len(facts & extract_attributes(e)) / len(facts) if facts else 1.0)
     return torch.tensor(out)
-
-
-def weighted_reward(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
-    """sum of weight * score over the weights' keys (a key the reward lacks is an error)."""
-    missing = [k for k in weights if k not in scores]
-    if missing:
-        raise KeyError(f"reward weights name {missing}; the reward gives {sorted(scores)}")
-    return sum(w * scores[k].float().cpu() for k, w in weights.items())
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ __all__ = [
     "GEN_HEADS", "EDIT_HEADS", "HEADS", "HEAD_INPUTS", "RewardBatch", "RewardModel", "RewardConfig",
     "EmbeddedRewards", "Combined", "load", "bradley_terry", "head_inputs", "spatial_embed", "MODEL_NAME",
     "SPATIAL_INPUTS", "SPATIAL_HEADS", "HELDOUT_BARS", "BAR_KINDS", "bar_accuracy", "trusted", "text_states",
-    "patch_tokens",
+    "patch_tokens", "weighted_reward",
 ]
 
 MODEL_NAME = "reward"  # models/<name>/vNNNN, as the trainer saves it
@@ -127,6 +127,15 @@ class Combined:
         for m in self.models:
             out |= m.score(batch)
         return out
+
+
+def weighted_reward(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The optimised scalar per sample: sum of weight * score over the weights' keys. A key the
+    reward lacks is an error, so a misspelt head fails loudly instead of counting as zero."""
+    missing = [k for k in weights if k not in scores]
+    if missing:
+        raise KeyError(f"reward weights name {missing}; the reward gives {sorted(scores)}")
+    return sum(w * scores[k].float().cpu() for k, w in weights.items())
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 from dataengine.sceneworld import render, sample_edit, sample_scene
 from models.rewards import (EDIT_HEADS, GEN_HEADS, HEAD_INPUTS, HEADS, HELDOUT_BARS, RewardBatch, RewardModel,
-                            bar_accuracy, load)
+                            bar_accuracy, load, weighted_reward)
 from models.train_reward import RewardTrainConfig, RewardTrainJob, make_pairs
 from models.trainer import LoopConfig, train
 
@@ -61,6 +61,14 @@ def test_generation_batches_get_the_three_generation_scores_and_edits_all_five(t
     assert all(v.shape == (3,) and torch.isfinite(v).all() for v in edit.values())
     with pytest.raises(ValueError, match="both sources and instructions"):
         RewardBatch(targets, captions, sources=sources)
+
+
+def test_the_weighted_reward_sums_only_the_weighted_heads_and_refuses_a_head_the_reward_lacks():
+    scores = {"aesthetics": torch.tensor([2.0, -1.0]), "fidelity": torch.tensor([0.5, 0.25]),
+              "portrait": torch.tensor([100.0, 100.0])}
+    torch.testing.assert_close(weighted_reward(scores, {"aesthetics": 0.5, "fidelity": 2.0}), torch.tensor([2.0, 0.0]))
+    with pytest.raises(KeyError, match="fidelty"):  # a misspelt head fails instead of counting as zero
+        weighted_reward(scores, {"fidelty": 1.0})
 
 
 def test_bradley_terry_loss_decreases(trained):
