@@ -21,6 +21,7 @@ Scenes are rendered directly (no workspace), captions are the scene world's rich
     flock /tmp/plan/heavy.lock .venv/bin/python benchmarks/dit.py              # 2-core CPU, ~7.5 min
     python benchmarks/dit.py --only speed --device cuda --size S --resolution 256 \\
         --batch-size 64 --peak-tflops 989                                      # MFU on an H100 (bf16)
+    python benchmarks/dit.py --only speed --size tiny --timed-steps 5 --profile 3    # where a step's time goes
 """
 
 from __future__ import annotations
@@ -307,6 +308,60 @@ def matmul_ceiling(device, n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+# Profile groups, first match wins, read over lower-cased aten op names (CPU) or CUDA kernel
+# names (GPU). Attention and norms come before matmul and elementwise because their fused
+# kernels' names also contain "gemm" or "elementwise".
+PROFILE_GROUPS = (
+    ("attention", ("scaled_dot_product", "flash", "attention", "fmha", "sdpa")),
+    ("optimiser", ("adam", "foreach", "multi_tensor", "optimizer")),
+    ("norm", ("norm",)),
+    ("matmul", ("mm", "gemm", "matmul", "linear", "cutlass", "xmma", "nvjet")),
+    ("elementwise (gates, activations, residuals)", ("elementwise", "mul", "add", "silu", "gelu", "sigmoid", "sub",
+                                                     "div", "copy", "fill", "cat", "reduce", "sum", "mean", "exp",
+                                                     "pow", "neg", "sqrt", "clone", "where", "_to_copy")),
+)
+
+
+def profile_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in PROFILE_GROUPS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(one_step, steps: int, device) -> tuple[list[tuple[str, float]], float]:
+    """Run `steps` training steps under torch.profiler: (op or kernel name, self ms per step),
+    busiest first, and the wall ms per step. On a GPU only kernels count (device time), so
+    the busy sum against the wall says how much of a step the GPU sat idle."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    rows = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps)
+            for e in prof.key_averages() if e.device_type == kind]
+    return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1]), wall_ms
+
+
+def print_profile(name: str, rows: list[tuple[str, float]], wall_ms: float, top: int = 12) -> None:
+    busy = sum(ms for _, ms in rows)
+    print(f"  profile of {name}: {wall_ms:.2f} ms/step wall (under the profiler), {busy:.2f} ms/step busy "
+          f"({busy / wall_ms:.0%})")
+    groups: dict[str, float] = {}
+    for op, ms in rows:
+        groups[profile_group(op)] = groups.get(profile_group(op), 0.0) + ms
+    for group, ms in sorted(groups.items(), key=lambda g: -g[1]):
+        print(f"    {group:46s}{ms:>9.3f} ms{ms / busy:>7.1%}")
+    print(f"    top {top} {'ops' if rows and '::' in rows[0][0] else 'kernels'}:")
+    for op, ms in rows[:top]:
+        print(f"    {ms:>9.3f} ms{ms / busy:>7.1%}  {op[:110]}")
+
+
 def speed_only(args, device) -> None:
     """Synthetic inputs of the real shapes (no VAE, no text encoder): warm up, then time
     training steps. Throughput does not depend on what the tensors hold."""
@@ -344,6 +399,8 @@ def speed_only(args, device) -> None:
                 torch.cuda.synchronize()
             step_s.append(time.perf_counter() - t0)
         runs.append(Run(name, model, {}, [], step_s, args.batch_size))
+        if args.profile:
+            print_profile(name, *profile_steps(one_step, args.profile, device))
         del model, step_model, opt
     print_speed(runs, text_len, side * side, device, args.peak_tflops)
     if device.type == "cuda":
@@ -384,6 +441,8 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=5, help="--only speed: untimed steps")
     ap.add_argument("--timed-steps", type=int, default=20, help="--only speed: timed steps")
     ap.add_argument("--compile", action="store_true", help="--only speed: torch.compile the model")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="--only speed: after timing, profile this many steps and print the top ops by group")
     ap.add_argument("--variants", default="swiglu+scale,gelu+shift", help=f"comma-separated, of {sorted(VARIANTS)}")
     args = ap.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -18,3 +18,9 @@ for spec in "S 256 64" "S 256 256" "S 512 64" "B 256 64" "B 512 32"; do
       | grep -E "speed:|swiglu|gelu|measured|Error|error" 
   done
 done
+# Where a B / 512 px step's GPU time goes (issue 13 item 7: the profile's top items, before a change and after).
+for c in "" "--compile"; do
+  "$py" benchmarks/dit.py --only speed --device cuda --size B --resolution 512 --batch-size 32 --peak-tflops 989 \
+    --warmup-steps 8 --timed-steps 10 --profile 5 --variants swiglu+scale $c 2>&1 | tee -a "$out/dit-profile.txt" \
+    | grep -vE "^(USDT|ERROR|WARNING)"
+done
