@@ -283,7 +283,7 @@ def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def enhance(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
     max_new_tokens: int = 96, num_beams: int = 1, do_sample: bool = False, batch_size: int = 32,
-    keep_words: bool = True, nudge: float = 2.0, whole: bool = True, guard: bool = True,
+    keep_words: bool = True, nudge: float = 2.0, whole: bool = True, guard: bool | Sequence[str] = True,
 ) -> list[str]:
     """The rich prompt generated for each terse prompt (batched, left-padded; the prompt
     part and special tokens stripped). With `keep_words` (the default) decoding keeps the
@@ -292,11 +292,12 @@ def enhance(
     <|all|> for every detail; False for one degradation step's worth. With `guard` (the
     default; the insertion format with `keep_words` only) the model's insertions may not
     restate a scene-wide detail the prompt gives (its style, light, background, ...) nor add
-    more of a thing it names (models/insertion_guard.py)."""
+    more of a thing it names, nor repeat an earlier chunk (models/insertion_guard.py; a
+    sequence of its RULES applies only those)."""
     from transformers import LogitsProcessorList
 
     from .keep_words import CopyWords, KeepWords
-    from .insertion_guard import copied_spans, guard_insertions
+    from .insertion_guard import RULES, copied_spans, guard_insertions
 
     special = uses_special_format(tokenizer)
     pad = pad_id(tokenizer)
@@ -327,13 +328,14 @@ def enhance(
                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, logits_processor=processors,
             )  # (B, width + new)
-            guarded = guard and keep_words and copy_id(tokenizer) is not None
+            rules = RULES if guard is True else tuple(guard or ())
+            guarded = bool(rules) and keep_words and copy_id(tokenizer) is not None
             for prompt, row in zip(batch, generated[:, width:].tolist()):
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]
                 if guarded:
                     text, copied = copied_spans(tokenizer, row, prompt)
-                    text = guard_insertions(prompt, text, copied)
+                    text = guard_insertions(prompt, text, copied, rules)
                 else:
                     text = tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 if not special:  # a plain LM runs on into the next "Prompt:"; keep one line

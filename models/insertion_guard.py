@@ -4,7 +4,7 @@ The insertion format (models/keep_words.py) keeps the user's words; it does not 
 model from writing, between them, a second style ("..., pixel art" then "This is a
 watercolor painting.") or more of an object the user already counted ("2 pink rings"
 then "two little orange rings"). A small model does both often: it tracks which words it
-still has to copy, not which details the prompt has settled. Two rules cut such text,
+still has to copy, not which details the prompt has settled. Three rules cut such text,
 never touching a word the decoder copied from the prompt:
 
 - scene-wide: a detected span (caption degradation's detectors) of a category that holds
@@ -13,7 +13,9 @@ never touching a word the decoder copied from the prompt:
 - new instances: a chunk (a sentence or a comma-bounded part of one) that brings in
   another instance of a thing the prompt names: a noun the prompt uses as a head, after
   an indefinite determiner, a number, a quantity word or none ("a", "two", "a pair of",
-  "rings"). A definite mention ("the ring's shadow") describes the user's own and stays.
+  "rings"). A definite mention ("the ring's shadow") describes the user's own and stays;
+- repeats: a chunk whose words an earlier chunk already said (a small model on a prompt
+  unlike its training data loops: "..., in sunset, in sunset, in sunset").
 
 Cuts go through degradation's seam repair, so what is left reads as a degradation
 chain's texts do. When a repair would change one of the user's words (an article made
@@ -34,7 +36,9 @@ from dataengine.degrade.tokens import Tokens
 
 from .keep_words import copy_forms, kept_in_order
 
-__all__ = ["copied_spans", "guard_insertions", "prompt_heads"]
+__all__ = ["RULES", "copied_spans", "guard_insertions", "prompt_heads"]
+
+RULES = ("scene-wide", "new-instance", "repeat")  # guard_insertions' rules, all on by default
 
 # Features of words that cannot head a noun phrase (function words, numbers, modifiers).
 _NOT_HEAD = frozenset({"FUNC", "NUM", "ONE", "QDET", "QTY", "SINGLE", "ADJ", "ADV", "ED", "ING", "VERB", "P",
@@ -118,26 +122,38 @@ def _new_instance(t: Tokens, k: int, lo: int) -> bool:
     return j < lo or t.words[j].lower() not in _DEFINITE
 
 
-def guard_insertions(prompt: str, text: str, copied: Sequence[tuple[int, int]] = ()) -> str:
-    """`text` without its inserted spans that restate a scene-wide category of `prompt` and
-    its inserted chunks that add another instance of a thing `prompt` names; nothing that
-    overlaps a `copied` character span (the user's own words) is cut."""
-    stated, nouns = _prompt_facts(prompt)
-    if not (stated or nouns) or not text.strip():
+def guard_insertions(prompt: str, text: str, copied: Sequence[tuple[int, int]] = (),
+                     rules: Sequence[str] = RULES) -> str:
+    """`text` without its inserted spans that restate a scene-wide category of `prompt`, its
+    inserted chunks that add another instance of a thing `prompt` names and those that repeat
+    an earlier chunk (`rules`, a subset of RULES, picks which); nothing that overlaps a
+    `copied` character span (the user's own words) is cut."""
+    unknown = set(rules) - set(RULES)
+    if unknown:
+        raise ValueError(f"unknown guard rules {sorted(unknown)}; choose from {RULES}")
+    if not text.strip():
         return text
+    stated, nouns = _prompt_facts(prompt) if {"scene-wide", "new-instance"} & set(rules) else (set(), set())
+    stated = stated if "scene-wide" in rules else set()
+    nouns = nouns if "new-instance" in rules else set()
+    repeats = "repeat" in rules
     a = analyse(text)
     t = a.tokens
     mine = frozenset(k for k in range(len(t)) for s, e in copied if t.starts[k] < e and s < t.ends[k])
     free = lambda i, j: not any(i <= k < j for k in mine)  # noqa: E731
     cuts = [(c.i, c.j, c.kind, c.repl) for c in a.spans if c.category in stated and free(c.i, c.j)]
     heads = set(_heads(t))
+    said: set[tuple[str, ...]] = set()  # the chunks so far, as their lower-case words
     lo = 0
     for k in range(len(t) + 1):
         if k < len(t) and not (t.feats(k) & {"COMMA", "END"}):
             continue
-        if k > lo and free(lo, k) and any(h in heads and _singular(t.words[h]) in nouns and _new_instance(t, h, lo)
-                                          for h in range(lo, k)):
+        words = tuple(t.words[i].lower() for i in range(lo, k) if "W" in t.feats(i))
+        if k > lo and free(lo, k) and ((repeats and words in said) or any(
+                h in heads and _singular(t.words[h]) in nouns and _new_instance(t, h, lo) for h in range(lo, k))):
             cuts.append((lo, k, "clause", None))
+        if words:
+            said.add(words)
         lo = k + 1
     if not cuts:
         return text

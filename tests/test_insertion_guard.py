@@ -102,6 +102,20 @@ def test_the_guard_cuts_a_new_instance_of_a_thing_the_prompt_names():
     assert prompt_heads("a dog on a beach at sunset, oil painting") == {"dog"}
 
 
+def test_the_guard_cuts_a_chunk_that_says_again_what_one_before_it_said():
+    prompt = "A Globe flower in front of other flowers."
+    text = "A Globe flower in front of other flowers at dusk, in soft light, in soft light, in Soft Light."
+    copied = spans_of(text, "A", "Globe", "flower", "in", "front", "of", "other", "flowers")
+    assert guard_insertions(prompt, text, copied) == "A Globe flower in front of other flowers at dusk, in soft light."
+    assert guard_insertions(prompt, text, copied, rules=("scene-wide", "new-instance")) == text  # the rule off
+    with pytest.raises(ValueError, match="repeats"):
+        guard_insertions(prompt, text, copied, rules=("repeats",))
+    # The user's own words are never a repeat to cut, even where they say a thing twice.
+    twice = "a red star, a red star, on grey, on grey"
+    assert guard_insertions("a red star, a red star", twice,
+                            spans_of(twice, "a", "red", "star", "a", "red", "star")) == "a red star, a red star, on grey"
+
+
 def test_copied_spans_follow_the_copy_markers():
     prompt = "two red cars"
     tok = train_tokenizer(["Two red cars parked on a street. This is an oil painting."] * 20, vocab_size=300)
