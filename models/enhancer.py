@@ -293,17 +293,21 @@ def enhance(
     default; the insertion format with `keep_words` only) the model's insertions may not
     restate a scene-wide detail the prompt gives (its style, light, background, ...) nor add
     more of a thing it names, nor repeat an earlier chunk (models/insertion_guard.py; a
-    sequence of its RULES applies only those)."""
+    sequence of its RULES applies only those); its "repeat" rule also bans, while decoding,
+    a run of tokens written twice back to back (models/no_stutter.py)."""
     from transformers import LogitsProcessorList
 
     from .keep_words import CopyWords, KeepWords
     from .insertion_guard import RULES, copied_spans, guard_insertions
+    from .no_stutter import NoStutter
 
     special = uses_special_format(tokenizer)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    rules = RULES if guard is True else tuple(guard or ())
+    guarded = bool(rules) and keep_words and copy_id(tokenizer) is not None
     out: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -318,6 +322,8 @@ def enhance(
                 mask[r, width - len(x):] = 1
             processors = LogitsProcessorList()
             batch = prompts[start: start + batch_size]
+            if guarded and "repeat" in rules:  # first, so that the copy constraint's forcing overrides it
+                processors.append(NoStutter(width, exempt=(copy_id(tokenizer), tokenizer.eos_token_id)))
             if copy_id(tokenizer) is not None:  # the insertion format: the model says where, we copy
                 processors.append(CopyWords(tokenizer, batch, width, max_new_tokens, num_beams=num_beams,
                                             free=not keep_words))
@@ -328,8 +334,6 @@ def enhance(
                 max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, logits_processor=processors,
             )  # (B, width + new)
-            rules = RULES if guard is True else tuple(guard or ())
-            guarded = bool(rules) and keep_words and copy_id(tokenizer) is not None
             for prompt, row in zip(batch, generated[:, width:].tolist()):
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]
