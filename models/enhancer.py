@@ -306,7 +306,9 @@ def enhance(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    rules = RULES if guard is True else tuple(guard or ())
+    rules = RULES if guard is True else (guard,) if isinstance(guard, str) else tuple(guard or ())
+    if set(rules) - set(RULES):
+        raise ValueError(f"unknown guard rules {sorted(set(rules) - set(RULES))}; choose from {RULES}")
     guarded = bool(rules) and keep_words and copy_id(tokenizer) is not None
     out: list[str] = []
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LogitsProcessorList
 
@@ -44,3 +45,13 @@ def test_a_random_model_stutters_and_with_the_ban_it_does_not_unless_exempt():
     looped = max(set(free), key=free.count)  # the token it loops on most
     exempt = generate(NoStutter(width, longest=8, exempt=[looped]))[0]
     assert any(exempt[i] == exempt[i + 1] == looped for i in range(len(exempt) - 1))
+
+
+def test_enhance_takes_one_rule_by_name_and_refuses_an_unknown_one_before_decoding():
+    from models.enhancer import enhance
+
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    model = build("nano", tok).eval()
+    with pytest.raises(ValueError, match="repeats"):
+        enhance(model, tok, ["a red star"], max_new_tokens=4, guard="repeats")
+    assert len(enhance(model, tok, ["a red star"], max_new_tokens=4, guard="repeat")) == 1
