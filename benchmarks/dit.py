@@ -43,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from dataengine.sceneworld import caption_for, render, sample_scene, scene_rngs  # noqa: E402
 from models.dit import DiT, DiTConfig, activation_peaks, build, flow_matching_loss, n_params, sample  # noqa: E402
+from models.profiling import render, summarise  # noqa: E402
 
 # (ffn, modulation). The first two are the measurement; the mixed two separate the FFN's
 # share of a difference from the modulation's (--variants).
@@ -308,30 +309,8 @@ def matmul_ceiling(device, n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-# Profile groups, first match wins, read over lower-cased aten op names (CPU) or CUDA kernel
-# names (GPU). Attention and norms come before matmul and elementwise because their fused
-# kernels' names also contain "gemm" or "elementwise".
-PROFILE_GROUPS = (
-    ("attention", ("scaled_dot_product", "flash", "attention", "fmha", "sdpa")),
-    ("optimiser", ("adam", "foreach", "multi_tensor", "optimizer")),
-    ("norm", ("norm",)),
-    ("matmul", ("mm", "gemm", "matmul", "linear", "cutlass", "xmma", "nvjet")),
-    ("elementwise (gates, activations, residuals)", ("elementwise", "mul", "add", "silu", "gelu", "sigmoid", "sub",
-                                                     "div", "copy", "fill", "cat", "reduce", "sum", "mean", "exp",
-                                                     "pow", "neg", "sqrt", "clone", "where", "_to_copy")),
-)
-
-
-def profile_group(name: str) -> str:
-    low = name.lower()
-    return next((group for group, keys in PROFILE_GROUPS if any(k in low for k in keys)), "other")
-
-
-def profile_steps(one_step, steps: int, device) -> tuple[list[tuple[str, float]], float]:
-    """Run `steps` training steps under torch.profiler: (op or kernel name, self ms per step),
-    busiest first, and the wall ms per step. On a GPU only kernels count (device time), so
-    the busy sum against the wall says how much of a step the GPU sat idle."""
-    from torch.autograd import DeviceType
+def profile_steps(one_step, steps: int, device) -> dict:
+    """Run `steps` training steps under torch.profiler: models.profiling's summary."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -342,24 +321,7 @@ def profile_steps(one_step, steps: int, device) -> tuple[list[tuple[str, float]]
         if cuda:
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    kind = DeviceType.CUDA if cuda else DeviceType.CPU
-    rows = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps)
-            for e in prof.key_averages() if e.device_type == kind]
-    return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1]), wall_ms
-
-
-def print_profile(name: str, rows: list[tuple[str, float]], wall_ms: float, top: int = 12) -> None:
-    busy = sum(ms for _, ms in rows)
-    print(f"  profile of {name}: {wall_ms:.2f} ms/step wall (under the profiler), {busy:.2f} ms/step busy "
-          f"({busy / wall_ms:.0%})")
-    groups: dict[str, float] = {}
-    for op, ms in rows:
-        groups[profile_group(op)] = groups.get(profile_group(op), 0.0) + ms
-    for group, ms in sorted(groups.items(), key=lambda g: -g[1]):
-        print(f"    {group:46s}{ms:>9.3f} ms{ms / busy:>7.1%}")
-    print(f"    top {top} {'ops' if rows and '::' in rows[0][0] else 'kernels'}:")
-    for op, ms in rows[:top]:
-        print(f"    {ms:>9.3f} ms{ms / busy:>7.1%}  {op[:110]}")
+    return summarise(prof, steps, cuda, wall_ms)
 
 
 def speed_only(args, device) -> None:
@@ -400,7 +362,7 @@ def speed_only(args, device) -> None:
             step_s.append(time.perf_counter() - t0)
         runs.append(Run(name, model, {}, [], step_s, args.batch_size))
         if args.profile:
-            print_profile(name, *profile_steps(one_step, args.profile, device))
+            print(render(profile_steps(one_step, args.profile, device), name))
         del model, step_model, opt
     print_speed(runs, text_len, side * side, device, args.peak_tflops)
     if device.type == "cuda":

@@ -871,6 +871,9 @@ def _train_command(name: str, what: str):
         resume: bool = typer.Option(True, "--resume/--no-resume", help="Pick up a crashed run of the same config."),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="Config override KEY=VALUE (repeatable)."),
         show_config: bool = typer.Option(False, "--show-config", help="Print the config's fields and exit."),
+        profile: int = typer.Option(0, "--profile", min=0, metavar="STEPS",
+                                    help="Profile the run's last STEPS steps: where a step's time goes "
+                                         "(printed, and kept in the version's metrics)."),
     ) -> None:
         import dataclasses
 
@@ -888,13 +891,17 @@ def _train_command(name: str, what: str):
             return
         ws = _existing(workspace)
         loop = default_loop(name, **{k: v for k, v in dict(steps=steps, lr=lr).items() if v is not None},
-                            seed=seed, ckpt_every=ckpt_every, device=device, resume=resume)
+                            seed=seed, ckpt_every=ckpt_every, device=device, resume=resume, profile_steps=profile)
         try:
             record = train_model(name, ws.root, overrides, loop)
         except (FileNotFoundError, ValueError) as e:  # a missing prerequisite version or bad data
             console.print(f"[red]{name}:[/red] {e}")
             raise typer.Exit(2)
         _print_record(record)
+        if record["metrics"].get("profile"):
+            from models.profiling import render
+
+            console.print(render(record["metrics"]["profile"], name), markup=False, highlight=False)
 
     command.__doc__ = f"Train {what}."
     return command

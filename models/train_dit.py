@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from .dit import DiT, DiTConfig, build, config_dict, flow_matching_loss, n_params, sample
 from .trainer import LoopConfig, TrainJob, latest, train
@@ -192,8 +193,9 @@ class DiTJob(TrainJob):
         return x0, text, mask, source
 
     def step(self, step: int) -> dict[str, float]:
-        batch = self.sampler.batch(step)
-        x0, text, mask, source = self.inputs(batch)
+        with record_function("data"):  # shards, VAE latents and the text cache (LoopConfig.profile_steps)
+            batch = self.sampler.batch(step)
+            x0, text, mask, source = self.inputs(batch)
         with self.autocast():
             loss = flow_matching_loss(self.model, x0, text, mask, source, self.cfg.cond_drop)
         self.opt.zero_grad(set_to_none=True)

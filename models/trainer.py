@@ -61,6 +61,7 @@ class LoopConfig:
     progress: bool = True
     resume: bool = True  # pick up a checkpointed run of the same config (not part of its identity)
     init_from: str | None = None  # a saved version whose weights the run starts from (a fine-tune)
+    profile_steps: int = 0  # profile the run's last this-many steps: metrics["profile"] (models/profiling.py)
 
     def __post_init__(self) -> None:
         for name in ("steps", "ckpt_every"):
@@ -68,6 +69,26 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.profile_steps < 0:
+            raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
+
+
+def _start_profile(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+    prof.start()
+    return prof
+
+
+def _stop_profile(prof, steps: int, device: torch.device, t0: float) -> dict[str, Any]:
+    from .profiling import summarise
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    prof.stop()
+    return summarise(prof, steps, device.type == "cuda", wall_ms)
 
 
 def device_of(name: str) -> torch.device:
@@ -275,7 +296,8 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
     torch.manual_seed(loop.seed)
     job.loop, job.device = loop, device_of(loop.device)
     job.setup()
-    config = {"job": job.config(), "loop": {k: v for k, v in asdict(loop).items() if k not in ("progress", "resume")}}
+    config = {"job": job.config(),
+              "loop": {k: v for k, v in asdict(loop).items() if k not in ("progress", "resume", "profile_steps")}}
     run_dir = _run_dir(models_root, job.name, config)
     if loop.init_from:  # a checkpoint of this run, restored below, overrides it
         states, _, _ = load_weights(loop.init_from)
@@ -301,11 +323,18 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
 
     columns = (TextColumn(f"{job.name} {{task.description}}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+    # The profiled window: the run's last profile_steps steps (caches filled, kernels warm), and
+    # never its first two steps unless the run is too short to leave them out.
+    n_prof = min(loop.profile_steps, loop.steps - start)
+    prof_from = max(start + min(2, loop.steps - start - n_prof), loop.steps - n_prof)
+    prof, profile = None, None
     with Progress(*columns, disable=not loop.progress) as bar:
         task = bar.add_task("resumed" if resumed_from else "", total=loop.steps, completed=start, stats="")
         for step in range(start, loop.steps):
             if stop_after is not None and step - start >= stop_after:
                 raise TrainingInterrupted(f"{job.name}: stopped after {stop_after} steps at step {step}")
+            if n_prof > 0 and step == prof_from:
+                prof, prof_t0 = _start_profile(job.device), time.perf_counter()
             scale = lr_scale(step, loop)
             for (k, i), lr in base_lr.items():
                 optimizers[k].param_groups[i]["lr"] = lr * scale
@@ -316,6 +345,9 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
                 raise FloatingPointError(f"{job.name}: step {step} gave loss {stats.get('loss')!r}; "
                                          f"the last checkpoint is {run_dir / CHECKPOINT_FILE}")
             history.append({k: float(v) for k, v in stats.items()})
+            if prof is not None and step == prof_from + n_prof - 1:
+                profile = _stop_profile(prof, n_prof, job.device, prof_t0)
+                prof = None
             bar.update(task, advance=1, stats=" ".join(f"{k} {_fmt(v)}" for k, v in list(stats.items())[:3]))
             if (step + 1) % loop.ckpt_every == 0 and step + 1 < loop.steps:
                 _save_checkpoint(run_dir, job, step + 1, history, seconds)
@@ -336,7 +368,7 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
         "curves": {k: _curve(history, k) for k in keys},
         "resumed_from": resumed_from,
         "device": str(job.device),
-    } | {"eval": evaluation}
+    } | ({"profile": profile} if profile else {}) | {"eval": evaluation}
     metrics = job.summary(metrics, history)
     path = _versions.save_version(models_root, job.name, job.save, config, metrics)[1]
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -92,6 +92,34 @@ def test_the_loop_config_says_whether_to_resume_and_is_not_part_of_the_runs_iden
     assert train(LinearJob(), tmp_path, loop())["resumed_from"] == 10  # the same run, picked up
 
 
+class SlowDataJob(LinearJob):
+    """LinearJob whose batches take 20 ms to arrive, marked as the DiT job marks its data."""
+
+    def step(self, step):
+        import time
+
+        from torch.profiler import record_function
+
+        with record_function("data"):
+            time.sleep(0.02)
+        return super().step(step)
+
+
+def test_a_profiled_run_says_where_its_steps_time_goes_and_profiling_is_not_part_of_its_identity(tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train(SlowDataJob(), tmp_path, loop(), stop_after=12)
+    record = train(SlowDataJob(), tmp_path, loop(profile_steps=4))
+    assert record["resumed_from"] == 10  # the same run: profiling does not change what it trains
+    prof = record["metrics"]["profile"]
+    assert prof["steps"] == 4 and prof["device"] == "cpu"
+    assert 18 <= prof["labels"]["data"] <= prof["wall_ms"]  # the 20 ms wait, inside the step's wall time
+    assert {"matmul", "optimiser"} <= set(prof["groups"])  # the linear layer and AdamW
+    assert prof["top"] and prof["busy_ms"] == pytest.approx(sum(prof["groups"].values()), abs=1e-3)
+    assert "profile" not in train(LinearJob(), tmp_path / "plain", loop())["metrics"]
+    with pytest.raises(ValueError, match="profile_steps"):
+        loop(profile_steps=-1)
+
+
 def test_a_diverging_run_stops_with_a_clear_error(tmp_path):
     class Nan(LinearJob):
         def step(self, step):
