@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from dataengine.sceneworld import caption_for, render, sample_scene, scene_rngs  # noqa: E402
 from models.dit import DiT, DiTConfig, activation_peaks, build, flow_matching_loss, n_params, sample  # noqa: E402
-from models.profiling import render, summarise  # noqa: E402
+from models import profiling  # noqa: E402
 
 # (ffn, modulation). The first two are the measurement; the mixed two separate the FFN's
 # share of a difference from the modulation's (--variants).
@@ -309,21 +309,6 @@ def matmul_ceiling(device, n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def profile_steps(one_step, steps: int, device) -> dict:
-    """Run `steps` training steps under torch.profiler: models.profiling's summary."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one_step()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    return summarise(prof, steps, cuda, wall_ms)
-
-
 def speed_only(args, device) -> None:
     """Synthetic inputs of the real shapes (no VAE, no text encoder): warm up, then time
     training steps. Throughput does not depend on what the tensors hold."""
@@ -362,7 +347,10 @@ def speed_only(args, device) -> None:
             step_s.append(time.perf_counter() - t0)
         runs.append(Run(name, model, {}, [], step_s, args.batch_size))
         if args.profile:
-            print(render(profile_steps(one_step, args.profile, device), name))
+            started = profiling.start(device)
+            for _ in range(args.profile):
+                one_step()
+            print(profiling.render(profiling.stop(started, args.profile, device), name))
         del model, step_model, opt
     print_speed(runs, text_len, side * side, device, args.peak_tflops)
     if device.type == "cuda":

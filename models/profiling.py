@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PROFILE_GROUPS", "LABELS", "profile_group", "summarise", "render"]
+__all__ = ["PROFILE_GROUPS", "LABELS", "profile_group", "start", "stop", "summarise", "render"]
 
 PROFILE_GROUPS = (
     ("attention", ("scaled_dot_product", "flash", "attention", "fmha", "sdpa")),
@@ -29,6 +29,31 @@ LABELS = ("data",)  # record_function labels a job sets, reported by their inclu
 def profile_group(name: str) -> str:
     low = name.lower()
     return next((group for group, keys in PROFILE_GROUPS if any(k in low for k in keys)), "other")
+
+
+def start(device) -> tuple[Any, float]:
+    """A started torch.profiler (CPU, and CUDA on a GPU) and the wall clock it started at."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+    prof.start()
+    return prof, time.perf_counter()
+
+
+def stop(started: tuple[Any, float], steps: int, device) -> dict[str, Any]:
+    """Stop what `start` began over `steps` steps (waiting for the GPU first): the summary."""
+    import time
+
+    import torch
+
+    prof, t0 = started
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    prof.stop()
+    return summarise(prof, steps, device.type == "cuda", wall_ms)
 
 
 def summarise(prof, steps: int, cuda: bool, wall_ms: float, top: int = 12) -> dict[str, Any]:

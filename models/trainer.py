@@ -32,6 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from dataengine import versions as _versions
 
+from . import profiling
+
 __all__ = ["LoopConfig", "TrainJob", "TrainingInterrupted", "train", "load_weights", "latest",
            "versions", "device_of", "lr_scale"]
 
@@ -71,24 +73,6 @@ class LoopConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.profile_steps < 0:
             raise ValueError(f"profile_steps must be >= 0, got {self.profile_steps}")
-
-
-def _start_profile(device: torch.device):
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
-    prof.start()
-    return prof
-
-
-def _stop_profile(prof, steps: int, device: torch.device, t0: float) -> dict[str, Any]:
-    from .profiling import summarise
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    prof.stop()
-    return summarise(prof, steps, device.type == "cuda", wall_ms)
 
 
 def device_of(name: str) -> torch.device:
@@ -323,18 +307,16 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
 
     columns = (TextColumn(f"{job.name} {{task.description}}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
-    # The profiled window: the run's last profile_steps steps (caches filled, kernels warm), and
-    # never its first two steps unless the run is too short to leave them out.
+    # The profiled window: the run's last profile_steps steps (caches filled, kernels warm).
     n_prof = min(loop.profile_steps, loop.steps - start)
-    prof_from = max(start + min(2, loop.steps - start - n_prof), loop.steps - n_prof)
     prof, profile = None, None
     with Progress(*columns, disable=not loop.progress) as bar:
         task = bar.add_task("resumed" if resumed_from else "", total=loop.steps, completed=start, stats="")
         for step in range(start, loop.steps):
             if stop_after is not None and step - start >= stop_after:
                 raise TrainingInterrupted(f"{job.name}: stopped after {stop_after} steps at step {step}")
-            if n_prof > 0 and step == prof_from:
-                prof, prof_t0 = _start_profile(job.device), time.perf_counter()
+            if n_prof > 0 and step == loop.steps - n_prof:
+                prof = profiling.start(job.device)
             scale = lr_scale(step, loop)
             for (k, i), lr in base_lr.items():
                 optimizers[k].param_groups[i]["lr"] = lr * scale
@@ -345,9 +327,8 @@ def _train(job: TrainJob, models_root: Path, loop: LoopConfig, catalog,
                 raise FloatingPointError(f"{job.name}: step {step} gave loss {stats.get('loss')!r}; "
                                          f"the last checkpoint is {run_dir / CHECKPOINT_FILE}")
             history.append({k: float(v) for k, v in stats.items()})
-            if prof is not None and step == prof_from + n_prof - 1:
-                profile = _stop_profile(prof, n_prof, job.device, prof_t0)
-                prof = None
+            if prof is not None and step == loop.steps - 1:
+                profile, prof = profiling.stop(prof, n_prof, job.device), None
             bar.update(task, advance=1, stats=" ".join(f"{k} {_fmt(v)}" for k, v in list(stats.items())[:3]))
             if (step + 1) % loop.ckpt_every == 0 and step + 1 < loop.steps:
                 _save_checkpoint(run_dir, job, step + 1, history, seconds)
